@@ -1,0 +1,1 @@
+"""mmal_jax: multimodal active learning with unaligned data, in JAX/Flax."""
