@@ -1,0 +1,427 @@
+"""Acquisition strategies: MMAL (Algorithm 1) and the baselines of the paper.
+
+Every strategy has one signature:
+
+  fn(embeddings: dict[str, (N_m, D)], annotated: dict[str, bool (N_m,)], *,
+     budget: int, seed: int, candidates: dict[str, bool (N_m,)] | None = None,
+     **hparams) -> list[tuple[str, int]]
+
+and returns exactly `budget` distinct queries `(modality, index)`, each
+unannotated and, when `candidates` is given (the stream buffer), inside it.
+Embeddings are L2-normalised first. Any number (>= 2) of modalities.
+
+Hyper-parameters shared by all strategies:
+  metric: "euclidean" (default) or "cosine" distance for coverage.
+  min_dist: optional cache `{m: (N_m,)}`: distance of each item of m to its
+    nearest annotated item of m, for these embeddings and annotations (see
+    `build_min_distance_cache` / `update_min_distance_cache`). Without it,
+    strategies that need it build it, `O(N_m |S_m| D)`.
+  feature_dtype: storage dtype of the normalised features ("float32" or
+    "bfloat16"; products accumulate in float32).
+  mesh: the 1-D mesh (default: all devices); block: tile edge.
+
+When the chosen modality holds fewer available items than the budget, the
+rest is taken from the next modality in the strategy's order of preference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mmal_jax import sharding
+from mmal_jax.acquisition import kernels
+from mmal_jax.acquisition import layout as layout_lib
+from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
+
+Query = tuple[str, int]
+MODALITY_CHOICES = ("auto", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Round:
+  """One acquisition round's inputs, validated and laid out on the mesh."""
+  modalities: tuple[str, ...]
+  pools: dict[str, ShardedRows]      # L2-normalised embeddings.
+  annotated: dict[str, np.ndarray]   # (N_m,) bool
+  available: dict[str, np.ndarray]   # (N_m,) bool: unannotated and candidate.
+  metric: str
+  block: int
+
+  def available_mask(self, m: str) -> jax.Array:
+    return layout_lib.shard_mask(self.available[m], self.pools[m].layout)
+
+  def num_available(self, m: str) -> int:
+    return int(self.available[m].sum())
+
+
+def _check_masks(masks, embeddings, name: str) -> dict[str, np.ndarray]:
+  if not isinstance(masks, Mapping) or set(masks) != set(embeddings):
+    got = sorted(masks) if isinstance(masks, Mapping) else type(masks).__name__
+    raise ValueError(f"{name} must be a dict over the embeddings' modalities "
+                     f"{sorted(embeddings)}, got {got}.")
+  out = {}
+  for m in embeddings:
+    mask = np.asarray(masks[m])
+    n = embeddings[m].shape[0]
+    if mask.shape != (n,):
+      raise ValueError(f"{name}[{m!r}] must have shape ({n},), got "
+                       f"{mask.shape}.")
+    if mask.dtype != np.bool_:
+      raise TypeError(f"{name}[{m!r}] must be a bool array, got dtype "
+                      f"{mask.dtype}.")
+    out[m] = mask
+  return out
+
+
+def _check_embeddings(embeddings) -> dict:
+  if not isinstance(embeddings, Mapping) or len(embeddings) < 2:
+    got = sorted(embeddings) if isinstance(embeddings, Mapping) else embeddings
+    raise ValueError(f"Acquisition needs embeddings for at least two "
+                     f"modalities, got {got!r}.")
+  checked = {}
+  for m, z in embeddings.items():
+    z = layout_lib.as_feature_array(z, f"embeddings[{m!r}]")
+    if z.shape[0] == 0:
+      raise ValueError(f"Modality {m!r} is empty: no items to acquire from or "
+                       f"to match against.")
+    checked[m] = z
+  dims = {m: z.shape[1] for m, z in checked.items()}
+  if len(set(dims.values())) != 1:
+    raise ValueError(f"Embedding dimensions differ across modalities: {dims}; "
+                     f"all towers must project to the same dimension.")
+  return checked
+
+
+def _lay_out(embeddings, annotated, candidates=None, *, metric="euclidean",
+             mesh=None, block=DEFAULT_BLOCK, feature_dtype=None) -> _Round:
+  """Validates a round's inputs and lays each modality out on the mesh.
+
+  Cost: one pass over every embedding (normalise, check finite, shard).
+  """
+  kernels.check_metric(metric)
+  block = layout_lib.check_block(block)
+  embeddings = _check_embeddings(embeddings)
+  annotated = _check_masks(annotated, embeddings, "annotated")
+  candidates = (None if candidates is None
+                else _check_masks(candidates, embeddings, "candidates"))
+  available = {m: ~annotated[m] & (True if candidates is None
+                                   else candidates[m]) for m in embeddings}
+  mesh = layout_lib.resolve_mesh(mesh)
+  pools = {
+      m: layout_lib.shard_rows(z, mesh, block=block, normalize=True,
+                               dtype=feature_dtype or jnp.float32,
+                               name=f"embeddings[{m!r}]")
+      for m, z in embeddings.items()}
+  return _Round(tuple(embeddings), pools, annotated, available, metric, block)
+
+
+def _check_budget(rnd: _Round, budget, candidates_given: bool) -> int:
+  if not isinstance(budget, (int, np.integer)) or budget < 1:
+    raise ValueError(f"budget must be a positive integer, got {budget!r}.")
+  total = sum(rnd.num_available(m) for m in rnd.modalities)
+  if budget > total:
+    where = "unannotated" + (" candidate" if candidates_given else "")
+    raise ValueError(f"budget={budget} is larger than the {total} {where} "
+                     f"items left to query.")
+  return int(budget)
+
+
+def _start(embeddings, annotated, candidates, *, budget, metric, mesh, block,
+           feature_dtype) -> tuple[_Round, int]:
+  rnd = _lay_out(embeddings, annotated, candidates, metric=metric, mesh=mesh,
+                 block=block, feature_dtype=feature_dtype)
+  return rnd, _check_budget(rnd, budget, candidates is not None)
+
+
+def _allocate(order, rnd: _Round, budget: int) -> list[tuple[str, int]]:
+  """Splits the budget over modalities in order of preference."""
+  plan, remaining = [], budget
+  for m in order:
+    take = min(remaining, rnd.num_available(m))
+    if take:
+      plan.append((m, take))
+      remaining -= take
+  return plan
+
+
+def _random_order(rnd: _Round, rng: np.random.Generator) -> list[str]:
+  return [rnd.modalities[i] for i in rng.permutation(len(rnd.modalities))]
+
+
+# --------------------------------------------------------------------------
+# The min-distance cache (Step 1, and the starting distances of Step 2).
+
+
+@functools.partial(jax.jit, static_argnames=("pool_layout",))
+def _to_blocks(vector, *, pool_layout: PoolLayout):
+  padded = jnp.pad(vector.astype(jnp.float32),
+                   (0, pool_layout.padded_rows - vector.shape[0]),
+                   constant_values=jnp.inf)
+  return jax.lax.with_sharding_constraint(
+      padded.reshape(pool_layout.num_blocks, pool_layout.rows_per_block),
+      sharding.row_sharding(pool_layout.mesh))
+
+
+@jax.jit
+def _masked_max(values, mask):
+  return jnp.max(jnp.where(mask, values, -jnp.inf))
+
+
+def _distance_to_annotated(rnd: _Round, m: str, indices) -> jax.Array:
+  """Blocked distance of every item of m to items `indices` of m."""
+  pool = rnd.pools[m]
+  return kernels.min_distance_sharded(
+      pool, kernels.gather_rows(pool, indices), metric=rnd.metric,
+      block=rnd.block)
+
+
+def _cache_blocks(rnd: _Round, min_dist) -> dict[str, jax.Array]:
+  """The round's min-distance cache in blocked layout: given, or built."""
+  if min_dist is None:
+    return {m: _distance_to_annotated(rnd, m, np.flatnonzero(rnd.annotated[m]))
+            for m in rnd.modalities}
+  if not isinstance(min_dist, Mapping) or set(min_dist) != set(rnd.modalities):
+    raise ValueError(f"min_dist must be a dict over the modalities "
+                     f"{sorted(rnd.modalities)}.")
+  blocks = {}
+  for m in rnd.modalities:
+    pool_layout = rnd.pools[m].layout
+    if tuple(np.shape(min_dist[m])) != (pool_layout.num_rows,):
+      raise ValueError(f"min_dist[{m!r}] must have shape "
+                       f"({pool_layout.num_rows},), got "
+                       f"{tuple(np.shape(min_dist[m]))}.")
+    blocks[m] = _to_blocks(jnp.asarray(min_dist[m]), pool_layout=pool_layout)
+  return blocks
+
+
+def build_min_distance_cache(embeddings, annotated, *,
+                             metric: str = "euclidean",
+                             mesh: Mesh | None = None,
+                             block: int = DEFAULT_BLOCK,
+                             feature_dtype=None) -> dict[str, jax.Array]:
+  """Distance of every item to its nearest annotated item of its modality.
+
+  Args:
+    embeddings: `{m: (N_m, D)}`, L2-normalised here as the strategies do.
+    annotated: `{m: (N_m,) bool}`.
+    metric, mesh, block, feature_dtype: as for the strategies.
+
+  Returns:
+    `{m: (N_m,) float32}`, +inf where modality m has no annotated item.
+    Cost: `O(sum_m N_m |S_m| D)`: the honest per-round cost whenever the
+    embeddings change (every round after retraining).
+  """
+  rnd = _lay_out(embeddings, annotated, metric=metric, mesh=mesh, block=block,
+                 feature_dtype=feature_dtype)
+  return {m: kernels.unpad(d, rnd.pools[m].layout)
+          for m, d in _cache_blocks(rnd, None).items()}
+
+
+def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
+                              metric: str = "euclidean",
+                              mesh: Mesh | None = None,
+                              block: int = DEFAULT_BLOCK,
+                              feature_dtype=None) -> dict[str, jax.Array]:
+  """Folds newly annotated items into a min-distance cache.
+
+  Valid while the embeddings stay the same (no retraining in between, e.g.
+  fixed features, or several acquisitions per training round).
+
+  Args:
+    min_dist: `{m: (N_m,)}` from `build_min_distance_cache` (or earlier
+      updates) on the same embeddings.
+    embeddings: `{m: (N_m, D)}`.
+    newly_annotated: `{m: int indices}` annotated since; missing keys: none.
+    metric, mesh, block, feature_dtype: as the cache was built with.
+
+  Returns:
+    The updated cache. Cost: `O(sum_m N_m |new_m| D)`.
+  """
+  none = {m: np.zeros(np.shape(z)[0], np.bool_) for m, z in embeddings.items()}
+  rnd = _lay_out(embeddings, none, metric=metric, mesh=mesh, block=block,
+                 feature_dtype=feature_dtype)
+  unknown = set(newly_annotated) - set(rnd.modalities)
+  if unknown:
+    raise ValueError(f"newly_annotated names unknown modalities "
+                     f"{sorted(unknown)}; embeddings have "
+                     f"{sorted(rnd.modalities)}.")
+  blocks = _cache_blocks(rnd, min_dist)
+  for m, indices in newly_annotated.items():
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= none[m].size):
+      raise ValueError(f"newly_annotated[{m!r}] has indices outside "
+                       f"[0, {none[m].size}).")
+    if indices.size:
+      blocks[m] = jnp.minimum(blocks[m],
+                              _distance_to_annotated(rnd, m, indices))
+  return {m: kernels.unpad(d, rnd.pools[m].layout) for m, d in blocks.items()}
+
+
+# --------------------------------------------------------------------------
+# Shared steps.
+
+
+def _coreset(rnd: _Round, m: str, size: int, cache: dict) -> np.ndarray:
+  """Greedy k-center picks among m's available items, annotated items as centers."""
+  has_centers = bool(rnd.annotated[m].any())
+  picks = kernels.kcenter_greedy_sharded(
+      rnd.pools[m], size, eligible=rnd.available_mask(m),
+      init_dist=cache[m] if has_centers else None, metric=rnd.metric)
+  return np.asarray(picks)
+
+
+def _summed_margins(rnd: _Round, m: str, items: np.ndarray) -> np.ndarray:
+  """sum over m' != m of top1 - top2 similarity of items of m to m' (Step 3)."""
+  queries = kernels.gather_rows(rnd.pools[m], items)
+  total = jnp.zeros(items.shape[0], jnp.float32)
+  for other in rnd.modalities:
+    if other != m:
+      total = total + kernels.top2_margin_sharded(
+          queries, rnd.pools[other], rnd.available_mask(other),
+          block=rnd.block)
+  return np.asarray(total)
+
+
+# --------------------------------------------------------------------------
+# Strategies.
+
+
+def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
+         coreset_size: int | None = None, modality: str = "auto",
+         metric: str = "euclidean", min_dist=None, feature_dtype=None,
+         mesh: Mesh | None = None, block: int = DEFAULT_BLOCK) -> list[Query]:
+  """Algorithm 1: least-covered modality, coreset there, smallest margins.
+
+  1. Modality: `r_m = max over available x of min_{s in S_m} d(z_x, z_s)` from
+     the min-distance cache; query the modality with the largest `r_m`
+     (ties, including the cold start where no modality has annotated items,
+     are broken at random with `seed`). `modality="random"` draws it at
+     random, a modality name fixes it (the paper's Table 2 ablation).
+  2. Coreset: greedy k-center of `coreset_size` (default 4 x budget) items of
+     that modality, annotated items counting as centers.
+  3. For each coreset item, the margin between its two most similar available
+     items of every other modality, summed over those; query the `budget`
+     items with the smallest sum (ties: earlier coreset pick).
+
+  Cost per round: `O(N_m B_C D)` for the coreset and `O(B_C N_other D)` for
+  the margins, plus the cache build `O(N |S| D)` when `min_dist` is not given.
+  """
+  rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
+                       metric=metric, mesh=mesh, block=block,
+                       feature_dtype=feature_dtype)
+  coreset_size = 4 * budget if coreset_size is None else coreset_size
+  if not isinstance(coreset_size, (int, np.integer)) or coreset_size < budget:
+    raise ValueError(f"coreset_size must be an integer >= budget ({budget}), "
+                     f"got {coreset_size!r}.")
+  rng = np.random.default_rng(seed)
+  cache = _cache_blocks(rnd, min_dist)
+  tie_break = rng.permutation(len(rnd.modalities))
+  if modality == "auto":
+    radius = {m: float(_masked_max(cache[m], rnd.available_mask(m)))
+              for m in rnd.modalities}
+    order = sorted(rnd.modalities, key=lambda m: (
+        -radius[m], tie_break[rnd.modalities.index(m)]))
+  elif modality == "random":
+    order = [rnd.modalities[i] for i in tie_break]
+  elif modality in rnd.modalities:
+    order = [modality] + [rnd.modalities[i] for i in tie_break
+                          if rnd.modalities[i] != modality]
+  else:
+    raise ValueError(f"modality must be one of {MODALITY_CHOICES} or a "
+                     f"modality name {list(rnd.modalities)}, got {modality!r}.")
+  queries = []
+  for m, count in _allocate(order, rnd, budget):
+    size = max(count, min(coreset_size, rnd.num_available(m)))
+    coreset = _coreset(rnd, m, size, cache)
+    margins = _summed_margins(rnd, m, coreset)
+    chosen = coreset[np.argsort(margins, kind="stable")[:count]]
+    queries += [(m, int(i)) for i in chosen]
+  return queries
+
+
+def coreset(embeddings, annotated, *, budget: int, seed: int, candidates=None,
+            metric: str = "euclidean", min_dist=None, feature_dtype=None,
+            mesh: Mesh | None = None, block: int = DEFAULT_BLOCK
+            ) -> list[Query]:
+  """Algorithm 3: a random modality, then greedy k-center of `budget` there.
+
+  Annotated items of the modality count as existing centers. Cost:
+  `O(N_m B D)` plus the cache build `O(N_m |S_m| D)` without `min_dist`.
+  """
+  rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
+                       metric=metric, mesh=mesh, block=block,
+                       feature_dtype=feature_dtype)
+  rng = np.random.default_rng(seed)
+  plan = _allocate(_random_order(rnd, rng), rnd, budget)
+  cache = (_cache_blocks(rnd, min_dist) if min_dist is not None else
+           {m: _distance_to_annotated(rnd, m, np.flatnonzero(rnd.annotated[m]))
+            for m, _ in plan})
+  return [(m, int(i)) for m, count in plan
+          for i in _coreset(rnd, m, count, cache)]
+
+
+def uncertainty(embeddings, annotated, *, budget: int, seed: int,
+                candidates=None, metric: str = "euclidean", min_dist=None,
+                feature_dtype=None, mesh: Mesh | None = None,
+                block: int = DEFAULT_BLOCK) -> list[Query]:
+  """Algorithm 4: the `budget` available items with the smallest margins.
+
+  Margins (summed over the other modalities) of every available item of
+  every modality against the available items of the others, in both
+  directions; ties go to the earlier modality, then the smaller index.
+  `metric` and `min_dist` are accepted for a uniform interface and unused;
+  `seed` too (the strategy is deterministic). Cost: `O(N^2 D)` by design.
+  """
+  del seed, min_dist
+  rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
+                       metric=metric, mesh=mesh, block=block,
+                       feature_dtype=feature_dtype)
+  scored = []
+  for order, m in enumerate(rnd.modalities):
+    items = np.flatnonzero(rnd.available[m])
+    if items.size:
+      margins = _summed_margins(rnd, m, items)
+      scored.append((margins, np.full(items.size, order), items))
+  margins, orders, items = (np.concatenate(a) for a in zip(*scored))
+  best = np.lexsort((items, orders, margins))[:budget]
+  return [(rnd.modalities[orders[i]], int(items[i])) for i in best]
+
+
+def random_strategy(embeddings, annotated, *, budget: int, seed: int, candidates=None,
+           metric: str = "euclidean", min_dist=None, feature_dtype=None,
+           mesh: Mesh | None = None, block: int = DEFAULT_BLOCK
+           ) -> list[Query]:
+  """Passive baseline: uniform over the available items of a random modality.
+
+  `metric`, `min_dist`, `feature_dtype` are accepted for a uniform interface
+  and unused. Cost: `O(N D)` for the input checks.
+  """
+  del min_dist
+  rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
+                       metric=metric, mesh=mesh, block=block,
+                       feature_dtype=feature_dtype)
+  rng = np.random.default_rng(seed)
+  queries = []
+  for m, count in _allocate(_random_order(rnd, rng), rnd, budget):
+    items = rng.choice(np.flatnonzero(rnd.available[m]), count, replace=False)
+    queries += [(m, int(i)) for i in items]
+  return queries
+
+
+class _Registry(dict):
+  """A dict whose missing keys raise an error listing the known ones."""
+
+  def __missing__(self, name):
+    raise KeyError(f"Unknown acquisition strategy {name!r}; expected one of "
+                   f"{sorted(self)}.")
+
+
+STRATEGIES: dict[str, Callable[..., list[Query]]] = _Registry(
+    mmal=mmal, random=random_strategy, coreset=coreset,
+    uncertainty=uncertainty)

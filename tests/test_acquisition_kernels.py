@@ -1,0 +1,229 @@
+"""Kernels vs plain numpy references, on whatever devices this run has."""
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import acquisition_reference as ref
+from mmal_jax.acquisition import covering_radius
+from mmal_jax.acquisition import kcenter_greedy
+from mmal_jax.acquisition import min_distance
+from mmal_jax.acquisition import top2_margin
+
+# Small tiles so that small pools still span many blocks and center chunks.
+BLOCK = 16
+
+
+def _gaussian(n, d, seed):
+  return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _integers(n, d, seed, high=2):
+  """Small-integer points: every distance is exact, so ties are exact too."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(-high, high + 1, (n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,c,d", [(1, 1, 3), (37, 5, 7), (203, 41, 33),
+                                   (64, 70, 8)])
+def test_min_distance_matches_numpy(metric, n, c, d):
+  x, centers = _gaussian(n, d, 0), _gaussian(c, d, 1)
+  got = np.asarray(min_distance(x, centers, metric=metric, block=BLOCK))
+  assert got.shape == (n,) and got.dtype == np.float32
+  np.testing.assert_allclose(got, ref.min_distance(x, centers, metric),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_min_distance_duplicates_are_exactly_zero():
+  x = _gaussian(50, 9, 2)
+  centers = np.concatenate([x[[3, 17, 49]], _gaussian(20, 9, 3)])
+  got = np.asarray(min_distance(x, centers, block=BLOCK))
+  assert (got[[3, 17, 49]] == 0).all()
+  assert (np.delete(got, [3, 17, 49]) > 0).all()
+
+
+def test_min_distance_exact_on_integer_points():
+  x, centers = _integers(90, 5, 4), _integers(30, 5, 5)
+  for metric in ("euclidean", "cosine"):
+    got = np.asarray(min_distance(x, centers, metric=metric, block=BLOCK))
+    np.testing.assert_array_equal(
+        got, ref.min_distance(x, centers, metric).astype(np.float32))
+
+
+def test_min_distance_empty_centers_is_inf():
+  got = np.asarray(min_distance(_gaussian(11, 4, 0), np.zeros((0, 4))))
+  assert got.shape == (11,) and np.isposinf(got).all()
+  assert covering_radius(_gaussian(11, 4, 0), np.zeros((0, 4))) == np.inf
+
+
+def test_covering_radius_is_max_min_distance():
+  x, centers = _gaussian(77, 6, 6), _gaussian(9, 6, 7)
+  np.testing.assert_allclose(covering_radius(x, centers, block=BLOCK),
+                             ref.min_distance(x, centers).max(), rtol=1e-5)
+
+
+def test_bfloat16_storage_accumulates_in_float32():
+  x, centers = _gaussian(40, 64, 8), _gaussian(12, 64, 9)
+  xb, cb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(centers, jnp.bfloat16)
+  got = np.asarray(min_distance(xb, cb, block=BLOCK))
+  want = ref.min_distance(np.asarray(xb, np.float32), np.asarray(cb, np.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  margins = np.asarray(top2_margin(cb, xb, block=BLOCK))
+  np.testing.assert_allclose(
+      margins, ref.top2_margin(np.asarray(cb, np.float32),
+                               np.asarray(xb, np.float32)), atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,d,k", [(1, 3, 1), (45, 5, 12), (203, 17, 30)])
+def test_kcenter_matches_numpy_from_the_mean(metric, n, d, k):
+  x = _gaussian(n, d, n)
+  got = np.asarray(kcenter_greedy(x, k, metric=metric, block=BLOCK))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, ref.kcenter_greedy(x, k, metric=metric))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kcenter_matches_numpy_with_selected(metric):
+  x = _gaussian(150, 11, 10)
+  selected = np.zeros(150, bool)
+  selected[[0, 7, 99, 149]] = True
+  got = np.asarray(kcenter_greedy(x, 25, selected=selected, metric=metric,
+                                  block=BLOCK))
+  np.testing.assert_array_equal(
+      got, ref.kcenter_greedy(x, 25, selected, metric))
+  assert not selected[got].any()
+
+
+def test_kcenter_exact_ties_go_to_smallest_index():
+  # Integer points, each three times: distances tie exactly all the time.
+  x = np.repeat(_integers(20, 3, 11, high=1), 3, axis=0)
+  selected = np.zeros(60, bool)
+  selected[5] = True
+  got = np.asarray(kcenter_greedy(x, 40, selected=selected, block=BLOCK))
+  np.testing.assert_array_equal(got, ref.kcenter_greedy(x, 40, selected))
+  # Once every distinct point is covered, only exact duplicates (distance 0)
+  # remain, and they come out in index order.
+  covered = len(np.unique(x, axis=0)) - 1
+  assert (np.diff(got[covered:]) > 0).all()
+
+
+def test_kcenter_takes_every_row_when_k_is_all():
+  x = _gaussian(23, 4, 12)
+  got = np.asarray(kcenter_greedy(x, 23, block=BLOCK))
+  assert sorted(got.tolist()) == list(range(23))
+
+
+@pytest.mark.parametrize("q,n,d", [(1, 2, 3), (13, 57, 7), (40, 300, 33)])
+def test_top2_margin_matches_numpy(q, n, d):
+  queries, keys = _gaussian(q, d, 13), _gaussian(n, d, 14)
+  got = np.asarray(top2_margin(queries, keys, block=BLOCK))
+  assert got.shape == (q,) and got.dtype == np.float32
+  np.testing.assert_allclose(got, ref.top2_margin(queries, keys), atol=2e-5)
+
+
+def test_top2_margin_mask_ties_and_too_few_keys():
+  queries, keys = _integers(12, 4, 15), _integers(40, 4, 16)
+  mask = np.random.default_rng(0).random(40) < 0.6
+  got = np.asarray(top2_margin(queries, keys, key_mask=mask, block=BLOCK))
+  np.testing.assert_array_equal(
+      got, ref.top2_margin(queries, keys, mask).astype(np.float32))
+  # Duplicated best key: margin exactly 0.
+  dup = np.concatenate([keys, keys[:1]])
+  assert np.asarray(top2_margin(keys[:1], dup, block=BLOCK))[0] == 0
+  one = np.zeros(40, bool)
+  one[3] = True
+  assert np.isposinf(np.asarray(top2_margin(queries, keys, key_mask=one))).all()
+  assert np.isposinf(np.asarray(top2_margin(queries, keys[:1]))).all()
+
+
+# ---------------------------------------------------------------- properties
+
+
+def _arrays(n, d):
+  return hnp.arrays(np.float32, (n, d), elements=st.floats(
+      -4, 4, width=32, allow_nan=False))
+
+
+@st.composite
+def _pools(draw, dim=None):
+  n = draw(st.integers(1, 70))
+  return draw(_arrays(n, draw(st.integers(1, 9)) if dim is None else dim))
+
+
+@hypothesis.given(_pools(), st.data())
+def test_kcenter_picks_are_distinct_and_maximal(x, data):
+  n = len(x)
+  selected = np.asarray(data.draw(st.lists(st.booleans(), min_size=n,
+                                           max_size=n)), bool)
+  if selected.all():
+    selected[0] = False
+  k = data.draw(st.integers(1, int((~selected).sum())))
+  picks = np.asarray(kcenter_greedy(x, k, selected=selected, block=BLOCK))
+  assert len(set(picks.tolist())) == k and not selected[picks].any()
+  x64 = x.astype(np.float64)
+  # Distances come from ||x||^2 + ||c||^2 - 2<x, c> in float32: compare
+  # squared distances with a tolerance of a few float32 ulps of the norms.
+  tolerance = 4e-6 * (1 + (x64 ** 2).sum(axis=1).max())
+  centers = list(np.flatnonzero(selected))
+  for j in picks:
+    if centers:  # Each pick is the farthest row left, up to rounding.
+      dist = ref.min_distance(x64, x64[centers]) ** 2
+      dist[centers] = -np.inf
+      assert dist[j] >= dist.max() - tolerance
+    centers.append(j)
+
+
+@hypothesis.given(st.integers(1, 9), st.data())
+def test_top2_margins_are_nonnegative(dim, data):
+  queries, keys = data.draw(_pools(dim)), data.draw(_pools(dim))
+  got = np.asarray(top2_margin(queries, keys, block=BLOCK))
+  assert (got >= 0).all()
+  if len(keys) < 2:
+    assert np.isposinf(got).all()
+
+
+# -------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_rejected(bad):
+  x = _gaussian(10, 3, 0)
+  x[4, 1] = bad
+  with pytest.raises(ValueError, match="NaN or inf .* first at row 4"):
+    min_distance(x, _gaussian(2, 3, 1))
+  with pytest.raises(ValueError, match="centers has NaN or inf"):
+    min_distance(_gaussian(2, 3, 1), x)
+  with pytest.raises(ValueError, match="NaN or inf"):
+    kcenter_greedy(x, 2)
+  with pytest.raises(ValueError, match="keys has NaN or inf"):
+    top2_margin(_gaussian(2, 3, 1), x)
+
+
+def test_shape_dtype_and_argument_errors():
+  x = _gaussian(10, 3, 0)
+  with pytest.raises(ValueError, match="dimension 4, the pool has 3"):
+    min_distance(x, _gaussian(2, 4, 1))
+  with pytest.raises(ValueError, match="must be 2-D"):
+    min_distance(x[0], x)
+  with pytest.raises(TypeError, match="floating-point"):
+    min_distance(x.astype(np.int32), x)
+  with pytest.raises(ValueError, match="Unknown metric 'manhattan'"):
+    min_distance(x, x, metric="manhattan")
+  with pytest.raises(ValueError, match="k=11 is larger than the 10"):
+    kcenter_greedy(x, 11)
+  selected = np.zeros(10, bool)
+  selected[:4] = True
+  with pytest.raises(ValueError, match="k=7 is larger than the 6 unselected"):
+    kcenter_greedy(x, 7, selected=selected)
+  with pytest.raises(ValueError, match=r"selected must have shape \(10,\)"):
+    kcenter_greedy(x, 2, selected=selected[:5])
+  with pytest.raises(TypeError, match="selected must be a bool array"):
+    kcenter_greedy(x, 2, selected=selected.astype(int))
+  with pytest.raises(ValueError, match="queries have dimension 2, keys have 3"):
+    top2_margin(_gaussian(2, 2, 1), x)
+  with pytest.raises(ValueError, match="block must be an integer >= 8"):
+    min_distance(x, x, block=4)
