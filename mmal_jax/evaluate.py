@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmal_jax.data.pool import as_index_rows
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _BLOCK_ELEMENTS = 1 << 24
 
@@ -129,9 +131,7 @@ def pseudo_label_accuracy(zimg, ztxt, pairs) -> dict[str, float]:
   `"t2i"` and `"mean"` (their average). Cost: O(N_img * N_txt * D), in blocks.
   """
   zimg, ztxt = _check_embeddings(zimg=zimg, ztxt=ztxt)
-  pairs = np.asarray(pairs)
-  if pairs.ndim != 2 or pairs.shape[1] != 2:
-    raise ValueError(f"pairs must have shape (P, 2), got {pairs.shape}.")
+  pairs = as_index_rows("pairs", pairs)
   pairs = np.stack([_check_index("pairs[:, 0]", pairs[:, 0], zimg.shape[0]),
                     _check_index("pairs[:, 1]", pairs[:, 1], ztxt.shape[0])], axis=1)
   num_txt = ztxt.shape[0]

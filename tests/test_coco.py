@@ -103,7 +103,7 @@ def test_fake_coco_errors(fake_coco):
     load_coco(write(tmp / "d.json", dict(data, images=data["images"] * 2)), image_dir)
   with pytest.raises(ValueError, match="no captions for the 2 selected"):
     load_coco(write(tmp / "n.json", dict(data, annotations=[])), image_dir)
-  with pytest.raises(ValueError, match="max_images"):
+  with pytest.raises(ValueError, match="max_images must be an int >= 1"):
     load_coco(good, image_dir, max_images=0)
   os.remove(image_dir / "b.png")
   with pytest.raises(FileNotFoundError, match=r"1 of 2 images .* are not in .*b.png"):

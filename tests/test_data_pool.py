@@ -75,7 +75,7 @@ def test_three_modalities():
     (dict(items={"image": np.zeros((2, 1)), "text": ["a"]},
           links={("image", "text"): [[1, 0], [1, 0]]}), r"repeats the pair \(1, 0\)"),
     (dict(items={"image": np.zeros((2, 1)), "text": ["a"]},
-          links={("image", "text"): [[0.0, 0.0]]}), "integer indices"),
+          links={("image", "text"): [[0.0, 0.0]]}), r"int \(P, 2\) array, got float64"),
     (dict(items={"image": np.zeros((2, 1))}, links={("image", "image"): [[0, 1]]}),
      "itself"),
     (dict(items={"image": np.zeros((2, 1))}, groups={"image": [0]}), r"shape \(2,\)"),
@@ -211,7 +211,7 @@ def test_stream_buffers_one_to_one_sizes_and_seeds():
   assert [len(b["text"]) for b in buffers] == [16, 16, 16, 2]
   other = list(pool_lib.stream_buffers(p, 16, seed=4))
   assert not np.array_equal(buffers[0]["image"], other[0]["image"])
-  with pytest.raises(ValueError, match="buffer_size must be a positive int"):
+  with pytest.raises(ValueError, match="buffer_size must be an int >= 1, got 0"):
     pool_lib.stream_buffers(p, 0, seed=0)
 
 
@@ -246,6 +246,7 @@ def test_annotation_state_mutual_queries_in_one_round():
     ([Answer(1, "image", 9, ())], "image index 9 is outside"),
     ([Answer(1, "image", 2, (("image", 3),))], "own modality"),
     ([Answer(1, "image", 2, (("text", 70),))], "partner: text index 70"),
+    ([Answer(1, "image", 2, (("text", 6), ("text", 6)))], "listed twice"),
     ([Answer(-1, "image", 2, ())], "round_index"),
 ])
 def test_annotation_state_rejects_bad_answers_atomically(answers, match):

@@ -152,7 +152,7 @@ def test_file_oracle_times_out(tmp_path):
      r":3: partner 3 is not a \[modality, index\] pair"),
     (GOOD_LINES[:2] + [{"modality": "image", "index": "2", "partners": []}],
      ":3: index must be an int"),
-    (GOOD_LINES[:2] + [{"modality": "image", "index": 2}], ":3: an answer line needs keys"),
+    (GOOD_LINES[:2] + [{"modality": "image", "index": 2}], ":3: an answer needs keys modality, index, partners"),
     (GOOD_LINES[:2] + [{"modality": "image", "index": 2, "partners": [], "round": 1}],
      ":3: answer is for round 1"),
 ])

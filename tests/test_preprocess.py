@@ -126,8 +126,8 @@ def test_pair_batches_epochs_cover_all_pairs_once():
     (dict(pairs=np.zeros((0, 2), np.int64)), "empty annotated set"),
     (dict(pairs=np.zeros((3, 3), np.int64)), r"int \(P, 2\) array"),
     (dict(batch_size=20), "exceeds the 10 pairs"),
-    (dict(batch_size=0), "positive int"),
-    (dict(num_epochs=0), "num_epochs"),
+    (dict(batch_size=0), "batch_size must be an int >= 1"),
+    (dict(num_epochs=0), "num_epochs must be an int >= 1"),
 ])
 def test_pair_batches_errors(kwargs, match):
   pool = feature_pool(10)

@@ -111,7 +111,7 @@ def test_many_groups_repeat_combinations():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(num_groups=0, image_size=32), "num_groups must be a positive int"),
+    (dict(num_groups=0, image_size=32), "num_groups must be an int >= 1"),
     (dict(num_groups=2, image_size=8), "image_size must be an int >= 16"),
     (dict(num_groups=2, image_size=32, noise_std=-1.0), "noise_std"),
 ])

@@ -11,11 +11,11 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mmal_jax.data.pool import ItemRef, UnalignedPool, check_modality, check_ref, is_int
+from mmal_jax.data.pool import ItemRef, UnalignedPool, check_int, check_modality, check_ref
 
 _JSON_VERSION = 1
 
@@ -40,14 +40,45 @@ class Answer:
             "partners": [[m, i] for m, i in self.partners]}
 
   @classmethod
-  def from_json_obj(cls, obj) -> Answer:
-    if not isinstance(obj, dict) or not {"round", "modality", "index", "partners"} <= set(obj):
-      raise ValueError(f"An answer needs keys round, modality, index, partners; got {obj!r}.")
+  def from_json_obj(cls, obj, round_index: int | None = None) -> Answer:
+    """Parses `{"round", "modality", "index", "partners": [[m, i], ...]}`.
+
+    With `round_index`, `"round"` may be left out and must equal it if given.
+    Checks the structure only; `check_answer` checks the references.
+    """
+    keys = ["modality", "index", "partners"] + (["round"] if round_index is None else [])
+    if not isinstance(obj, dict) or not set(keys) <= set(obj):
+      raise ValueError(f"an answer needs keys {', '.join(keys)}; got {obj!r}.")
+    if round_index is not None and obj.get("round", round_index) != round_index:
+      raise ValueError(f"answer is for round {obj['round']!r}, this is round {round_index}.")
     partners = obj["partners"]
-    if not isinstance(partners, list) or not all(
-        isinstance(p, list) and len(p) == 2 for p in partners):
-      raise ValueError(f"partners must be a list of [modality, index] pairs; got {partners!r}.")
-    return cls(obj["round"], obj["modality"], obj["index"], tuple((m, i) for m, i in partners))
+    if not isinstance(partners, list):
+      raise ValueError(f"partners must be a list of [modality, index] pairs, got {partners!r}.")
+    for p in partners:
+      if not (isinstance(p, list) and len(p) == 2):
+        raise ValueError(f"partner {p!r} is not a [modality, index] pair.")
+    return cls(obj.get("round", round_index), obj["modality"], obj["index"],
+               tuple((m, i) for m, i in partners))
+
+
+def check_answer(num_items: Mapping[str, int], answer: Answer, what: str) -> Answer:
+  """Checks an answer's references; returns it with plain ints.
+
+  Raises ValueError, prefixed with `what`, for a negative or non-int round,
+  an unknown modality, an index out of range, a partner in the queried item's
+  own modality or a partner listed twice.
+  """
+  round_index = check_int(f"{what}: round_index", answer.round_index, 0)
+  index = check_ref(num_items, answer.modality, answer.index, what)
+  partners = []
+  for m, i in answer.partners:
+    ref = (m, check_ref(num_items, m, i, f"{what}: partner"))
+    if m == answer.modality:
+      raise ValueError(f"{what}: partner {ref} is in the queried item's own modality.")
+    if ref in partners:
+      raise ValueError(f"{what}: partner {ref} is listed twice.")
+    partners.append(ref)
+  return Answer(round_index, answer.modality, index, tuple(partners))
 
 
 @dataclasses.dataclass
@@ -71,10 +102,9 @@ class AnnotationState:
   def __post_init__(self):
     if not self.num_items:
       raise ValueError("AnnotationState needs at least one modality.")
-    for m, n in self.num_items.items():
-      if not isinstance(m, str) or not is_int(n) or n < 1:
-        raise ValueError(f"num_items must map modality names to positive ints, got {m!r}: {n!r}.")
-    self.num_items = {m: int(n) for m, n in self.num_items.items()}
+    if not all(isinstance(m, str) for m in self.num_items):
+      raise ValueError(f"num_items keys must be modality names, got {list(self.num_items)}.")
+    self.num_items = {m: check_int(f"num_items[{m!r}]", n, 1) for m, n in self.num_items.items()}
     self.queried = {m: np.zeros(n, bool) for m, n in self.num_items.items()}
     self.annotated = {m: np.zeros(n, bool) for m, n in self.num_items.items()}
     self._pairs = {}
@@ -99,34 +129,26 @@ class AnnotationState:
   def apply(self, answers: Iterable[Answer]) -> None:
     """Adds answers to the state, all or none.
 
-    Every answer is validated first (known modalities, indices in range,
-    partners in another modality, query not already annotated before this call,
-    no item queried twice); on any error nothing changes. Two queries of one
+    Every answer is validated first (`check_answer`, then: query not already
+    annotated before this call, no item queried twice); on any error nothing
+    changes. Two queries of one
     call may reveal each other (both were chosen before either was answered).
     Cost: O(len(answers) + partners).
     """
-    answers = list(answers)
-    order = {m: k for k, m in enumerate(self.num_items)}
-    seen = set()
+    checked, seen = [], set()
     for k, a in enumerate(answers):
       if not isinstance(a, Answer):
         raise TypeError(f"answer {k} is a {type(a).__name__}, not an Answer.")
       what = f"answer {k} ({a.modality!r}, {a.index!r})"
-      if not is_int(a.round_index) or a.round_index < 0:
-        raise ValueError(f"{what}: round_index must be a non-negative int, got {a.round_index!r}.")
-      check_ref(self.num_items, a.modality, a.index, what)
+      a = check_answer(self.num_items, a, what)
       if self.annotated[a.modality][a.index]:
         raise ValueError(f"{what}: item is already annotated.")
       if (a.modality, a.index) in seen:
         raise ValueError(f"{what}: item is queried twice.")
       seen.add((a.modality, a.index))
-      for m, i in a.partners:
-        check_ref(self.num_items, m, i, f"{what} partner")
-        if m == a.modality:
-          raise ValueError(f"{what}: partner ({m!r}, {i}) is in the queried item's own modality.")
-    for a in answers:
-      a = dataclasses.replace(a, round_index=int(a.round_index), index=int(a.index),
-                              partners=tuple((m, int(i)) for m, i in a.partners))
+      checked.append(a)
+    order = {m: k for k, m in enumerate(self.num_items)}
+    for a in checked:
       self.log.append(a)
       self.queried[a.modality][a.index] = True
       self.annotated[a.modality][a.index] = True

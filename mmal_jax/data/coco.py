@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from mmal_jax.data import preprocess
-from mmal_jax.data.pool import UnalignedPool, is_int
+from mmal_jax.data.pool import UnalignedPool, check_int
 
 
 def _read_json(path: str) -> dict:
@@ -44,8 +44,8 @@ def load_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike, *,
   Cost: O(annotations); with `image_size`, one decode + resize per image.
   """
   captions_json, image_dir = os.fspath(captions_json), os.fspath(image_dir)
-  if max_images is not None and (not is_int(max_images) or max_images < 1):
-    raise ValueError(f"max_images must be a positive int or None, got {max_images!r}.")
+  if max_images is not None:
+    check_int("max_images", max_images, 1)
   data = _read_json(captions_json)
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f"COCO image folder not found: {image_dir}")

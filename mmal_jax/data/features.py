@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from mmal_jax.data.pool import UnalignedPool
+from mmal_jax.data.pool import UnalignedPool, as_index_rows
 
 
 def _load_array(path: str, what: str) -> np.ndarray:
@@ -75,11 +75,7 @@ def _load_pairs(path: str) -> np.ndarray:
         raise ValueError(f"{path}:{lineno}: expected 'image_idx,text_idx', got {line!r}.") \
           from None
     return np.array(rows, np.int64).reshape(-1, 2)
-  pairs = _load_array(path, "pairs")
-  if pairs.size and (pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iu"):
-    raise ValueError(f"pairs in {path} must be an int (P, 2) array, got {pairs.dtype} "
-                     f"{pairs.shape}.")
-  return pairs.reshape(-1, 2).astype(np.int64)
+  return as_index_rows(f"pairs in {path}", _load_array(path, "pairs"))
 
 
 def load_features(image_path: str | os.PathLike, text_path: str | os.PathLike,

@@ -12,8 +12,8 @@ import os
 import time
 from typing import Protocol, Sequence
 
-from mmal_jax.data.annotation import Answer, atomic_write_text
-from mmal_jax.data.pool import ItemRef, UnalignedPool, check_ref, is_int
+from mmal_jax.data.annotation import Answer, atomic_write_text, check_answer
+from mmal_jax.data.pool import ItemRef, UnalignedPool, check_int, check_ref
 
 
 class Oracle(Protocol):
@@ -29,8 +29,7 @@ def check_queries(num_items, round_index: int, queries: Sequence[ItemRef]) -> li
   Raises ValueError for a negative or non-int round, no queries, unknown
   modalities, indices out of range, or an item queried twice.
   """
-  if not is_int(round_index) or round_index < 0:
-    raise ValueError(f"round_index must be a non-negative int, got {round_index!r}.")
+  check_int("round_index", round_index, 0)
   if len(queries) == 0:
     raise ValueError(f"Round {round_index} has no queries.")
   out, seen = [], set()
@@ -189,31 +188,17 @@ def _read_answers(path: str, round_index: int, queries: list[ItemRef],
   found: dict[ItemRef, tuple[int, Answer]] = {}
   for lineno, obj in _read_jsonl(path):
     where = f"{path}:{lineno}"
-    if not isinstance(obj, dict) or not {"modality", "index", "partners"} <= set(obj):
-      raise ValueError(f"{where}: an answer line needs keys modality, index, partners.")
-    if "round" in obj and obj["round"] != round_index:
-      raise ValueError(f"{where}: answer is for round {obj['round']!r}, this is round "
-                       f"{round_index}.")
-    m = obj["modality"]
-    ref = (m, check_ref(num_items, m, obj["index"], where))
+    try:
+      answer = Answer.from_json_obj(obj, round_index)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    answer = check_answer(num_items, answer, where)
+    ref = (answer.modality, answer.index)
     if ref not in asked:
       raise ValueError(f"{where}: answers {ref}, which was not queried in round {round_index}.")
     if ref in found:
       raise ValueError(f"{where}: answers {ref} again (first at line {found[ref][0]}).")
-    partners = obj["partners"]
-    if not isinstance(partners, list):
-      raise ValueError(f"{where}: partners must be a list of [modality, index] pairs.")
-    refs = []
-    for p in partners:
-      if not (isinstance(p, list) and len(p) == 2):
-        raise ValueError(f"{where}: partner {p!r} is not a [modality, index] pair.")
-      p = (p[0], check_ref(num_items, p[0], p[1], f"{where}: partner"))
-      if p[0] == m:
-        raise ValueError(f"{where}: partner {p} is in the queried item's own modality.")
-      if p in refs:
-        raise ValueError(f"{where}: partner {p} is listed twice.")
-      refs.append(p)
-    found[ref] = (lineno, Answer(round_index, m, ref[1], tuple(refs)))
+    found[ref] = (lineno, answer)
   missing = [q for q in queries if q not in found]
   if missing:
     raise ValueError(f"{path}: {len(missing)} of {len(queries)} queries are not answered, "

@@ -26,9 +26,15 @@ Items = Union[np.ndarray, tuple]
 ItemRef = tuple[str, int]
 
 
-def is_int(x) -> bool:
-  """True for Python and numpy integers (not bools)."""
+def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_int(name: str, value, minimum: int) -> int:
+  """Returns `value` as an int, or raises ValueError unless it is an int >= `minimum`."""
+  if not _is_int(value) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+  return int(value)
 
 
 def check_modality(num_items: Mapping[str, int], modality, what: str) -> None:
@@ -40,7 +46,7 @@ def check_modality(num_items: Mapping[str, int], modality, what: str) -> None:
 def check_ref(num_items: Mapping[str, int], modality, index, what: str) -> int:
   """Returns `index` as an int, or raises ValueError unless `(modality, index)` is an item."""
   check_modality(num_items, modality, what)
-  if not is_int(index):
+  if not _is_int(index):
     raise ValueError(f"{what}: index must be an int, got {index!r}.")
   if not 0 <= index < num_items[modality]:
     raise ValueError(f"{what}: {modality} index {int(index)} is outside "
@@ -63,14 +69,13 @@ def _as_items(modality: str, items) -> Items:
   return tuple(items)
 
 
-def _as_index_rows(name: str, rows) -> np.ndarray:
+def as_index_rows(name: str, rows) -> np.ndarray:
+  """`rows` as an int64 `(P, 2)` array (P may be 0); raises naming `name` otherwise."""
   rows = np.asarray(rows)
   if rows.size == 0:
     return np.zeros((0, 2), np.int64)
-  if rows.ndim != 2 or rows.shape[1] != 2:
-    raise ValueError(f"{name} must have shape (P, 2), got {rows.shape}.")
-  if rows.dtype.kind not in "iu":
-    raise ValueError(f"{name} must hold integer indices, got dtype {rows.dtype}.")
+  if rows.ndim != 2 or rows.shape[1] != 2 or rows.dtype.kind not in "iu":
+    raise ValueError(f"{name} must be an int (P, 2) array, got {rows.dtype} {rows.shape}.")
   return rows.astype(np.int64)
 
 
@@ -115,7 +120,7 @@ class UnalignedPool:
                            f"known: {list(items)}.")
       if a == b:
         raise ValueError(f"links[{key!r}] links a modality to itself.")
-      rows = _as_index_rows(f"links[{key!r}]", rows)
+      rows = as_index_rows(f"links[{key!r}]", rows)
       if order[a] > order[b]:
         a, b, rows = b, a, rows[:, ::-1]
       if (a, b) in links:
@@ -365,8 +370,7 @@ def stream_buffers(pool: UnalignedPool, buffer_size: int,
   modality). Deterministic given (pool, buffer_size, seed); resume at round t
   with `itertools.islice(stream_buffers(...), t, None)`. Cost: O(N log N) once.
   """
-  if not is_int(buffer_size) or buffer_size < 1:
-    raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}.")
+  check_int("buffer_size", buffer_size, 1)
   component = matching_components(pool)
   num_units = 1 + max(int(c.max()) for c in component.values())
   rank = np.empty(num_units, np.int64)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mmal_jax import sharding
-from mmal_jax.data.pool import UnalignedPool, is_int
+from mmal_jax.data.pool import UnalignedPool, as_index_rows, check_int
 
 PrepareFn = Callable[[str, np.ndarray], np.ndarray]
 
@@ -110,8 +110,7 @@ def prepare_items(pool: UnalignedPool, modality: str, indices, *,
 
 
 def _check_batch_size(batch_size: int, mesh) -> None:
-  if not is_int(batch_size) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  check_int("batch_size", batch_size, 1)
   if mesh is not None and batch_size % mesh.devices.size:
     raise ValueError(f"batch_size {batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices of the mesh.")
@@ -141,9 +140,7 @@ def pair_batches(pairs: np.ndarray, batch_size: int, prepare: PrepareFn, *, seed
   Cost per batch: `prepare` on `batch_size` items of each modality.
   """
   _check_batch_size(batch_size, mesh)
-  pairs = np.asarray(pairs)
-  if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iu":
-    raise ValueError(f"pairs must be an int (P, 2) array, got {pairs.dtype} {pairs.shape}.")
+  pairs = as_index_rows("pairs", pairs)
   if len(pairs) == 0:
     raise ValueError("No pairs to make batches of (empty annotated set).")
   if drop_remainder and len(pairs) < batch_size:
@@ -153,9 +150,9 @@ def pair_batches(pairs: np.ndarray, batch_size: int, prepare: PrepareFn, *, seed
   if mesh is not None and remainder % mesh.devices.size:
     raise ValueError(f"The last batch of {remainder} pairs cannot be split over "
                      f"{mesh.devices.size} devices; use drop_remainder=True.")
-  if num_epochs is not None and (not is_int(num_epochs) or num_epochs < 1):
-    raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}.")
-  return _pair_batches(pairs.astype(np.int64), batch_size, prepare, seed, modalities,
+  if num_epochs is not None:
+    check_int("num_epochs", num_epochs, 1)
+  return _pair_batches(pairs, batch_size, prepare, seed, modalities,
                        num_epochs, drop_remainder, mesh)
 
 

@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 
-from mmal_jax.data.pool import UnalignedPool, is_int
+from mmal_jax.data.pool import UnalignedPool, check_int
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLOURS = {
@@ -79,10 +79,8 @@ def _render(shapes: np.ndarray, colours: np.ndarray, centres: np.ndarray, radii:
 
 
 def _check_args(num: int, what: str, image_size: int, noise_std: float) -> None:
-  if not is_int(num) or num < 1:
-    raise ValueError(f"{what} must be a positive int, got {num!r}.")
-  if not is_int(image_size) or image_size < 16:
-    raise ValueError(f"image_size must be an int >= 16, got {image_size!r}.")
+  check_int(what, num, 1)
+  check_int("image_size", image_size, 16)
   if not noise_std >= 0:
     raise ValueError(f"noise_std must be >= 0, got {noise_std!r}.")
 
