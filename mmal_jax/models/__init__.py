@@ -1,0 +1,1 @@
+"""Image, text and feature towers, the two-tower model, checkpoints, presets."""
