@@ -11,7 +11,9 @@ Fields (defaults below):
   regime: "pool" (every unannotated item is a candidate) or "stream" (round t
     sees only buffer t of `stream_buffer` matched units; the rest is gone).
   budget, num_rounds: queries per round and rounds per run.
-  data: `source` ("shapes", "coco", "features") and its fields.
+  data: `source` ("shapes", "coco", "features"; "colorswap" and "datacomp"
+    are named for the paper's configs, their loaders are not in yet) and its
+    fields.
   model, loss, optim, res, text_len, tokenizer: from `models.presets`.
   init: where the towers start: "pretrain" (contrastive pre-training on
     `data`'s pre-training set, cached in the workdir), "checkpoint" (a
@@ -21,7 +23,9 @@ Fields (defaults below):
     warmup_fraction of the steps, reinit_each_round (restart from the initial
     weights each round, the paper's fine-tuning protocol, or continue),
     checkpoint_every (steps; orbax, for resuming a preempted run).
-  eval: embed_batch_size; report.main_metric for the savings table.
+  eval: embed_batch_size.
+  report: main_metric (annotation savings vs random), metrics (the tables
+    and curves; empty: every metric).
   oracle: "simulated" (the dataset's matching) or "file" (people answer
     WORKDIR/queries/round_T.jsonl in WORKDIR/answers/round_T.jsonl).
 """
@@ -33,7 +37,7 @@ from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.models import presets
 
 REGIMES = ("pool", "stream")
-DATA_SOURCES = ("shapes", "coco", "features")
+DATA_SOURCES = ("shapes", "coco", "features", "colorswap", "datacomp")
 INIT_KINDS = ("pretrain", "checkpoint", "scratch")
 ORACLES = ("simulated", "file")
 
@@ -57,12 +61,16 @@ def base_config() -> ml_collections.ConfigDict:
       source="shapes", seed=0,
       # shapes
       num_groups=700, num_eval_groups=200, image_size=32, noise_std=6.0,
+      # image_size: shapes render at it; coco preloads at it (0: decode
+      # each batch from the files, at the model resolution).
       pretrain_size=4000,
       # coco
       train_json="", train_images="", eval_json="", eval_images="",
       max_images=0, eval_max_images=0, first_caption_only=True,
       # features
-      image_features="", text_features="", pairs="", eval_fraction=0.2))
+      image_features="", text_features="", pairs="", eval_fraction=0.2,
+      # colorswap, datacomp: local copies
+      dir=""))
 
   c.update(presets.tiny("siglip"))
   c.init = ml_collections.ConfigDict(dict(kind="pretrain", checkpoint=""))
@@ -72,9 +80,20 @@ def base_config() -> ml_collections.ConfigDict:
       epochs=50, batch_size=70, warmup_fraction=0.1, reinit_each_round=True,
       checkpoint_every=200))
   c.eval = ml_collections.ConfigDict(dict(embed_batch_size=256))
-  c.report = ml_collections.ConfigDict(dict(main_metric="colorswap/group"))
+  c.report = ml_collections.ConfigDict(dict(main_metric="colorswap/group",
+                                            metrics=()))
   c.oracle = ml_collections.ConfigDict(dict(kind="simulated", timeout_s=0.0))
   return c
+
+
+MODEL_FIELDS = ("model", "loss", "optim", "res", "text_len", "tokenizer")
+
+
+def use_preset(config: ml_collections.ConfigDict,
+               preset: ml_collections.ConfigDict) -> None:
+  """Replaces config's model fields by a `models.presets` recipe's, whole."""
+  for key in MODEL_FIELDS:
+    config[key] = preset[key]
 
 
 def _choice(name: str, value, choices) -> None:
@@ -89,7 +108,13 @@ def _positive(name: str, value) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks a config's values; returns it locked. Raises ValueError naming the field."""
+  """Checks a config's values; returns it locked. Raises ValueError naming the field.
+
+  `--config.strategies=mmal,random` arrives as one string: it is split here.
+  """
+  config.strategies = tuple(
+      name.strip() for entry in config.strategies for name in entry.split(",")
+      if name.strip())
   if not config.strategies:
     raise ValueError("config.strategies is empty; name at least one of "
                      f"{sorted(STRATEGIES)}.")
@@ -114,9 +139,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for part in name.split("."):
       value = value[part]
     _positive(name, value)
-  if config.init.kind == "checkpoint" and not config.init.checkpoint:
-    raise ValueError("config.init.kind='checkpoint' needs config.init.checkpoint"
-                     " (a big_vision .npz path).")
   if config.regime == "stream" and config.budget > config.stream_buffer:
     raise ValueError(f"config.budget={config.budget} is larger than a stream "
                      f"buffer (config.stream_buffer={config.stream_buffer}).")

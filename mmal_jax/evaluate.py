@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmal_jax.data.pool import as_index_rows
+from mmal_jax.data.pool import group_layout
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _BLOCK_ELEMENTS = 1 << 24
@@ -226,4 +227,32 @@ def modality_gap(zimg, ztxt) -> dict[str, float]:
     means.append(total / n)
   out["gap"] = float(np.linalg.norm(means[0] - means[1]))
   out["cross_cos"] = float(means[0] @ means[1])
+  return out
+
+
+def pool_metrics(zimg, ztxt, pool) -> dict[str, float]:
+  """Every metric that `pool`'s matching supports, as `"family/name": %` entries.
+
+  `zimg`, `ztxt`: embeddings of all of `pool`'s images and texts, in order.
+  ColorSwap scores and GroupMatch when the pool has groups; retrieval R@1/5/10
+  and pseudo-label accuracy from its pairs; the modality gap always.
+  Cost: O(N_img * N_txt * D), in blocks.
+  """
+  out = {}
+  if pool.groups is not None:
+    image_index, text_index = group_layout(pool)
+    if image_index.shape[1] == 2:
+      scores = colorswap_scores(zimg, ztxt, image_index, text_index)
+      out.update({f"colorswap/{k}": v for k, v in scores.items()})
+    out["groupmatch"] = groupmatch_score(zimg, ztxt, image_index, text_index)
+  pairs = pool.pairs("image", "text")
+  if len(pairs):
+    text_to_image = np.full(pool.num_items("text"), -1, np.int64)
+    text_to_image[pairs[:, 1]] = pairs[:, 0]
+    recall = retrieval_recall(zimg, ztxt, text_to_image)
+    out.update({f"retrieval/{k}": v for k, v in recall.items()})
+    accuracy = pseudo_label_accuracy(zimg, ztxt, pairs)
+    out.update({f"pseudo_label/{k}": v for k, v in accuracy.items()})
+  gap = modality_gap(zimg, ztxt)
+  out.update({f"modality_gap/{k}": v for k, v in gap.items()})
   return out

@@ -18,9 +18,10 @@ unlocked leaves (its moments hold no arrays for the locked ones).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -42,11 +43,59 @@ def frozen_mask(config: ml_collections.ConfigDict, params) -> Any:
                       param_names(params))
 
 
+def warmup_cosine(step, warmup_steps, total_steps):
+  """Multiplier in [0, 1]: linear 0 -> 1 over `warmup_steps`, cosine to 0 at
+  `total_steps` (optax's `warmup_cosine_decay_schedule`); jnp, so the step
+  counts may be traced arrays."""
+  step = jnp.asarray(step, jnp.float32)
+  warmup = jnp.asarray(warmup_steps, jnp.float32)
+  decay = jnp.maximum(jnp.asarray(total_steps, jnp.float32) - warmup, 1.)
+  rising = step / jnp.maximum(warmup, 1.)
+  progress = jnp.clip((step - warmup) / decay, 0., 1.)
+  return jnp.where(step < warmup, rising, 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Multiplier: linear 0 -> 1 over `warmup_steps`, cosine to 0 at `total_steps`."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0., peak_value=1., warmup_steps=config.warmup_steps,
-      decay_steps=max(config.total_steps, config.warmup_steps + 1))
+  """`warmup_cosine` with the config's `warmup_steps` and `total_steps`."""
+  return lambda step: warmup_cosine(step, config.warmup_steps,
+                                    config.total_steps)
+
+
+class ScheduleState(NamedTuple):
+  """Step count and schedule length, as arrays: changing the length (e.g. a
+  new active-learning round with more pairs) needs no recompilation."""
+  count: jax.Array
+  warmup_steps: jax.Array
+  total_steps: jax.Array
+
+
+def scale_by_warmup_cosine(warmup_steps: int, total_steps: int
+                           ) -> optax.GradientTransformation:
+  """Scales updates by `warmup_cosine(count, ...)`, the lengths in the state."""
+
+  def init(params):
+    del params
+    return ScheduleState(jnp.zeros([], jnp.int32),
+                         jnp.asarray(warmup_steps, jnp.int32),
+                         jnp.asarray(total_steps, jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    factor = warmup_cosine(state.count, state.warmup_steps, state.total_steps)
+    updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+    return updates, state._replace(count=state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def set_schedule(opt_state, warmup_steps: int, total_steps: int):
+  """`opt_state` with the schedule restarted at step 0 over `total_steps`."""
+  is_schedule = lambda x: isinstance(x, ScheduleState)
+  return jax.tree.map(
+      lambda x: ScheduleState(jnp.zeros_like(x.count),
+                              jnp.full_like(x.warmup_steps, warmup_steps),
+                              jnp.full_like(x.total_steps, total_steps))
+      if is_schedule(x) else x, opt_state, is_leaf=is_schedule)
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
@@ -66,7 +115,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
                           mu_dtype=config.get("mu_dtype", None)),
       optax.scale(config.lr),
       optax.add_decayed_weights(config.get("wd", 0.), mask=decays),
-      optax.scale_by_schedule(make_schedule(config)),
+      scale_by_warmup_cosine(config.warmup_steps, config.total_steps),
       optax.scale(-1.))
   labels = jax.tree.map(lambda f: "frozen" if f else "trainable",
                         frozen_mask(config, params))

@@ -14,7 +14,7 @@ import numpy as np
 
 # Bookkeeping columns of a metrics row; every other number is a metric.
 ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
-            "acquire_s", "train_s", "eval_s", "modality_counts")
+            "embed_s", "acquire_s", "train_s", "eval_s", "modality_counts")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -101,10 +101,13 @@ def markdown(rows: Sequence[dict], metrics: Iterable[str], main_metric: str,
           cells.get(p, "-") for p in percents) + " |")
     lines.append("")
   saved = savings(rows, main_metric)
+  saved.pop("random", None)
   if saved:
+    target = next(iter(saved.values()))["target"]
     lines += [f"## Annotation savings on {main_metric} vs random", "",
-              f"Target: random's final mean ({next(iter(saved.values()))['target']:.1f}).",
-              "", "| strategy | first % reaching it | saving |", "|---|---|---|"]
+              f"Annotation at which a strategy's mean first reaches random's "
+              f"final mean ({target:.1f}); saving = 1 - that / random's.", "",
+              "| strategy | first % reaching it | saving |", "|---|---|---|"]
     for strategy, s in sorted(saved.items()):
       reached = "not reached" if s["percent"] is None else f"{s['percent']:g}%"
       saving = "-" if s["saving"] is None else f"{100 * s['saving']:.0f}%"

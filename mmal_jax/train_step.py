@@ -27,6 +27,20 @@ from mmal_jax import sharding
 TrainState = dict  # {"params": tree, "opt": optax state, "step", "rng"}
 
 
+def make_state_init(optimizer: optax.GradientTransformation, mesh: Mesh
+                    ) -> Callable[[Any, jax.Array], TrainState]:
+  """Jitted `(params, rng) -> state`: fresh optimizer state, step 0.
+
+  Build it once and call it for every fit: it compiles once per param shapes.
+  """
+
+  def init(params, rng):
+    return {"params": params, "opt": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))
+
+
 def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
                      mesh: Mesh, rng: jax.Array, batch: dict[str, Any], *,
                      params=None) -> TrainState:
@@ -35,23 +49,14 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
   `batch` gives input shapes and dtypes only (arrays or ShapeDtypeStructs);
   init runs on one example. Cost: one compile + init of the model.
   """
-  replicated = sharding.replicated(mesh)
-  example = {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype)
-             for k, v in batch.items()}
   init_rng, state_rng = jax.random.split(rng)
-
-  def init(rng, params):
-    if params is None:
-      params = model.init(rng, example["image"], example["text"])["params"]
-    return params, optimizer.init(params)
-
-  params, opt = jax.jit(init, out_shardings=replicated)(init_rng, params)
-  return {
-      "params": params,
-      "opt": opt,
-      "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-      "rng": jax.device_put(state_rng, replicated),
-  }
+  if params is None:
+    example = {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype)
+               for k, v in batch.items()}
+    params = jax.jit(lambda r: model.init(r, example["image"],
+                                          example["text"])["params"],
+                     out_shardings=sharding.replicated(mesh))(init_rng)
+  return make_state_init(optimizer, mesh)(params, state_rng)
 
 
 def make_loss(name: str, mesh: Mesh, method: str = "all_gather") -> Callable:

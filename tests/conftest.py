@@ -9,3 +9,13 @@ hypothesis.settings.register_profile(
     "mmal", deadline=None, max_examples=25, derandomize=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile("mmal")
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Tests build the same small programs again and again (every end-to-end run
+# compiles its train step anew): share the compiled executables on disk.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "mmal_jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

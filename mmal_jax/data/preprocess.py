@@ -127,7 +127,8 @@ def _place(batch, mesh):
 
 def pair_batches(pairs: np.ndarray, batch_size: int, prepare: PrepareFn, *, seed: int,
                  modalities: tuple[str, str] = ("image", "text"), num_epochs: int | None = 1,
-                 drop_remainder: bool = True, mesh=None) -> Iterator[dict[str, np.ndarray]]:
+                 drop_remainder: bool = True, mesh=None,
+                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Shuffled training batches over ground-truth / revealed pairs.
 
   `pairs` is `(P, 2)` int rows `(index in modalities[0], index in modalities[1])`.
@@ -136,7 +137,8 @@ def pair_batches(pairs: np.ndarray, batch_size: int, prepare: PrepareFn, *, seed
   with `drop_remainder`). A batch is `{m: prepare(m, idx), m + "_index": idx}`
   for both modalities (the index lets a loss mask repeated items). With `mesh`,
   arrays are global `jax.Array`s split over `DATA_AXIS` (batch sizes must divide
-  by the device count). `num_epochs=None` repeats forever.
+  by the device count). `num_epochs=None` repeats forever. `start_step` skips
+  that many batches without preparing them (resuming a preempted run).
   Cost per batch: `prepare` on `batch_size` items of each modality.
   """
   _check_batch_size(batch_size, mesh)
@@ -152,24 +154,27 @@ def pair_batches(pairs: np.ndarray, batch_size: int, prepare: PrepareFn, *, seed
                      f"{mesh.devices.size} devices; use drop_remainder=True.")
   if num_epochs is not None:
     check_int("num_epochs", num_epochs, 1)
+  check_int("start_step", start_step, 0)
   return _pair_batches(pairs, batch_size, prepare, seed, modalities,
-                       num_epochs, drop_remainder, mesh)
+                       num_epochs, drop_remainder, mesh, start_step)
 
 
 def _pair_batches(pairs, batch_size, prepare, seed, modalities, num_epochs, drop_remainder,
-                  mesh):
-  epoch = 0
+                  mesh, start_step):
+  stop = len(pairs) - len(pairs) % batch_size if drop_remainder else len(pairs)
+  per_epoch = -(-stop // batch_size)
+  epoch = start_step // per_epoch
+  skip = start_step % per_epoch
   while num_epochs is None or epoch < num_epochs:
     order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
-    stop = len(pairs) - len(pairs) % batch_size if drop_remainder else len(pairs)
-    for lo in range(0, stop, batch_size):
+    for lo in range(skip * batch_size, stop, batch_size):
       rows = pairs[order[lo:lo + batch_size]]
       batch = {}
       for col, m in enumerate(modalities):
         batch[m] = prepare(m, rows[:, col])
         batch[m + "_index"] = rows[:, col].astype(np.int32)
       yield _place(batch, mesh)
-    epoch += 1
+    epoch, skip = epoch + 1, 0
 
 
 def item_batches(modality: str, indices, batch_size: int, prepare: PrepareFn, *,

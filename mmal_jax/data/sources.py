@@ -44,7 +44,7 @@ def _require(data, *fields) -> None:
 
 def _coco(data) -> Sources:
   _require(data, "train_json", "train_images", "eval_json", "eval_images")
-  kw = dict(image_size=data.image_size,
+  kw = dict(image_size=data.image_size or None,
             first_caption_only=data.first_caption_only)
   pool = coco.load_coco(data.train_json, data.train_images,
                         max_images=data.max_images or None, **kw)
@@ -75,10 +75,18 @@ def _features(data) -> Sources:
 
 
 _BUILDERS = {"shapes": _shapes, "coco": _coco, "features": _features}
+# Named by the paper's configs (configs/colorswap_*.py, datacomp_stream.py);
+# their loaders are not part of this version.
+PLANNED = ("colorswap", "datacomp")
 
 
 def build(data: ml_collections.ConfigDict) -> Sources:
   """The pools `config.data` describes. Errors name the field or file."""
+  if data.source in PLANNED:
+    raise ValueError(
+        f"config.data.source={data.source!r} has no loader in this version of "
+        f"mmal_jax; run with 'shapes', 'coco' or 'features' (e.g. "
+        f"precomputed features of your copy of the data).")
   if data.source not in _BUILDERS:
     raise ValueError(f"config.data.source={data.source!r} is not one of "
                      f"{sorted(_BUILDERS)}.")

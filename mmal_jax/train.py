@@ -1,0 +1,220 @@
+"""Training the two towers on (annotated) pairs, and embedding pools with them.
+
+`Towers` holds everything compiled once per experiment (the model, its
+data-parallel train steps, per-modality embedding functions), so that the
+hundreds of short fits of an active-learning run share one compilation: the
+length of the warm-up + cosine schedule lives in the optimizer state
+(`optim.set_schedule`), not in the compiled step.
+
+`Checkpoints` keeps a run's train state with orbax, tagged (round, step), so a
+preempted run resumes from the last saved step of the round it was in, with
+the same batches it would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmal_jax import optim
+from mmal_jax import sharding
+from mmal_jax import tokenizers
+from mmal_jax import train_step
+from mmal_jax.data import preprocess
+from mmal_jax.data.pool import UnalignedPool
+from mmal_jax.models import two_towers
+
+MODALITIES = ("image", "text")
+
+
+class _EosPadded:
+  """Pads with EOS, as big_vision's SigLIP pipeline, so `last` pooling sees EOS."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer):
+    self.tokenizer = tokenizer
+
+  def encode(self, texts, length):
+    return self.tokenizer.encode(texts, length, pad_id=self.tokenizer.eos_id)
+
+
+class Checkpoints:
+  """Orbax checkpoints of one run's train state, tagged (round, step).
+
+  Steps are stored as `round * STRIDE + step`; the newest two are kept.
+  """
+  STRIDE = 10 ** 7
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=False))
+
+  def latest(self) -> tuple[int, int] | None:
+    """(round, step) of the newest checkpoint, None if there is none."""
+    step = self.manager.latest_step()
+    return None if step is None else divmod(step, self.STRIDE)
+
+  def save(self, round_index: int, step: int, state) -> None:
+    self.manager.save(round_index * self.STRIDE + step,
+                      args=ocp.args.StandardSave(state), force=True)
+
+  def restore(self, round_index: int, step: int, like):
+    """The state saved at (round, step), laid out like the pytree `like`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return self.manager.restore(round_index * self.STRIDE + step,
+                                args=ocp.args.StandardRestore(abstract))
+
+
+@dataclasses.dataclass
+class FitResult:
+  params: dict
+  steps: int
+  seconds: float
+  final_loss: float | None
+
+
+class Towers:
+  """A two-tower model, compiled once over `mesh`, for fitting and embedding.
+
+  `config` holds `model`, `loss`, `optim`, `res`, `text_len`, `tokenizer`
+  (see `models.presets`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.model = two_towers.Model(**config.model)
+    self.tokenizer = _EosPadded(tokenizers.get_tokenizer(config.tokenizer))
+    self._compiled = {}
+    replicated = sharding.replicated(mesh)
+    self._set_schedule = jax.jit(optim.set_schedule, out_shardings=replicated)
+    rows = sharding.row_sharding(mesh)
+    apply = lambda params, image, text: self.model.apply(
+        {"params": params}, image, text)
+    self._embed = {
+        "image": jax.jit(lambda p, x: apply(p, x, None)[0],
+                         in_shardings=(replicated, rows), out_shardings=rows),
+        "text": jax.jit(lambda p, x: apply(p, None, x)[1],
+                        in_shardings=(replicated, rows), out_shardings=rows)}
+
+  def prepare(self, pool: UnalignedPool) -> preprocess.PrepareFn:
+    """`prepare(modality, indices)`: model inputs for items of `pool`."""
+    return functools.partial(
+        preprocess.prepare_items, pool, image_size=self.config.res,
+        tokenizer=self.tokenizer, text_length=self.config.text_len)
+
+  def init_params(self, pool: UnalignedPool, seed: int) -> dict:
+    """Random initial parameters; input shapes from `pool`'s first items."""
+    prepare = self.prepare(pool)
+    example = [jnp.asarray(prepare(m, np.zeros(1, np.int64)))
+               for m in MODALITIES]
+    init = jax.jit(lambda rng: self.model.init(rng, *example)["params"],
+                   out_shardings=sharding.replicated(self.mesh))
+    return init(jax.random.PRNGKey(seed))
+
+  def _compile(self, optim_config, params) -> tuple[Callable, Callable]:
+    """(state init, train step) for an optimizer config, built once each."""
+    key = optim_config.to_json()
+    if key not in self._compiled:
+      optimizer = optim.make_optimizer(optim_config, params)
+      self._compiled[key] = (
+          train_step.make_state_init(optimizer, self.mesh),
+          train_step.make_train_step(
+              self.model, optimizer, self.mesh, loss=self.config.loss,
+              frozen=optim.frozen_mask(optim_config, params)))
+    return self._compiled[key]
+
+  def state_like(self, optim_config, params):
+    """A train state as `fit` makes it, e.g. the target of a restore."""
+    init_state, _ = self._compile(optim_config, params)
+    return init_state(params, jax.random.PRNGKey(0))
+
+  def batch_size(self, requested: int, num_pairs: int) -> int:
+    """Largest multiple of the device count <= min(requested, num_pairs)."""
+    devices = self.mesh.size
+    size = min(requested, num_pairs) // devices * devices
+    if size == 0:
+      raise ValueError(f"{num_pairs} pairs cannot fill one batch over "
+                       f"{devices} devices.")
+    return size
+
+  def fit(self, params, pool: UnalignedPool, pairs: np.ndarray, *,
+          optim_config: ml_collections.ConfigDict, epochs: int,
+          batch_size: int, warmup_fraction: float, seed: int,
+          checkpoints: Checkpoints | None = None, round_index: int = 0,
+          checkpoint_every: int = 0, label: str = "") -> FitResult:
+    """Contrastive training of `params` on `pairs` of `pool`.
+
+    Args:
+      params: starting parameters.
+      pool, pairs: `(P, 2)` (image index, text index) rows of `pool`.
+      optim_config: `optim.make_optimizer` fields (the schedule length is
+        set here: `epochs` x batches per epoch, `warmup_fraction` of it).
+      epochs, batch_size: the batch is rounded down to a multiple of the
+        device count and to at most P; the last partial batch is dropped.
+      seed: shuffling and dropout.
+      checkpoints, round_index, checkpoint_every: save every that many steps
+        and at the end; a checkpoint of this round found at start is resumed.
+      label: prefix of the progress log lines.
+
+    Returns:
+      The trained parameters, steps, seconds and last loss.
+      Cost: epochs x P pairs through both towers, forward and backward.
+    """
+    start_time = time.perf_counter()
+    batch_size = self.batch_size(batch_size, len(pairs))
+    per_epoch = len(pairs) // batch_size
+    total = epochs * per_epoch
+    init_state, step_fn = self._compile(optim_config, params)
+    state = init_state(params, jax.random.PRNGKey(seed))
+    state["opt"] = self._set_schedule(
+        state["opt"], int(round(warmup_fraction * total)), total)
+    start = 0
+    latest = checkpoints.latest() if checkpoints else None
+    if latest and latest[0] == round_index and 0 < latest[1] <= total:
+      state = checkpoints.restore(round_index, latest[1], state)
+      start = latest[1]
+      logging.info("%s resumed at step %d/%d", label, start, total)
+    batches = preprocess.pair_batches(
+        pairs, batch_size, self.prepare(pool), seed=seed, num_epochs=epochs,
+        mesh=self.mesh, start_step=start)
+    loss = None
+    log_every = per_epoch * max(1, epochs // 5)
+    for step, batch in enumerate(batches, start + 1):
+      state, metrics = step_fn(state, batch)
+      if step % log_every == 0 or step == total:
+        loss = float(metrics["loss"])
+        elapsed = time.perf_counter() - start_time
+        eta = elapsed / (step - start) * (total - step)
+        logging.info("%s epoch %d/%d step %d/%d loss %.4f (%.1fs, ETA %.1fs)",
+                     label, -(-step // per_epoch), epochs, step, total, loss,
+                     elapsed, eta)
+      if checkpoints and (step == total or (
+          checkpoint_every and step % checkpoint_every == 0)):
+        checkpoints.save(round_index, step, state)
+    return FitResult(state["params"], total - start,
+                     time.perf_counter() - start_time, loss)
+
+  def embed(self, params, pool: UnalignedPool, modality: str, indices,
+            batch_size: int) -> np.ndarray:
+    """`(len(indices), D)` float32 L2-normalised embeddings of items of `pool`.
+
+    Batches of `batch_size` (rounded up to the device count) are split over
+    the mesh; only `modality`'s tower runs. Cost: one forward pass per item.
+    """
+    devices = self.mesh.size
+    batch_size = -(-batch_size // devices) * devices
+    out = []
+    for inputs, valid in preprocess.item_batches(
+        modality, indices, batch_size, self.prepare(pool), mesh=self.mesh):
+      out.append(np.asarray(self._embed[modality](params, inputs))[:valid])
+    return np.concatenate(out).astype(np.float32)

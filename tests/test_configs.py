@@ -1,0 +1,76 @@
+"""Every configs/*.py builds, validates and gives a model, optimizer and data plan."""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmal_jax import config_lib
+from mmal_jax import optim
+from mmal_jax.data import sources
+from mmal_jax.models import two_towers
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_there_are_configs():
+  names = {p.stem for p in CONFIGS}
+  assert {"demo", "colorswap_clip_b32", "colorswap_siglip_b16",
+          "colorswap_lit_l14", "coco_stream", "datacomp_stream"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_and_validates(path):
+  config = config_lib.validate(load(path))
+  model = two_towers.Model(**config.model)
+  image = jnp.zeros((1, config.res, config.res, 3))
+  text = jnp.zeros((1, config.text_len), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, text)
+  params = params["params"]
+  assert sum(np.prod(p.shape) for p in jax.tree.leaves(params)) > 0
+  optim.make_optimizer(config.optim, params)
+  frozen = jax.tree.leaves(optim.frozen_mask(config.optim, params))
+  assert any(frozen) == bool(config.optim.locked_tower)
+  assert config.budget * config.num_rounds > 0
+
+
+def test_paper_protocols():
+  demo = config_lib.validate(load(CONFIGS[0].parent / "demo.py"))
+  assert demo.data.num_groups * 2 == 1400 and demo.budget == 70
+  assert demo.budget * demo.num_rounds == 0.3 * 1400
+  assert set(demo.strategies) == {"random", "coreset", "uncertainty", "mmal"}
+  assert len(demo.seeds) == 3
+  coco = load(CONFIGS[0].parent / "coco_stream.py")
+  assert (coco.regime, coco.stream_buffer, coco.budget) == ("stream", 1024, 256)
+  assert (coco.train.epochs, coco.train.batch_size) == (10, 256)
+  datacomp = load(CONFIGS[0].parent / "datacomp_stream.py")
+  assert (datacomp.stream_buffer, datacomp.budget) == (2048, 512)
+  assert (datacomp.init.kind, datacomp.train.epochs) == ("scratch", 1)
+  lit = load(CONFIGS[0].parent / "colorswap_lit_l14.py")
+  assert lit.optim.locked_tower == "img" and lit.train.batch_size == 35
+
+
+@pytest.mark.parametrize("name", ["colorswap_clip_b32", "datacomp_stream"])
+def test_sources_without_a_loader_say_so(name):
+  config = load(CONFIGS[0].parent / f"{name}.py")
+  with pytest.raises(ValueError, match="has no loader in this version"):
+    sources.build(config.data)
+
+
+def test_unknown_override_key_is_an_error():
+  config = config_lib.validate(config_lib.base_config())
+  with pytest.raises(AttributeError, match="epoch"):
+    config.train.epoch = 3
+  with pytest.raises(ValueError, match="config.data.source='imagenet'"):
+    bad = config_lib.base_config()
+    bad.data.source = "imagenet"
+    config_lib.validate(bad)

@@ -1,0 +1,208 @@
+"""End-to-end active-learning runs on tiny data: pool, stream, resume, file oracle, COCO."""
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from mmal_jax import config_lib
+from mmal_jax import loop
+from mmal_jax import report
+from mmal_jax import train
+from mmal_jax.data import AnnotationState
+from mmal_jax.data import AwaitingAnnotations
+
+SHARED = pathlib.Path(os.environ.get(
+    "MMAL_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
+COCO_MINI = SHARED / "data" / "coco_mini"
+
+
+def tiny_config(**overrides):
+  """Seconds-per-round experiment: 24 groups (48 pairs), 16 px, width 16."""
+  config = config_lib.base_config()
+  config.data.update(num_groups=24, num_eval_groups=6, image_size=16,
+                     pretrain_size=48)
+  config.strategies = ("random", "mmal")
+  config.seeds = (0,)
+  # Budgets and batches of 8 keep every batch divisible by 1 or 8 devices.
+  config.budget = 8
+  config.num_rounds = 2
+  config.strategy_hparams.mmal.coreset_size = 16
+  tower = dict(width=16, depth=1, mlp_dim=32, num_heads=2)
+  config.model.image.update(variant="mu/8", **tower)
+  config.model.text.update(variant="mu", **tower)
+  config.model.out_dim = (None, 16)
+  config.res = 16
+  config.text_len = 24
+  config.pretrain.update(epochs=1, batch_size=16)
+  config.train.update(epochs=2, batch_size=8, checkpoint_every=0)
+  config.eval.embed_batch_size = 16
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config_lib.validate(config)
+
+
+def _rows(workdir):
+  return report.read_rows(os.path.join(workdir, "metrics.jsonl"))
+
+
+def _state(workdir, strategy, seed=0):
+  return AnnotationState.load(os.path.join(
+      workdir, "runs", strategy, f"seed_{seed}", "annotation.json"))
+
+
+def test_pool_run_writes_every_output(tmp_path):
+  workdir = str(tmp_path / "pool")
+  text = loop.run_experiment(tiny_config(), workdir)
+  rows = _rows(workdir)
+  assert len(rows) == 2 * 3  # strategies x rounds 0..2
+  for row in rows:
+    assert row["queries"] == 8 * row["round"]
+    assert row["percent"] == pytest.approx(100 * row["queries"] / 48)
+    for key in ("colorswap/group", "groupmatch", "retrieval/i2t_r@1",
+                "pseudo_label/mean", "modality_gap/gap"):
+      assert np.isfinite(row[key])
+    if row["round"]:
+      assert row["acquire_s"] > 0 and row["train_s"] > 0
+      assert sum(row["modality_counts"].values()) == 8
+  for name in ("config.json", "results.md", "al_curves.png",
+               "pretrained/params.npz"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert "colorswap/group" in text and "savings" in text
+  for strategy in ("random", "mmal"):
+    state = _state(workdir, strategy)
+    assert state.cost == 16 and len(state.pairs()) == 16
+    snapshot = os.path.join(workdir, "runs", strategy, "seed_0", "annotated",
+                            "round_1.json")
+    assert AnnotationState.from_json(open(snapshot).read()).cost == 8
+  events = list((tmp_path / "pool" / "tensorboard").rglob("events.out.*"))
+  assert len(events) == 2
+
+
+def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
+  config = tiny_config(strategies=("mmal",), num_rounds=2,
+                       **{"train.checkpoint_every": 1})
+  reference = str(tmp_path / "reference")
+  loop.run_experiment(config, reference)
+
+  preempted = str(tmp_path / "preempted")
+  real_save = train.Checkpoints.save
+  saves = []
+
+  def save_then_die(self, round_index, step, state):
+    real_save(self, round_index, step, state)
+    saves.append((round_index, step))
+    if (round_index, step) == (2, 2):  # Mid-way through round 2's 4 steps.
+      raise KeyboardInterrupt("preempted")
+
+  monkeypatch.setattr(train.Checkpoints, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    loop.run_experiment(config, preempted)
+  monkeypatch.setattr(train.Checkpoints, "save", real_save)
+  assert len(_rows(preempted)) == 2  # Rounds 0 and 1 finished.
+  loop.run_experiment(config, preempted)
+
+  want, got = _rows(reference), _rows(preempted)
+  assert len(got) == len(want) == 3
+  drop = {"acquire_s", "train_s", "eval_s", "embed_s"}
+  for a, b in zip(sorted(want, key=lambda r: r["round"]),
+                  sorted(got, key=lambda r: r["round"])):
+    assert {k: v for k, v in a.items() if k not in drop} == {
+        k: v for k, v in b.items() if k not in drop}
+  assert _state(reference, "mmal").log == _state(preempted, "mmal").log
+
+
+def test_stream_run_queries_only_its_buffers(tmp_path):
+  config = tiny_config(regime="stream", stream_buffer=12, num_rounds=3,
+                       strategies=("coreset", "uncertainty"))
+  workdir = str(tmp_path / "stream")
+  loop.run_experiment(config, workdir)
+  for strategy in config.strategies:
+    run = loop.Run(loop.Experiment.create(config, workdir), strategy, 0)
+    state = _state(workdir, strategy)
+    assert state.cost == 24
+    for answer in state.log:
+      buffer = run.buffers[answer.round_index - 1]
+      assert answer.index in buffer[answer.modality]
+
+
+def test_file_oracle_pauses_and_resumes(tmp_path):
+  config = tiny_config(strategies=("mmal",), num_rounds=2,
+                       **{"oracle.kind": "file"})
+  workdir = tmp_path / "file"
+  experiment_pool = loop.Experiment.create(config, str(workdir)).data.pool
+  for round_index in (1, 2):
+    with pytest.raises(AwaitingAnnotations) as paused:
+      loop.run_experiment(config, str(workdir))
+    assert paused.value.round_index == round_index
+    queries = [json.loads(line) for line in
+               open(paused.value.queries_path).read().splitlines()]
+    assert len(queries) == 8
+    answers = [{"modality": q["modality"], "index": q["index"],
+                "partners": [list(p) for p in experiment_pool.partners(
+                    q["modality"], q["index"])]} for q in queries]
+    os.makedirs(workdir / "answers", exist_ok=True)
+    pathlib.Path(paused.value.answers_path).write_text(
+        "".join(json.dumps(a) + "\n" for a in answers))
+  loop.run_experiment(config, str(workdir))
+  assert len(_rows(str(workdir))) == 3
+  assert _state(str(workdir), "mmal").cost == 16
+
+
+def test_coco_mini_stream_run(tmp_path):
+  if not (COCO_MINI / "annotations" / "captions_train2017.json").is_file():
+    pytest.skip(f"COCO mini not found at {COCO_MINI} (set MMAL_SHARED).")
+  config = tiny_config(
+      regime="stream", stream_buffer=20, num_rounds=2,
+      strategies=("mmal",),
+      **{"data.source": "coco", "init.kind": "scratch",
+         "report.main_metric": "retrieval/i2t_r@1",
+         "data.train_json": str(COCO_MINI / "annotations" /
+                                "captions_train2017.json"),
+         "data.train_images": str(COCO_MINI / "train2017"),
+         "data.eval_json": str(COCO_MINI / "annotations" /
+                               "captions_val2017.json"),
+         "data.eval_images": str(COCO_MINI / "val2017"),
+         "data.first_caption_only": False})
+  workdir = str(tmp_path / "coco")
+  loop.run_experiment(config, workdir)
+  rows = _rows(workdir)
+  assert [r["round"] for r in rows] == [0, 1, 2]
+  assert rows[-1]["queries"] == 16
+  # One image query reveals all ~5 of its captions.
+  state = _state(workdir, "mmal")
+  assert len(state.pairs()) >= state.cost
+  assert np.isfinite(rows[-1]["retrieval/t2i_r@5"])
+
+
+def test_bad_inputs_are_named(tmp_path):
+  with pytest.raises(ValueError, match="unknown strategy 'badge'"):
+    tiny_config(strategies=("badge",))
+  with pytest.raises(ValueError, match="config.regime='online'"):
+    tiny_config(regime="online")
+  with pytest.raises(ValueError, match=r"budget x config.num_rounds = 60 "
+                     "queries, but the pool holds 48"):
+    loop.Experiment.create(tiny_config(budget=30), str(tmp_path / "big"))
+  with pytest.raises(ValueError, match="budget=20 is larger than a stream "
+                     "buffer"):
+    tiny_config(regime="stream", stream_buffer=10, budget=20)
+  with pytest.raises(ValueError, match="needs config.data.train_json"):
+    loop.Experiment.create(tiny_config(**{"data.source": "coco"}),
+                           str(tmp_path / "coco"))
+  with pytest.raises(FileNotFoundError, match="no/such.npy"):
+    loop.Experiment.create(tiny_config(**{
+        "data.source": "features", "data.image_features": "no/such.npy",
+        "data.text_features": "x.npy", "data.pairs": "p.npy"}),
+        str(tmp_path / "features"))
+  config = tiny_config()
+  with pytest.raises(AttributeError, match="epoch"):
+    config.train.epoch = 3  # Locked: a typo cannot add a field.
+  loop.check_workdir(config, str(tmp_path / "same"))
+  other = tiny_config(budget=5)
+  with pytest.raises(loop.ConfigMismatchError, match="differs in: budget"):
+    loop.check_workdir(other, str(tmp_path / "same"))
