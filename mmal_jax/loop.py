@@ -67,8 +67,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{workdir} holds a run of a different config (differs in: "
           f"{', '.join(diffs[:10])}). Rerun with the same config to resume "
           f"it, or pass a new --workdir.")
-  else:
+  elif sharding.is_main_process():
     atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+  sharding.barrier("config.json")
 
 
 def _differences(a, b, prefix=""):
@@ -151,7 +152,9 @@ class Experiment:
                                                    "ckpt")),
         checkpoint_every=self.config.train.checkpoint_every,
         label="[pretrain]")
-    checkpoint.save(jax.device_get(result.params), path)
+    if sharding.is_main_process():
+      checkpoint.save(jax.device_get(result.params), path)
+    sharding.barrier("pretrained")
     logging.info("Pre-trained the towers in %.1fs (%d steps): %s",
                  result.seconds, result.steps, path)
 
@@ -162,8 +165,9 @@ class Experiment:
             if r["strategy"] == strategy and r["seed"] == seed}
 
   def log_row(self, row: dict) -> None:
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if sharding.is_main_process():
+      with open(self.metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
   def evaluate(self, params) -> dict[str, float]:
     pool = self.data.eval_pool
@@ -191,7 +195,8 @@ class Run:
                   else AnnotationState.for_pool(pool))
     self.checkpoints = train.Checkpoints(os.path.join(self.dir, "ckpt"))
     self.summaries = summaries.SummaryWriter(os.path.join(
-        experiment.workdir, "tensorboard", f"{strategy}_seed_{seed}"))
+        experiment.workdir, "tensorboard", f"{strategy}_seed_{seed}"),
+                                             enabled=sharding.is_main_process())
     if self.config.oracle.kind == "file":
       self.oracle = oracle_lib.FileOracle(
           experiment.workdir, pool, timeout_s=self.config.oracle.timeout_s)
@@ -284,9 +289,10 @@ class Run:
       queries = [(m, int(items[m][i])) for m, i in picked]
     answers = self.oracle.answer(t, queries)
     self.state.apply(answers)
-    self.state.save(self.state_path)
-    atomic_write_text(os.path.join(self.dir, "annotated", f"round_{t}.json"),
-                      self.state.to_json())
+    if sharding.is_main_process():
+      self.state.save(self.state_path)
+      atomic_write_text(os.path.join(self.dir, "annotated",
+                                     f"round_{t}.json"), self.state.to_json())
     return timing
 
   def _log(self, t: int, timing: dict, metrics: dict[str, float]) -> None:
@@ -334,8 +340,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
     if key not in initial:
       initial[key] = experiment.initial_params(seed)
     Run(experiment, strategy, seed).run(initial[key], on_round=progress)
+  sharding.barrier("metrics.jsonl")
   text = report.write(workdir, config.report.main_metric,
-                      config.report.metrics)
+                      config.report.metrics,
+                      save=sharding.is_main_process())
   logging.info("Finished in %.0fs; results in %s/results.md",
                time.perf_counter() - start, workdir)
   return text

@@ -154,12 +154,14 @@ def plot(rows: Sequence[dict], metrics: Sequence[str], path: str) -> None:
 
 
 def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
-          title: str = "Results") -> str:
-  """Writes results.md and al_curves.png from WORKDIR/metrics.jsonl; returns the Markdown."""
+          title: str = "Results", save: bool = True) -> str:
+  """Writes results.md and al_curves.png from WORKDIR/metrics.jsonl (unless
+  `save` is False); returns the Markdown."""
   rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
   metrics = list(metrics) if metrics else metric_names(rows)
   text = markdown(rows, metrics, main_metric, title)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(text)
-  plot(rows, metrics, os.path.join(workdir, "al_curves.png"))
+  if save:
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(text)
+    plot(rows, metrics, os.path.join(workdir, "al_curves.png"))
   return text

@@ -41,3 +41,15 @@ def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def is_main_process() -> bool:
+  """True on the process that writes files (process 0 of a multi-host job)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches this point (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -49,9 +49,16 @@ def tfrecord(data: bytes) -> bytes:
 
 
 class SummaryWriter:
-  """Appends scalar summaries to a new event file in `directory`."""
+  """Appends scalar summaries to a new event file in `directory`.
 
-  def __init__(self, directory: str):
+  `enabled=False` (processes other than the first of a multi-host job)
+  writes nothing.
+  """
+
+  def __init__(self, directory: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(directory, exist_ok=True)
     now = time.time()
     self.path = os.path.join(
@@ -65,6 +72,8 @@ class SummaryWriter:
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     """Writes `values` (tag -> number) at `step`; flushed on return."""
+    if not self.enabled:
+      return
     summary = summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
         for tag, value in values.items()])

@@ -102,9 +102,11 @@ class Towers:
         {"params": params}, image, text)
     self._embed = {
         "image": jax.jit(lambda p, x: apply(p, x, None)[0],
-                         in_shardings=(replicated, rows), out_shardings=rows),
+                         in_shardings=(replicated, rows),
+                         out_shardings=replicated),
         "text": jax.jit(lambda p, x: apply(p, None, x)[1],
-                        in_shardings=(replicated, rows), out_shardings=rows)}
+                        in_shardings=(replicated, rows),
+                        out_shardings=replicated)}
 
   def prepare(self, pool: UnalignedPool) -> preprocess.PrepareFn:
     """`prepare(modality, indices)`: model inputs for items of `pool`."""
