@@ -24,8 +24,6 @@ def get_config():
   config.stream_buffer = 1024
   config.budget = 256
   config.num_rounds = 40
-  config.seeds = (0, 1, 2, 3)
-  config.strategy_hparams.mmal.coreset_size = 4 * config.budget
   config.init.kind = "checkpoint"
   lr = 1e-5
   config.optim.update(lr=lr, wd=0.2 * lr)

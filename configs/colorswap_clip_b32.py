@@ -18,10 +18,6 @@ def get_config():
   config = config_lib.base_config()
   config_lib.use_preset(config, presets.clip("B/32"))
   config.data.source = "colorswap"
-  config.seeds = (0, 1, 2, 3)
-  config.budget = 70
-  config.num_rounds = 6
-  config.strategy_hparams.mmal.coreset_size = 4 * config.budget
   config.init.kind = "checkpoint"
   lr = 1e-5
   config.optim.update(lr=lr, wd=0.1 * lr, grad_clip_norm=1.0)

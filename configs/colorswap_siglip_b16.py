@@ -19,10 +19,6 @@ def get_config():
       "B/16", text_len=64,
       tokenizer="sp:gs://t5-data/vocabs/cc_en.32000/sentencepiece.model"))
   config.data.source = "colorswap"
-  config.seeds = (0, 1, 2, 3)
-  config.budget = 70
-  config.num_rounds = 6
-  config.strategy_hparams.mmal.coreset_size = 4 * config.budget
   config.init.update(
       kind="checkpoint",
       checkpoint="gs://big_vision/siglip/webli_en_b16_224_63724782.npz")

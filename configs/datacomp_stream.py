@@ -19,8 +19,6 @@ def get_config():
   config.stream_buffer = 2048
   config.budget = 512
   config.num_rounds = 100
-  config.seeds = (0, 1, 2, 3)
-  config.strategy_hparams.mmal.coreset_size = 4 * config.budget
   config.init.kind = "scratch"
   config.optim.update(lr=5e-4, wd=0.2 * 5e-4, warmup_steps=500)
   config.train.update(epochs=1, batch_size=512, reinit_each_round=False)

@@ -7,7 +7,8 @@ with the name of the unknown key.
 Fields (defaults below):
   seeds, strategies, strategy_hparams.<name>: runs = strategies x seeds; the
     hparams go to `acquisition.STRATEGIES[name]`.
-  acquisition: `block` (tile edge) and `feature_dtype` for every strategy.
+  acquisition: `block` (tile edge), `feature_dtype`, `picks_per_pass` for
+    every strategy (see `acquisition.strategies`).
   regime: "pool" (every unannotated item is a candidate) or "stream" (round t
     sees only buffer t of `stream_buffer` matched units; the rest is gone).
   budget, num_rounds: queries per round and rounds per run.
@@ -32,6 +33,7 @@ Fields (defaults below):
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.models import presets
@@ -45,13 +47,14 @@ ORACLES = ("simulated", "file")
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (unlocked: configs override them)."""
   c = ml_collections.ConfigDict()
-  c.seeds = (0, 1, 2)
+  c.seeds = (0, 1, 2, 3)  # The paper averages 4 runs.
   c.strategies = ("random", "coreset", "uncertainty", "mmal")
   c.strategy_hparams = ml_collections.ConfigDict(dict(
       random={}, coreset={}, uncertainty={},
-      mmal=dict(coreset_size=4 * 70, modality="auto", metric="euclidean")))
-  c.acquisition = ml_collections.ConfigDict(dict(block=1024,
-                                                 feature_dtype="float32"))
+      mmal=dict(coreset_size=config_dict.placeholder(int),  # 4 x budget
+                modality="auto", metric="euclidean")))
+  c.acquisition = ml_collections.ConfigDict(dict(
+      block=1024, feature_dtype="float32", picks_per_pass=16))
   c.regime = "pool"
   c.stream_buffer = 1024
   c.budget = 70
@@ -94,6 +97,18 @@ def use_preset(config: ml_collections.ConfigDict,
   """Replaces config's model fields by a `models.presets` recipe's, whole."""
   for key in MODEL_FIELDS:
     config[key] = preset[key]
+
+
+def use_small_towers(config: ml_collections.ConfigDict, *, width: int,
+                     depth: int, patch: int, res: int, text_len: int) -> None:
+  """ViT and text transformer of `width` x `depth` (heads of 32, MLP 4x)."""
+  tower = dict(width=width, depth=depth, mlp_dim=4 * width,
+               num_heads=max(1, width // 32))
+  config.model.image.update(variant=f"mu/{patch}", **tower)
+  config.model.text.update(variant="mu", **tower)
+  config.model.out_dim = (None, width)
+  config.res = res
+  config.text_len = text_len
 
 
 def _choice(name: str, value, choices) -> None:

@@ -123,14 +123,9 @@ def retrieval_recall(zimg, ztxt, text_to_image, ks=(1, 5, 10)) -> dict[str, floa
   return out
 
 
-def pseudo_label_accuracy(zimg, ztxt, pairs) -> dict[str, float]:
-  """Accuracy (%) of matching each item to its most similar item of the other modality.
-
-  `pairs` is `(P, 2)` int ground-truth `(image, text)` rows (one-to-many
-  allowed). Each image with a partner is matched to its arg-max text, correct
-  if that text is one of its partners; likewise each text. Keys: `"i2t"`,
-  `"t2i"` and `"mean"` (their average). Cost: O(N_img * N_txt * D), in blocks.
-  """
+def _pseudo_labels(zimg, ztxt, pairs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Per direction ("i2t", "t2i"): the items that have a partner, and whether
+  each one's arg-max match in the other modality is one of its partners."""
   zimg, ztxt = _check_embeddings(zimg=zimg, ztxt=ztxt)
   pairs = as_index_rows("pairs", pairs)
   pairs = np.stack([_check_index("pairs[:, 0]", pairs[:, 0], zimg.shape[0]),
@@ -142,9 +137,42 @@ def pseudo_label_accuracy(zimg, ztxt, pairs) -> dict[str, float]:
     items = np.unique(pairs[:, col])
     best = _blockwise(_argmax_key, q[items], items, keys, np.zeros(1, np.int64))
     img, txt = (items, best) if col == 0 else (best, items)
-    out[name] = 100.0 * float(np.mean(np.isin(img * num_txt + txt, codes)))
+    out[name] = (items, np.isin(img * num_txt + txt, codes))
+  return out
+
+
+def pseudo_label_accuracy(zimg, ztxt, pairs) -> dict[str, float]:
+  """Accuracy (%) of matching each item to its most similar item of the other modality.
+
+  `pairs` is `(P, 2)` int ground-truth `(image, text)` rows (one-to-many
+  allowed). Each image with a partner is matched to its arg-max text, correct
+  if that text is one of its partners; likewise each text. Keys: `"i2t"`,
+  `"t2i"` and `"mean"` (their average). Cost: O(N_img * N_txt * D), in blocks.
+  """
+  out = {name: 100.0 * float(np.mean(hits))
+         for name, (_, hits) in _pseudo_labels(zimg, ztxt, pairs).items()}
   out["mean"] = (out["i2t"] + out["t2i"]) / 2
   return out
+
+
+def margin_by_correctness(zimg, ztxt, pairs) -> dict[str, float]:
+  """Mean top-1 minus top-2 similarity margin of correctly and of wrongly
+  pseudo-labelled items (the paper's Table 3), both directions pooled.
+
+  Keys `"correct"`, `"incorrect"` (NaN when a group is empty). The margins
+  are MMAL's Step 3 score (`acquisition.top2_margin`). Cost: as
+  `pseudo_label_accuracy`, plus the same again for the margins.
+  """
+  from mmal_jax.acquisition import top2_margin  # pylint: disable=g-import-not-at-top
+  margins, hits = [], []
+  for name, (items, hit) in _pseudo_labels(zimg, ztxt, pairs).items():
+    queries, keys = (zimg, ztxt) if name == "i2t" else (ztxt, zimg)
+    margins.append(np.asarray(top2_margin(np.asarray(queries)[items],
+                                          np.asarray(keys))))
+    hits.append(hit)
+  margins, hits = np.concatenate(margins), np.concatenate(hits)
+  mean = lambda x: float(np.mean(x)) if x.size else float("nan")
+  return {"correct": mean(margins[hits]), "incorrect": mean(margins[~hits])}
 
 
 def _group_similarities(zimg, ztxt, image_index, text_index):
@@ -253,6 +281,8 @@ def pool_metrics(zimg, ztxt, pool) -> dict[str, float]:
     out.update({f"retrieval/{k}": v for k, v in recall.items()})
     accuracy = pseudo_label_accuracy(zimg, ztxt, pairs)
     out.update({f"pseudo_label/{k}": v for k, v in accuracy.items()})
+    margins = margin_by_correctness(zimg, ztxt, pairs)
+    out.update({f"margin/{k}": v for k, v in margins.items()})
   gap = modality_gap(zimg, ztxt)
   out.update({f"modality_gap/{k}": v for k, v in gap.items()})
   return out

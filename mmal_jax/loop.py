@@ -284,6 +284,7 @@ class Run:
           seed=_derived_seed(self.seed, t), candidates=candidates,
           mesh=self.x.mesh, block=self.config.acquisition.block,
           feature_dtype=self.config.acquisition.feature_dtype,
+          picks_per_pass=self.config.acquisition.picks_per_pass,
           **self.config.strategy_hparams.get(self.strategy, {}))
       timing["acquire_s"] = time.perf_counter() - start
       queries = [(m, int(items[m][i])) for m, i in picked]

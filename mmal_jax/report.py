@@ -115,8 +115,8 @@ def markdown(rows: Sequence[dict], metrics: Iterable[str], main_metric: str,
     lines.append("")
   seconds = collections.defaultdict(list)
   for r in rows:
-    if r["round"] > 0:
-      seconds[r["strategy"]].append(r.get("acquire_s", 0.0))
+    if r["round"] > 0 and "acquire_s" in r:  # Absent for resumed rounds.
+      seconds[r["strategy"]].append(r["acquire_s"])
   if seconds:
     lines += ["## Acquisition seconds per round (mean)", "",
               "| strategy | seconds |", "|---|---|"]

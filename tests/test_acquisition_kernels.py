@@ -77,33 +77,56 @@ def test_bfloat16_storage_accumulates_in_float32():
                                np.asarray(xb, np.float32)), atol=1e-3)
 
 
+# Picks per pass: 1 is the textbook loop; more picks per pass must not change
+# a single pick.
+PASSES = [1, 4, 16]
+
+
+@pytest.mark.parametrize("picks_per_pass", PASSES)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("n,d,k", [(1, 3, 1), (45, 5, 12), (203, 17, 30)])
-def test_kcenter_matches_numpy_from_the_mean(metric, n, d, k):
+def test_kcenter_matches_numpy_from_the_mean(metric, n, d, k, picks_per_pass):
   x = _gaussian(n, d, n)
-  got = np.asarray(kcenter_greedy(x, k, metric=metric, block=BLOCK))
+  got = np.asarray(kcenter_greedy(x, k, metric=metric, block=BLOCK,
+                                  picks_per_pass=picks_per_pass))
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, ref.kcenter_greedy(x, k, metric=metric))
 
 
+@pytest.mark.parametrize("picks_per_pass", PASSES)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_kcenter_matches_numpy_with_selected(metric):
+def test_kcenter_matches_numpy_with_selected(metric, picks_per_pass):
   x = _gaussian(150, 11, 10)
   selected = np.zeros(150, bool)
   selected[[0, 7, 99, 149]] = True
   got = np.asarray(kcenter_greedy(x, 25, selected=selected, metric=metric,
-                                  block=BLOCK))
+                                  block=BLOCK, picks_per_pass=picks_per_pass))
   np.testing.assert_array_equal(
       got, ref.kcenter_greedy(x, 25, selected, metric))
   assert not selected[got].any()
 
 
-def test_kcenter_exact_ties_go_to_smallest_index():
+def test_kcenter_clustered_pool_same_picks_for_any_pass_size():
+  # Tight clusters: a pick lowers its neighbours' distances, so speculative
+  # picks get rejected and passes end early; the picks must not change.
+  rng = np.random.default_rng(5)
+  x = (np.repeat(rng.standard_normal((12, 6)), 40, axis=0) +
+       0.05 * rng.standard_normal((480, 6))).astype(np.float32)
+  picks = {p: np.asarray(kcenter_greedy(x, 60, block=BLOCK, picks_per_pass=p))
+           for p in PASSES}
+  np.testing.assert_array_equal(picks[1], ref.kcenter_greedy(x, 60))
+  for p in PASSES[1:]:
+    np.testing.assert_array_equal(picks[p], picks[1])
+
+
+@pytest.mark.parametrize("picks_per_pass", PASSES)
+def test_kcenter_exact_ties_go_to_smallest_index(picks_per_pass):
   # Integer points, each three times: distances tie exactly all the time.
   x = np.repeat(_integers(20, 3, 11, high=1), 3, axis=0)
   selected = np.zeros(60, bool)
   selected[5] = True
-  got = np.asarray(kcenter_greedy(x, 40, selected=selected, block=BLOCK))
+  got = np.asarray(kcenter_greedy(x, 40, selected=selected, block=BLOCK,
+                                  picks_per_pass=picks_per_pass))
   np.testing.assert_array_equal(got, ref.kcenter_greedy(x, 40, selected))
   # Once every distinct point is covered, only exact duplicates (distance 0)
   # remain, and they come out in index order.
@@ -227,3 +250,5 @@ def test_shape_dtype_and_argument_errors():
     top2_margin(_gaussian(2, 2, 1), x)
   with pytest.raises(ValueError, match="block must be an integer >= 8"):
     min_distance(x, x, block=4)
+  with pytest.raises(ValueError, match="picks_per_pass must be a positive"):
+    kcenter_greedy(x, 2, picks_per_pass=0)

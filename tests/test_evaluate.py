@@ -139,6 +139,46 @@ def test_pseudo_label_accuracy_on_aligned_embeddings():
   assert got == {"i2t": 100.0, "t2i": 100.0, "mean": 100.0}
 
 
+def margin_reference(zimg, ztxt, pairs):
+  s = zimg.astype(np.float64) @ ztxt.astype(np.float64).T
+  truth = {tuple(p) for p in pairs.tolist()}
+  correct, incorrect = [], []
+  for sims, items, as_pair in (
+      (s, sorted({p[0] for p in truth}), lambda i, j: (i, j)),
+      (s.T, sorted({p[1] for p in truth}), lambda t, i: (i, t))):
+    for i in items:
+      top = np.sort(sims[i])
+      hit = as_pair(i, int(np.argmax(sims[i]))) in truth
+      (correct if hit else incorrect).append(top[-1] - top[-2])
+  return {"correct": np.mean(correct), "incorrect": np.mean(incorrect)}
+
+
+def test_margin_by_correctness_vs_reference():
+  rng = np.random.default_rng(3)
+  zimg, ztxt = unit_rows(rng, 30), unit_rows(rng, 30)
+  ztxt[:15] = zimg[:15] + 0.05 * unit_rows(rng, 15)  # Half clearly matched.
+  ztxt = ztxt / np.linalg.norm(ztxt, axis=1, keepdims=True)
+  pairs = np.stack([np.arange(30)] * 2, 1)
+  got = evaluate.margin_by_correctness(zimg, ztxt, pairs)
+  assert_dicts_close(got, margin_reference(zimg, ztxt, pairs), atol=1e-5)
+  assert got["correct"] > got["incorrect"]
+
+
+def test_pool_metrics_on_a_shapes_pool():
+  from mmal_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  pool = shapes.make_colorswap(6, 16, seed=0)
+  rng = np.random.default_rng(0)
+  zimg, ztxt = unit_rows(rng, 12), unit_rows(rng, 12)
+  got = evaluate.pool_metrics(zimg, ztxt, pool)
+  want = {f"colorswap/{k}": v for k, v in evaluate.colorswap_scores(
+      zimg, ztxt).items()}
+  want["groupmatch"] = evaluate.groupmatch_score(zimg, ztxt)
+  for key, value in want.items():
+    assert got[key] == value, key
+  assert {"retrieval/i2t_r@1", "pseudo_label/mean", "margin/correct",
+          "modality_gap/gap"} <= set(got)
+
+
 @pytest.mark.parametrize("seed, tied", [(0, False), (1, True)])
 def test_colorswap_scores_vs_reference(seed, tied):
   rng = np.random.default_rng(seed)

@@ -29,12 +29,8 @@ def tiny_config(**overrides):
   config.budget = 8
   config.num_rounds = 2
   config.strategy_hparams.mmal.coreset_size = 16
-  tower = dict(width=16, depth=1, mlp_dim=32, num_heads=2)
-  config.model.image.update(variant="mu/8", **tower)
-  config.model.text.update(variant="mu", **tower)
-  config.model.out_dim = (None, 16)
-  config.res = 16
-  config.text_len = 24
+  config_lib.use_small_towers(config, width=16, depth=1, patch=8, res=16,
+                              text_len=24)
   config.pretrain.update(epochs=1, batch_size=16)
   config.train.update(epochs=2, batch_size=8, checkpoint_every=0)
   config.eval.embed_batch_size = 16

@@ -50,20 +50,26 @@ def _distances(dots, x_sq, c_sq, metric):
   return jnp.sqrt(jnp.maximum(x_sq + c_sq - 2.0 * dots, 0.0))
 
 
-def _padded_size(n: int, block: int) -> tuple[int, int]:
-  """(chunk, padded n): chunks of min(block, next_pow2(n)) rows, n rounded up."""
-  chunk = min(block, max(8, layout_lib.next_pow2(n)))
-  return chunk, -(-max(n, 1) // chunk) * chunk
+def _replicated_operand(x, pool: ShardedRows, block: int, name: str,
+                        pool_has: str) -> tuple[jax.Array, int, int]:
+  """A small `(n, D)` operand (centers, queries) for the kernels.
 
-
-def _replicate_rows(x, n_padded: int, mesh: Mesh, dtype, name: str
-                    ) -> jax.Array:
-  """Small operand `(n, D)` -> zero-padded `(n_padded, D)` replicated array."""
+  Checks it against `pool` (dimension, finite values), zero-pads it to whole
+  chunks of min(block, next_pow2(n)) rows and replicates it over the mesh.
+  Returns (padded array, n, chunk).
+  """
+  x = layout_lib.as_feature_array(x, name)
+  if x.shape[1] != pool.dim:
+    raise ValueError(f"{name} have dimension {x.shape[1]}, {pool_has} "
+                     f"{pool.dim}.")
+  n = x.shape[0]
+  chunk = min(layout_lib.check_block(block), max(8, layout_lib.next_pow2(n)))
   padded = jnp.pad(jnp.asarray(x, jnp.float32),
-                   ((0, n_padded - x.shape[0]), (0, 0)))
+                   ((0, -(-max(n, 1) // chunk) * chunk - n), (0, 0)))
   if not bool(jnp.isfinite(padded).all()):
     layout_lib.raise_non_finite(x, name)
-  return jax.device_put(padded.astype(dtype), sharding.replicated(mesh))
+  return (jax.device_put(padded.astype(pool.rows.dtype),
+                         sharding.replicated(pool.layout.mesh)), n, chunk)
 
 
 # --------------------------------------------------------------------------
@@ -135,16 +141,11 @@ def min_distance_sharded(pool: ShardedRows, centers, center_valid=None, *,
   """
   check_metric(metric)
   mesh = pool.layout.mesh
-  centers = layout_lib.as_feature_array(centers, "centers")
-  if centers.shape[1] != pool.dim:
-    raise ValueError(f"centers have dimension {centers.shape[1]}, the pool "
-                     f"has {pool.dim}.")
-  num_centers = centers.shape[0]
-  chunk, padded = _padded_size(num_centers, layout_lib.check_block(block))
-  valid = np.zeros(padded, np.bool_)
+  centers, num_centers, chunk = _replicated_operand(centers, pool, block,
+                                                    "centers", "the pool has")
+  valid = np.zeros(centers.shape[0], np.bool_)
   valid[:num_centers] = True if center_valid is None else np.asarray(
       center_valid, np.bool_)
-  centers = _replicate_rows(centers, padded, mesh, pool.rows.dtype, "centers")
   return _min_distance_kernel(
       pool.rows, pool.sq_norms, centers,
       jax.device_put(valid, sharding.replicated(mesh)),
@@ -215,48 +216,115 @@ def _global_argmax(values, row_offset):
   return best_val, best_idx
 
 
-def _broadcast_row(rows, sq_norms, global_idx, row_offset):
-  """The row at `global_idx` (and its squared norm), on every device."""
+def _fetch_rows(rows, sq_norms, global_idx, row_offset):
+  """Rows `global_idx` (C,) and their squared norms, on every device."""
   flat_rows = rows.reshape(-1, rows.shape[-1])
   local = global_idx - row_offset
   owner = (local >= 0) & (local < flat_rows.shape[0])
   local = jnp.clip(local, 0, flat_rows.shape[0] - 1)
-  # All but the owner contribute exact zeros, so the sums are exact copies.
-  row = jax.lax.psum(jnp.where(owner, flat_rows[local].astype(jnp.float32), 0.),
-                     _AXIS)
+  vecs = jax.lax.psum(jnp.where(owner[:, None],
+                                flat_rows[local].astype(jnp.float32), 0.),
+                      _AXIS)
   sq = jax.lax.psum(jnp.where(owner, sq_norms.reshape(-1)[local], 0.), _AXIS)
-  return row.astype(rows.dtype), sq, owner, local
+  return vecs.astype(rows.dtype), sq
 
 
-def _distances_to(rows, sq_norms, center, center_sq, metric):
-  dots = jnp.einsum("brd,d->br", rows, center, preferred_element_type=jnp.float32)
-  return _distances(dots, sq_norms, center_sq, metric)
+def _top_candidates(dist, row_offset, count: int):
+  """The `count` largest distances over the mesh and their global indices,
+  ordered by (distance desc, index asc). Exact: selections only."""
+  values, idx = jax.lax.top_k(dist.reshape(-1), count)
+  values = jax.lax.all_gather(values, _AXIS, tiled=True)
+  idx = jax.lax.all_gather(idx.astype(jnp.int32) + row_offset, _AXIS,
+                           tiled=True)
+  neg, idx = jax.lax.sort((-values, idx), num_keys=2)
+  return -neg[:count], idx[:count]
+
+
+def _mark_picked(dist, picked, row_offset):
+  """dist with the rows `picked` (global indices, -1 = none) set to -inf."""
+  flat = dist.reshape(-1)
+  local = picked - row_offset
+  local = jnp.where((picked >= 0) & (local >= 0) & (local < flat.shape[0]),
+                    local, flat.shape[0])
+  return flat.at[local].set(-jnp.inf, mode="drop").reshape(dist.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "metric", "k",
-                                             "first_replaces"))
-def _greedy_kernel(rows, sq_norms, dist, *, mesh, metric, k, first_replaces):
-  """k greedy farthest-point picks; dist = -inf marks rows never to pick."""
+                                             "first_replaces", "batch"))
+def _greedy_kernel(rows, sq_norms, dist, *, mesh, metric, k, first_replaces,
+                   batch):
+  """k greedy farthest-point picks, up to `batch` per pass over the pool.
+
+  dist = -inf marks rows never to pick. A pass takes the rows with the
+  largest distances as candidates (ordered by distance, then index) and the
+  next row's (distance, index) as a bound: every other row's distance is at
+  most that and only decreases. Picks are made greedily among the candidates,
+  updating their distances to each new center, for as long as the best one
+  still beats the bound: each such pick is the pool's farthest row, i.e.
+  exactly the pick of one-pass-per-pick greedy. One pass over the pool then
+  folds every new center in. batch=1 is the plain one-pass-per-pick loop.
+  """
+  num_candidates = 1 if batch == 1 else min(4 * batch, rows.shape[1] - 1)
 
   def local(rows, sq_norms, dist):
-    rows_per_device = rows.shape[0] * rows.shape[1]
-    row_offset = jax.lax.axis_index(_AXIS).astype(jnp.int32) * rows_per_device
-
-    def step(i, carry):
-      dist, picks = carry
-      _, pick = _global_argmax(dist, row_offset)
-      center, center_sq, owner, local_idx = _broadcast_row(
-          rows, sq_norms, pick, row_offset)
-      new = _distances_to(rows, sq_norms, center, center_sq, metric)
-      replace = first_replaces & (i == 0)
-      updated = jnp.where(replace, new, jnp.minimum(dist, new))
-      dist = jnp.where(dist == -jnp.inf, -jnp.inf, updated)
-      flat = dist.reshape(-1)
-      flat = flat.at[local_idx].set(jnp.where(owner, -jnp.inf, flat[local_idx]))
-      return flat.reshape(dist.shape), picks.at[i].set(pick)
-
+    row_offset = (jax.lax.axis_index(_AXIS).astype(jnp.int32) *
+                  rows.shape[0] * rows.shape[1])
     picks = jnp.zeros((k,), jnp.int32)
-    _, picks = jax.lax.fori_loop(0, k, step, (dist, picks))
+    count = 0
+    if first_replaces:  # The first center replaces the distances to the mean.
+      _, first = _global_argmax(dist, row_offset)
+      center, center_sq = _fetch_rows(rows, sq_norms, first[None], row_offset)
+      new = _distances(
+          jnp.einsum("brd,d->br", rows, center[0],
+                     preferred_element_type=jnp.float32),
+          sq_norms, center_sq[0], metric)
+      dist = _mark_picked(jnp.where(dist == -jnp.inf, -jnp.inf, new),
+                          first[None], row_offset)
+      picks, count = picks.at[0].set(first), 1
+
+    def one_pass(carry):
+      dist, picks, count = carry
+      if batch == 1:
+        values, idx = _global_argmax(dist, row_offset)
+        values, idx = values[None], idx[None]
+        bound_val, bound_idx = jnp.inf, _INT_MAX
+      else:
+        values, idx = _top_candidates(dist, row_offset, num_candidates + 1)
+        bound_val, bound_idx = values[-1], idx[-1]
+        values, idx = values[:-1], idx[:-1]
+      vecs, vec_sq = _fetch_rows(rows, sq_norms, idx, row_offset)
+
+      def pick(j, state):
+        current, chosen, going = state
+        top = jnp.max(current)
+        b = jnp.argmin(jnp.where(current == top, idx, _INT_MAX))
+        beats = (top > bound_val) | ((top == bound_val) & (idx[b] < bound_idx))
+        accept = (going & (top > -jnp.inf) & (count + j < k) &
+                  ((j == 0) | beats))
+        to_b = _distances(jnp.einsum("cd,d->c", vecs, vecs[b],
+                                     preferred_element_type=jnp.float32),
+                          vec_sq, vec_sq[b], metric)
+        current = jnp.where(accept, jnp.minimum(current, to_b).at[b].set(
+            -jnp.inf), current)
+        return current, chosen.at[j].set(jnp.where(accept, b, -1)), accept
+
+      _, chosen, _ = jax.lax.fori_loop(
+          0, batch, pick, (values, jnp.full((batch,), -1, jnp.int32), True))
+      valid = chosen >= 0
+      slot = jnp.maximum(chosen, 0)
+      dots = jnp.einsum("brd,pd->brp", rows, vecs[slot],
+                        preferred_element_type=jnp.float32)
+      new = jnp.min(jnp.where(valid, _distances(
+          dots, sq_norms[..., None], vec_sq[slot], metric), jnp.inf), axis=-1)
+      picked = jnp.where(valid, idx[slot], -1)
+      dist = _mark_picked(jnp.where(dist == -jnp.inf, -jnp.inf,
+                                    jnp.minimum(dist, new)), picked,
+                          row_offset)
+      at = jnp.where(valid, count + jnp.arange(batch), k)
+      return dist, picks.at[at].set(picked, mode="drop"), count + valid.sum()
+
+    _, picks, _ = jax.lax.while_loop(lambda c: c[2] < k, one_pass,
+                                     (dist, picks, jnp.int32(count)))
     return picks
 
   return jax.shard_map(local, mesh=mesh, in_specs=(_ROWS, _ROWS, _ROWS),
@@ -292,9 +360,22 @@ def _distance_to_mean_kernel(rows, sq_norms, eligible, *, mesh, metric):
                            rows, sq_norms, eligible)
 
 
+DEFAULT_PICKS_PER_PASS = 16
+
+
+def _check_picks_per_pass(picks_per_pass) -> int:
+  if (not isinstance(picks_per_pass, (int, np.integer)) or
+      picks_per_pass < 1):
+    raise ValueError(f"picks_per_pass must be a positive integer, got "
+                     f"{picks_per_pass!r}.")
+  return int(picks_per_pass)
+
+
 def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
                            init_dist: jax.Array | None,
-                           metric: str = "euclidean") -> jax.Array:
+                           metric: str = "euclidean",
+                           picks_per_pass: int = DEFAULT_PICKS_PER_PASS
+                           ) -> jax.Array:
   """Greedy k-center (Algorithm 2) on a laid-out pool.
 
   Args:
@@ -306,12 +387,18 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
       existing centers, or None when there are none: then the first pick is the
       eligible row farthest from the mean of the eligible rows.
     metric: "euclidean" or "cosine".
+    picks_per_pass: most picks made per pass over the pool (see
+      `_greedy_kernel`: each is the pick plain greedy would make); 1 = one
+      pass per pick.
 
   Returns:
     `(k,)` int32 global row indices in pick order (ties: smallest index).
-    Cost: k passes over the pool, `O(k N D)`; memory-bandwidth bound.
+    Cost: between k / picks_per_pass and k passes over the pool, each
+    `O(N D picks_per_pass)` flops: memory-bandwidth bound for small
+    picks_per_pass, compute bound for large.
   """
   check_metric(metric)
+  picks_per_pass = _check_picks_per_pass(picks_per_pass)
   mesh = pool.layout.mesh
   if k == 0:
     return jnp.zeros((0,), jnp.int32)
@@ -322,7 +409,8 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
     dist = jnp.where(eligible, init_dist, -jnp.inf)
   return _greedy_kernel(pool.rows, pool.sq_norms, dist, mesh=mesh,
                         metric=metric, k=int(k),
-                        first_replaces=init_dist is None)
+                        first_replaces=init_dist is None,
+                        batch=min(picks_per_pass, int(k)))
 
 
 def _check_mask(mask, n: int, name: str) -> np.ndarray:
@@ -335,8 +423,8 @@ def _check_mask(mask, n: int, name: str) -> np.ndarray:
 
 
 def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
-                   mesh: Mesh | None = None,
-                   block: int = DEFAULT_BLOCK) -> jax.Array:
+                   mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
+                   picks_per_pass: int = DEFAULT_PICKS_PER_PASS) -> jax.Array:
   """Greedy k-center (Sener & Savarese 2018), Algorithm 2 of the spec.
 
   Repeats k times: pick the row farthest from its nearest center (ties: the
@@ -350,10 +438,13 @@ def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
       farthest from the mean of `x`.
     metric: "euclidean" or "cosine".
     mesh, block: as in `min_distance`.
+    picks_per_pass: up to this many picks per pass over `x`, each the one
+      the one-pass-per-pick algorithm makes (1: that algorithm).
 
   Returns:
     `(k,)` int32 picks in order. Cost: `O(N |selected| D)` for the initial
-    distances plus one pass over `x` per pick, `O(k N D)`.
+    distances plus `O(k N D)` for the picks, in as few as
+    k / picks_per_pass passes over `x`.
   """
   check_metric(metric)
   pool = layout_lib.shard_rows(x, mesh, block=block)
@@ -373,7 +464,7 @@ def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
     init_dist = min_distance_sharded(
         pool, gather_rows(pool, centers), metric=metric, block=block)
   return kcenter_greedy_sharded(pool, k, eligible=eligible, init_dist=init_dist,
-                                metric=metric)
+                                metric=metric, picks_per_pass=picks_per_pass)
 
 
 def gather_rows(pool: ShardedRows, indices) -> jax.Array:
@@ -448,14 +539,8 @@ def top2_margin_sharded(queries, keys: ShardedRows, key_valid: jax.Array, *,
     `(Q,)` float32 margins >= 0, +inf where fewer than two keys are valid.
     Cost: `O(Q N D)` flops.
   """
-  queries = layout_lib.as_feature_array(queries, "queries")
-  if queries.shape[1] != keys.dim:
-    raise ValueError(f"queries have dimension {queries.shape[1]}, keys have "
-                     f"{keys.dim}.")
-  num_queries = queries.shape[0]
-  chunk, padded = _padded_size(num_queries, layout_lib.check_block(block))
-  queries = _replicate_rows(queries, padded, keys.layout.mesh,
-                            keys.rows.dtype, "queries")
+  queries, num_queries, chunk = _replicated_operand(queries, keys, block,
+                                                    "queries", "keys have")
   top1, top2 = _top2_kernel(queries, keys.rows, key_valid,
                             mesh=keys.layout.mesh, query_chunk=chunk)
   margin = jnp.where(top2 == -jnp.inf, jnp.inf, top1 - top2)

@@ -19,6 +19,8 @@ Hyper-parameters shared by all strategies:
   feature_dtype: storage dtype of the normalised features ("float32" or
     "bfloat16"; products accumulate in float32).
   mesh: the 1-D mesh (default: all devices); block: tile edge.
+  picks_per_pass: greedy k-center picks per pass over the pool (see
+    `kernels.kcenter_greedy_sharded`; the picks do not depend on it).
 
 When the chosen modality holds fewer available items than the budget, the
 rest is taken from the next modality in the strategy's order of preference.
@@ -267,12 +269,14 @@ def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
 # Shared steps.
 
 
-def _coreset(rnd: _Round, m: str, size: int, cache: dict) -> np.ndarray:
+def _coreset(rnd: _Round, m: str, size: int, cache: dict,
+             picks_per_pass: int) -> np.ndarray:
   """Greedy k-center picks among m's available items, annotated items as centers."""
   has_centers = bool(rnd.annotated[m].any())
   picks = kernels.kcenter_greedy_sharded(
       rnd.pools[m], size, eligible=rnd.available_mask(m),
-      init_dist=cache[m] if has_centers else None, metric=rnd.metric)
+      init_dist=cache[m] if has_centers else None, metric=rnd.metric,
+      picks_per_pass=picks_per_pass)
   return np.asarray(picks)
 
 
@@ -295,7 +299,8 @@ def _summed_margins(rnd: _Round, m: str, items: np.ndarray) -> np.ndarray:
 def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
          coreset_size: int | None = None, modality: str = "auto",
          metric: str = "euclidean", min_dist=None, feature_dtype=None,
-         mesh: Mesh | None = None, block: int = DEFAULT_BLOCK) -> list[Query]:
+         mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
+         picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS) -> list[Query]:
   """Algorithm 1: least-covered modality, coreset there, smallest margins.
 
   1. Modality: `r_m = max over available x of min_{s in S_m} d(z_x, z_s)` from
@@ -338,7 +343,7 @@ def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
   queries = []
   for m, count in _allocate(order, rnd, budget):
     size = max(count, min(coreset_size, rnd.num_available(m)))
-    coreset = _coreset(rnd, m, size, cache)
+    coreset = _coreset(rnd, m, size, cache, picks_per_pass)
     margins = _summed_margins(rnd, m, coreset)
     chosen = coreset[np.argsort(margins, kind="stable")[:count]]
     queries += [(m, int(i)) for i in chosen]
@@ -347,7 +352,8 @@ def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
 
 def coreset(embeddings, annotated, *, budget: int, seed: int, candidates=None,
             metric: str = "euclidean", min_dist=None, feature_dtype=None,
-            mesh: Mesh | None = None, block: int = DEFAULT_BLOCK
+            mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
+            picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
             ) -> list[Query]:
   """Algorithm 3: a random modality, then greedy k-center of `budget` there.
 
@@ -363,22 +369,25 @@ def coreset(embeddings, annotated, *, budget: int, seed: int, candidates=None,
            {m: _distance_to_annotated(rnd, m, np.flatnonzero(rnd.annotated[m]))
             for m, _ in plan})
   return [(m, int(i)) for m, count in plan
-          for i in _coreset(rnd, m, count, cache)]
+          for i in _coreset(rnd, m, count, cache, picks_per_pass)]
 
 
 def uncertainty(embeddings, annotated, *, budget: int, seed: int,
                 candidates=None, metric: str = "euclidean", min_dist=None,
                 feature_dtype=None, mesh: Mesh | None = None,
-                block: int = DEFAULT_BLOCK) -> list[Query]:
+                block: int = DEFAULT_BLOCK,
+                picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
+                ) -> list[Query]:
   """Algorithm 4: the `budget` available items with the smallest margins.
 
   Margins (summed over the other modalities) of every available item of
   every modality against the available items of the others, in both
   directions; ties go to the earlier modality, then the smaller index.
-  `metric` and `min_dist` are accepted for a uniform interface and unused;
-  `seed` too (the strategy is deterministic). Cost: `O(N^2 D)` by design.
+  `metric`, `min_dist` and `picks_per_pass` are accepted for a uniform
+  interface and unused; `seed` too (the strategy is deterministic).
+  Cost: `O(N^2 D)` by design.
   """
-  del seed, min_dist
+  del seed, min_dist, picks_per_pass
   rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
                        metric=metric, mesh=mesh, block=block,
                        feature_dtype=feature_dtype)
@@ -393,16 +402,18 @@ def uncertainty(embeddings, annotated, *, budget: int, seed: int,
   return [(rnd.modalities[orders[i]], int(items[i])) for i in best]
 
 
-def random_strategy(embeddings, annotated, *, budget: int, seed: int, candidates=None,
-           metric: str = "euclidean", min_dist=None, feature_dtype=None,
-           mesh: Mesh | None = None, block: int = DEFAULT_BLOCK
-           ) -> list[Query]:
+def random_strategy(embeddings, annotated, *, budget: int, seed: int,
+                    candidates=None, metric: str = "euclidean", min_dist=None,
+                    feature_dtype=None, mesh: Mesh | None = None,
+                    block: int = DEFAULT_BLOCK,
+                    picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
+                    ) -> list[Query]:
   """Passive baseline: uniform over the available items of a random modality.
 
-  `metric`, `min_dist`, `feature_dtype` are accepted for a uniform interface
-  and unused. Cost: `O(N D)` for the input checks.
+  `metric`, `min_dist`, `feature_dtype`, `picks_per_pass` are accepted for
+  a uniform interface and unused. Cost: `O(N D)` for the input checks.
   """
-  del min_dist
+  del min_dist, picks_per_pass
   rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
                        metric=metric, mesh=mesh, block=block,
                        feature_dtype=feature_dtype)

@@ -31,6 +31,19 @@ def _tower_kw(dtype: str, scan: bool, remat_policy: str) -> dict:
   return dict(dtype_mm=dtype, scan=scan, remat_policy=remat_policy)
 
 
+def _vit_and_text(variant: str, text_variant: Optional[str], pool_type: str,
+                  vocab_size: int, kw: dict, bias_init: Optional[float]
+                  ) -> dict:
+  """A ViT and a text tower projecting to the ViT's width (SigLIP, LiT)."""
+  return dict(
+      image_model="vit", text_model="text_transformer",
+      image=dict(variant=variant, pool_type=pool_type, **kw),
+      text=dict(variant=text_variant or variant.split("/")[0],
+                vocab_size=vocab_size, **kw),
+      out_dim=(None, common.decode_variant(variant)["width"]),
+      temperature_init=10., bias_init=bias_init)
+
+
 def siglip(variant: str = "B/16", *, text_variant: Optional[str] = None,
            res: int = 224, text_len: int = 64, vocab_size: int = 32_000,
            tokenizer: str = "bytes", dtype: str = "float32",
@@ -38,15 +51,9 @@ def siglip(variant: str = "B/16", *, text_variant: Optional[str] = None,
            ) -> ml_collections.ConfigDict:
   """SigLIP (arXiv:2303.15343): MAP-pooled ViT without head, text tower with a
   head to the image width, t = 10, b = -10, sigmoid loss."""
-  text_variant = text_variant or variant.split("/")[0]
   kw = _tower_kw(dtype, scan, remat_policy)
-  width = common.decode_variant(variant)["width"]
   return ml_collections.ConfigDict(dict(
-      model=dict(
-          image_model="vit", text_model="text_transformer",
-          image=dict(variant=variant, pool_type="map", **kw),
-          text=dict(variant=text_variant, vocab_size=vocab_size, **kw),
-          out_dim=(None, width), temperature_init=10., bias_init=-10.),
+      model=_vit_and_text(variant, text_variant, "map", vocab_size, kw, -10.),
       loss="siglip", optim=optimizer(), res=res, text_len=text_len,
       tokenizer=tokenizer))
 
@@ -62,16 +69,10 @@ def lit(variant: str = "L/16", *, text_variant: Optional[str] = None,
   Initialise `params["img"]` from an image checkpoint (`checkpoint.load`).
   `loss="siglip"` gives SigLIP-LiT (adds the bias b = -10).
   """
-  text_variant = text_variant or variant.split("/")[0]
   kw = _tower_kw(dtype, scan, remat_policy)
-  width = common.decode_variant(variant)["width"]
   return ml_collections.ConfigDict(dict(
-      model=dict(
-          image_model="vit", text_model="text_transformer",
-          image=dict(variant=variant, pool_type="tok", **kw),
-          text=dict(variant=text_variant, vocab_size=vocab_size, **kw),
-          out_dim=(None, width), temperature_init=10.,
-          bias_init=-10. if loss == "siglip" else None),
+      model=_vit_and_text(variant, text_variant, "tok", vocab_size, kw,
+                          -10. if loss == "siglip" else None),
       loss=loss, optim=optimizer(locked_tower="img", wd=1e-2), res=res,
       text_len=text_len, tokenizer=tokenizer))
 
