@@ -70,3 +70,26 @@ def test_locked_tower_gets_no_updates_and_no_state():
   np.testing.assert_array_equal(params["t"], PARAMS["t"])
   assert not np.allclose(params["txt"]["head"]["kernel"],
                          PARAMS["txt"]["head"]["kernel"])
+
+
+def test_set_schedule_restarts_with_new_lengths_without_recompiling():
+  config = presets.optimizer(lr=1.0, wd=0., b1=0., b2=0., eps=0.,
+                             grad_clip_norm=0., warmup_steps=0,
+                             total_steps=100)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), PARAMS)
+  tx = optim.make_optimizer(config, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(lambda state: tx.update(grads, state, params))
+  set_schedule = jax.jit(optim.set_schedule)  # As train.Towers uses it.
+  state = set_schedule(jax.jit(tx.init)(params), 10, 30)
+  scales = []
+  for _ in range(31):
+    updates, state = update(state)
+    scales.append(-float(updates["t"][0]))  # Adam(b=0) of a unit gradient: 1.
+  want = [float(optim.warmup_cosine(s, 10, 30)) for s in range(31)]
+  np.testing.assert_allclose(scales, want, atol=1e-6)
+  assert want[5] == 0.5 and want[10] == 1.0 and want[30] == 0.0
+  restarted = set_schedule(state, 0, 5)
+  updates, _ = update(restarted)  # Step 0 of a 5-step schedule.
+  assert -float(updates["t"][0]) == 1.0
+  assert update._cache_size() == 1

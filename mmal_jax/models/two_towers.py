@@ -54,12 +54,14 @@ class Model(nn.Module):
                        train, out)
 
     log_t_init = jnp.log(self.temperature_init)
-    t = self.param("t", lambda _, shape: jnp.full(shape, log_t_init), (1,))
+    t = self.param("t", lambda _, shape: jnp.full(shape, log_t_init,
+                                                  jnp.float32), (1,))
     out["t/parameter"] = t
     out["t"] = jnp.exp(t)
     if self.bias_init is not None:
       out["b"] = self.param(
-          "b", lambda _, shape: jnp.full(shape, self.bias_init), (1,))
+          "b", lambda _, shape: jnp.full(shape, self.bias_init, jnp.float32),
+          (1,))
     return zimg, ztxt, out
 
   def _embed(self, x, name, model_name, config, out_dim, train, out):

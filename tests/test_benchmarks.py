@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end at toy sizes and write what they say."""
+import json
+import os
+import subprocess
+import sys
+
+
+def _run(module, *args):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  return subprocess.run([sys.executable, "-m", module, *args], env=env,
+                        check=True, capture_output=True, text=True).stdout
+
+
+def test_acquisition_benchmark(tmp_path):
+  out = _run("mmal_jax.benchmarks.acquisition", "--sizes=600,1200",
+             "--dim=16", "--budget=8", "--coreset_size=32",
+             "--step_n=2000", "--step_dim=16", f"--out={tmp_path}")
+  assert "slope" in out and "numpy reference" in out
+  results = json.loads((tmp_path / "results.json").read_text())
+  for name in ("mmal", "coreset", "uncertainty", "cache_rebuild"):
+    assert set(results["seconds_per_round"][name]) == {"600", "1200"}
+    assert results["loglog_slope"][name] is not None
+  step = results["greedy_step"]
+  assert step["kernel_step_s"] > 0 and step["numpy_reference_step_s"] > 0
+  assert 0 < step["fraction_of_floor"]
+  assert (tmp_path / "acquisition_scaling.png").stat().st_size > 0
+
+
+def test_train_step_benchmark(tmp_path):
+  out = _run("mmal_jax.benchmarks.train_step", "--variant=mu/8",
+             "--text_variant=mu", "--res=16", "--batch=8", "--text_len=8",
+             "--steps=2", "--warmup=1", f"--out={tmp_path}")
+  assert "examples_per_s" in out
+  result = json.loads((tmp_path / "train_step.json").read_text())
+  assert result["examples_per_s"] > 0 and result["gflop_per_step_per_device"] > 0
