@@ -240,7 +240,7 @@ class Run:
           round_index=t, checkpoint_every=self.config.train.checkpoint_every,
           label=f"{self.label} round {t}/{self.config.num_rounds}")
       params = result.params
-      timing["train_s"] = result.seconds
+      timing.update(train_s=result.seconds, train_steps=result.steps)
       if result.final_loss is not None:
         self.summaries.scalars(self.state.cost, {"train/loss":
                                                  result.final_loss})

@@ -14,7 +14,8 @@ import numpy as np
 
 # Bookkeeping columns of a metrics row; every other number is a metric.
 ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
-            "embed_s", "acquire_s", "train_s", "eval_s", "modality_counts")
+            "embed_s", "acquire_s", "train_s", "train_steps", "eval_s",
+            "modality_counts")
 
 
 def read_rows(path: str) -> list[dict]:

@@ -169,10 +169,18 @@ class Towers:
       label: prefix of the progress log lines.
 
     Returns:
-      The trained parameters, steps, seconds and last loss.
+      The trained parameters, the round's steps (resumed ones included),
+      seconds and last loss; with fewer pairs
+      than devices, `params` unchanged and 0 steps (a batch must split
+      evenly over the mesh).
       Cost: epochs x P pairs through both towers, forward and backward.
     """
     start_time = time.perf_counter()
+    if len(pairs) < self.mesh.size:
+      logging.warning("%s %d pairs cannot fill a batch split over %d devices:"
+                      " not training this time.", label, len(pairs),
+                      self.mesh.size)
+      return FitResult(params, 0, 0.0, None)
     batch_size = self.batch_size(batch_size, len(pairs))
     per_epoch = len(pairs) // batch_size
     total = epochs * per_epoch
@@ -203,7 +211,7 @@ class Towers:
       if checkpoints and (step == total or (
           checkpoint_every and step % checkpoint_every == 0)):
         checkpoints.save(round_index, step, state)
-    return FitResult(state["params"], total - start,
+    return FitResult(state["params"], total,
                      time.perf_counter() - start_time, loss)
 
   def embed(self, params, pool: UnalignedPool, modality: str, indices,

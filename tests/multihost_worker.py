@@ -12,6 +12,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+import conftest  # noqa: E402,F401  (the tests' shared compilation cache)
 
 
 def main(process_id: int, port: str, workdir: str):

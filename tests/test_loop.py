@@ -65,6 +65,7 @@ def test_pool_run_writes_every_output(tmp_path):
       assert np.isfinite(row[key])
     if row["round"]:
       assert row["acquire_s"] > 0 and row["train_s"] > 0
+      assert row["train_steps"] == 2 * (row["pairs"] // 8)
       assert sum(row["modality_counts"].values()) == 8
   for name in ("config.json", "results.md", "al_curves.png",
                "pretrained/params.npz"):

@@ -40,6 +40,15 @@ def test_embed_is_normalised_and_ordered(towers_and_pool):
   np.testing.assert_allclose(some, every[[5, 3, 21]], atol=1e-6)
 
 
+def test_too_few_pairs_for_the_devices_skip_training(towers_and_pool):
+  towers, pool, config = towers_and_pool
+  params = towers.init_params(pool, 0)
+  result = towers.fit(params, pool, pool.pairs()[:towers.mesh.size - 1],
+                      optim_config=config.optim, epochs=1, batch_size=8,
+                      warmup_fraction=0., seed=0)
+  assert result.steps == 0 and result.params is params
+
+
 def test_batch_size_is_a_multiple_of_the_devices(towers_and_pool):
   towers = towers_and_pool[0]
   devices = towers.mesh.size

@@ -4,8 +4,9 @@ Each kernel runs under `shard_map` over the 1-D mesh of `mmal_jax.sharding`:
 pool rows are split into fixed-size blocks over the devices (see `layout`),
 small operands (centers, queries) are replicated, and every pairwise quantity
 is computed one `(block, block)` tile at a time, so no `(N, N)` or `(Q, N)`
-array ever exists. Cross-device reductions are max / min / selections only
-(no floating-point sums), so results are bit-identical on any number of devices.
+array ever exists. Cross-device steps are max / min / selections, and sums in
+which every device but one adds exact zeros, so results are bit-identical on
+any number of devices.
 
 Distances (`metric`), on vectors used as given:
   euclidean: ||x - c||, via ||x||^2 + ||c||^2 - 2<x, c> on the matrix units;
