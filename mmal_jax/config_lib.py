@@ -44,6 +44,10 @@ INIT_KINDS = ("pretrain", "checkpoint", "scratch")
 ORACLES = ("simulated", "file")
 
 
+class ConfigError(ValueError):
+  """A config, or data or workdir it names, that cannot run; says what to fix."""
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (unlocked: configs override them)."""
   c = ml_collections.ConfigDict()
@@ -113,17 +117,17 @@ def use_small_towers(config: ml_collections.ConfigDict, *, width: int,
 
 def _choice(name: str, value, choices) -> None:
   if value not in choices:
-    raise ValueError(f"config.{name}={value!r} is not one of {list(choices)}.")
+    raise ConfigError(f"config.{name}={value!r} is not one of {list(choices)}.")
 
 
 def _positive(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"config.{name} must be a positive integer, got "
-                     f"{value!r}.")
+    raise ConfigError(f"config.{name} must be a positive integer, got "
+                      f"{value!r}.")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks a config's values; returns it locked. Raises ValueError naming the field.
+  """Checks a config's values; returns it locked. ConfigError names the field.
 
   `--config.strategies=mmal,random` arrives as one string: it is split here.
   """
@@ -131,18 +135,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       name.strip() for entry in config.strategies for name in entry.split(",")
       if name.strip())
   if not config.strategies:
-    raise ValueError("config.strategies is empty; name at least one of "
-                     f"{sorted(STRATEGIES)}.")
+    raise ConfigError("config.strategies is empty; name at least one of "
+                      f"{sorted(STRATEGIES)}.")
   for name in config.strategies:
     if name not in STRATEGIES:
-      raise ValueError(f"config.strategies names unknown strategy {name!r}; "
-                       f"known: {sorted(STRATEGIES)}.")
+      raise ConfigError(f"config.strategies names unknown strategy {name!r}; "
+                        f"known: {sorted(STRATEGIES)}.")
   extra = set(config.strategy_hparams) - set(STRATEGIES)
   if extra:
-    raise ValueError(f"config.strategy_hparams has unknown strategies "
-                     f"{sorted(extra)}; known: {sorted(STRATEGIES)}.")
+    raise ConfigError(f"config.strategy_hparams has unknown strategies "
+                      f"{sorted(extra)}; known: {sorted(STRATEGIES)}.")
   if not config.seeds:
-    raise ValueError("config.seeds is empty.")
+    raise ConfigError("config.seeds is empty.")
   _choice("regime", config.regime, REGIMES)
   _choice("data.source", config.data.source, DATA_SOURCES)
   _choice("init.kind", config.init.kind, INIT_KINDS)
@@ -155,9 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       value = value[part]
     _positive(name, value)
   if config.regime == "stream" and config.budget > config.stream_buffer:
-    raise ValueError(f"config.budget={config.budget} is larger than a stream "
-                     f"buffer (config.stream_buffer={config.stream_buffer}).")
+    raise ConfigError(f"config.budget={config.budget} is larger than a stream "
+                      f"buffer (config.stream_buffer={config.stream_buffer}).")
   if not 0 <= config.train.warmup_fraction < 1:
-    raise ValueError("config.train.warmup_fraction must be in [0, 1).")
+    raise ConfigError("config.train.warmup_fraction must be in [0, 1).")
   config.lock()
   return config

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmal_jax import config_lib
 from mmal_jax import evaluate
 from mmal_jax import report
 from mmal_jax import sharding
@@ -49,7 +50,7 @@ from mmal_jax.models import checkpoint
 MODALITIES = train.MODALITIES
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(config_lib.ConfigError):
   """The workdir holds a run of another config."""
 
 
@@ -99,23 +100,33 @@ class Experiment:
   def create(cls, config, workdir, mesh=None) -> Experiment:
     mesh = sharding.make_mesh() if mesh is None else mesh
     if config.init.kind == "checkpoint" and not config.init.checkpoint:
-      raise ValueError("config.init.kind='checkpoint' needs "
-                       "--config.init.checkpoint=PATH (a big_vision .npz).")
+      raise config_lib.ConfigError(
+          "config.init.kind='checkpoint' needs --config.init.checkpoint=PATH "
+          "(a big_vision .npz).")
     if config.oracle.kind == "file" and (len(config.strategies) > 1 or
                                         len(config.seeds) > 1):
-      raise ValueError("The file oracle serves one run: set one strategy and "
-                       "one seed (config.strategies, config.seeds).")
+      raise config_lib.ConfigError(
+          "The file oracle serves one run: set one strategy and one seed "
+          "(config.strategies, config.seeds).")
     check_workdir(config, workdir)
-    data = sources.build(config.data)
+    try:
+      data = sources.build(config.data)
+    except (OSError, ValueError) as e:
+      if isinstance(e, config_lib.ConfigError):
+        raise
+      raise config_lib.ConfigError(
+          f"Cannot load the {config.data.source!r} data: {e} Fix the file or "
+          f"the config.data fields that name it.") from e
     for name, pool in (("pool", data.pool), ("eval pool", data.eval_pool)):
       if set(pool.modalities) != set(MODALITIES):
-        raise ValueError(f"The {name} has modalities {pool.modalities}; "
-                         f"training needs {MODALITIES}.")
+        raise config_lib.ConfigError(
+            f"The {name} has modalities {pool.modalities}; training needs "
+            f"{MODALITIES}.")
     components = matching_components(data.pool)
     num_units = 1 + max(int(c.max()) for c in components.values())
     needed = config.budget * config.num_rounds
     if needed > num_units:
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"config.budget x config.num_rounds = {needed} queries, but the pool "
           f"holds {num_units} matched units: lower the budget or the rounds.")
     return cls(config, workdir, mesh, data, train.Towers(config, mesh),
@@ -137,9 +148,10 @@ class Experiment:
   def _pretrain(self, params, path: str) -> None:
     pool = self.data.pretrain_pool
     if pool is None:
-      raise ValueError(f"config.init.kind='pretrain' needs a data source with "
-                       f"a pre-training set; {self.config.data.source!r} has "
-                       f"none. Use init.kind='checkpoint' or 'scratch'.")
+      raise config_lib.ConfigError(
+          f"config.init.kind='pretrain' needs a data source with a "
+          f"pre-training set; {self.config.data.source!r} has none. Use "
+          f"init.kind='checkpoint' or 'scratch'.")
     pre = self.config.pretrain
     optim_config = ml_collections.ConfigDict(self.config.optim.to_dict())
     optim_config.lr = pre.lr
@@ -207,7 +219,7 @@ class Run:
       self.buffers = list(stream_buffers(pool, self.config.stream_buffer,
                                          _derived_seed(seed, 1)))
       if len(self.buffers) < self.config.num_rounds:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"The stream has {len(self.buffers)} buffers of "
             f"{self.config.stream_buffer} units, fewer than config.num_rounds="
             f"{self.config.num_rounds}.")

@@ -40,17 +40,43 @@ class _QuietCheckpointing(std_logging.Filter):
             or "/orbax/" not in record.pathname)
 
 
+def _fail(message: str) -> None:
+  """Exits with status 2 and one readable line instead of a traceback."""
+  print(f"mmal_jax.main: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; an unknown `--config.KEY` becomes a usage error.
+
+  ml_collections reports unknown keys with an AttributeError/KeyError from
+  deep inside flag parsing; its message names the key and the nearest one.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    messages, error = [], e
+    while error is not None:
+      messages += [a for a in error.args[:1] if isinstance(a, str)]
+      error = error.__context__
+    detail = max(messages, key=len, default=repr(e)).replace("\n", "; ")
+    _fail(f"unknown config key in the command line: {detail} The config "
+          f"file lists every key; --config.KEY=VALUE may only change one.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  config = config_lib.validate(_CONFIG.value)
   logging.info("%d process(es), %d device(s): %s", jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   try:
+    config = config_lib.validate(_CONFIG.value)
     text = loop.run_experiment(config, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
   except AwaitingAnnotations as e:
     logging.warning("%s", e)
     print(e)
@@ -61,4 +87,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=_parse_flags))

@@ -191,7 +191,8 @@ def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(ValueError, match="needs config.data.train_json"):
     loop.Experiment.create(tiny_config(**{"data.source": "coco"}),
                            str(tmp_path / "coco"))
-  with pytest.raises(FileNotFoundError, match="no/such.npy"):
+  with pytest.raises(config_lib.ConfigError,
+                     match="Cannot load the 'features' data: .*no/such.npy"):
     loop.Experiment.create(tiny_config(**{
         "data.source": "features", "data.image_features": "no/such.npy",
         "data.text_features": "x.npy", "data.pairs": "p.npy"}),

@@ -12,6 +12,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from mmal_jax.config_lib import ConfigError
 from mmal_jax.data import coco
 from mmal_jax.data import features
 from mmal_jax.data import shapes
@@ -38,8 +39,8 @@ def _shapes(data) -> Sources:
 def _require(data, *fields) -> None:
   missing = [f for f in fields if not data[f]]
   if missing:
-    raise ValueError(f"config.data.source={data.source!r} needs "
-                     + ", ".join(f"config.data.{f}" for f in missing) + ".")
+    raise ConfigError(f"config.data.source={data.source!r} needs "
+                      + ", ".join(f"config.data.{f}" for f in missing) + ".")
 
 
 def _coco(data) -> Sources:
@@ -60,11 +61,12 @@ def _features(data) -> Sources:
                                 data.pairs)
   pairs = full.pairs()
   if not 0 < data.eval_fraction < 1:
-    raise ValueError("config.data.eval_fraction must be in (0, 1).")
+    raise ConfigError("config.data.eval_fraction must be in (0, 1).")
   num_eval = int(round(data.eval_fraction * len(pairs)))
   if not 0 < num_eval < len(pairs):
-    raise ValueError(f"config.data.eval_fraction={data.eval_fraction} leaves "
-                     f"no pairs on one side of the split of {len(pairs)} pairs.")
+    raise ConfigError(
+        f"config.data.eval_fraction={data.eval_fraction} leaves no pairs on "
+        f"one side of the split of {len(pairs)} pairs.")
   held = np.random.default_rng(data.seed).choice(len(pairs), num_eval,
                                                  replace=False)
   in_eval = {m: np.zeros(full.num_items(m), bool) for m in full.modalities}
@@ -83,12 +85,12 @@ PLANNED = ("colorswap", "datacomp")
 def build(data: ml_collections.ConfigDict) -> Sources:
   """The pools `config.data` describes. Errors name the field or file."""
   if data.source in PLANNED:
-    raise ValueError(
+    raise ConfigError(
         f"config.data.source={data.source!r} has no loader in this version of "
         f"mmal_jax; run with 'shapes', 'coco' or 'features' (e.g. "
         f"precomputed features of your copy of the data).")
   if data.source not in _BUILDERS:
-    raise ValueError(f"config.data.source={data.source!r} is not one of "
-                     f"{sorted(_BUILDERS)}.")
+    raise ConfigError(f"config.data.source={data.source!r} is not one of "
+                      f"{sorted(_BUILDERS)}.")
   return _BUILDERS[data.source](data)
 

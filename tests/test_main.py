@@ -1,0 +1,49 @@
+"""The command line: bad input exits with status 2 and one line naming it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_main(workdir, *overrides):
+  cmd = [sys.executable, "-m", "mmal_jax.main", "--config", "configs/demo.py",
+         "--workdir", str(workdir), *overrides]
+  result = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True,
+                          timeout=300)
+  return result.returncode, result.stderr
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--config.budgt=3"], ["unknown config key", "budgt", "budget"]),
+    (["--config.train.nope=1"], ["unknown config key", "nope"]),
+    (["--config.strategies=mmal,badge"], ["unknown strategy 'badge'"]),
+    (["--config.data.num_groups=20", "--config.data.num_eval_groups=5",
+      "--config.data.pretrain_size=8", "--config.budget=50"],
+     ["config.budget x config.num_rounds = 300", "40 matched units"]),
+])
+def test_bad_config_is_a_one_line_error(tmp_path, overrides, expected):
+  code, stderr = _run_main(tmp_path / "w", *overrides)
+  assert code == 2, stderr
+  assert "Traceback" not in stderr
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("mmal_jax.main: error:")
+  for text in expected:
+    assert text in last
+
+
+def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  saved = {"budget": 1}
+  (workdir / "config.json").write_text(json.dumps(saved))
+  (workdir / "metrics.jsonl").write_text('{"round": 0}\n')
+  code, stderr = _run_main(workdir)
+  assert code == 2, stderr
+  assert "holds a run of a different config" in stderr
+  assert "--workdir" in stderr
+  assert json.loads((workdir / "config.json").read_text()) == saved
+  assert (workdir / "metrics.jsonl").read_text() == '{"round": 0}\n'
