@@ -54,9 +54,9 @@ class ConfigMismatchError(config_lib.ConfigError):
   """The workdir holds a run of another config."""
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes WORKDIR/config.json, or checks that the one there is the same."""
-  os.makedirs(workdir, exist_ok=True)
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                  write: bool = True) -> None:
+  """Checks that WORKDIR/config.json, if there, is `config`; else writes it."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if os.path.exists(path):
@@ -68,9 +68,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{workdir} holds a run of a different config (differs in: "
           f"{', '.join(diffs[:10])}). Rerun with the same config to resume "
           f"it, or pass a new --workdir.")
-  elif sharding.is_main_process():
-    atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
-  sharding.barrier("config.json")
+  elif write:
+    os.makedirs(workdir, exist_ok=True)
+    if sharding.is_main_process():
+      atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+    sharding.barrier("config.json")
 
 
 def _differences(a, b, prefix=""):
@@ -108,7 +110,7 @@ class Experiment:
       raise config_lib.ConfigError(
           "The file oracle serves one run: set one strategy and one seed "
           "(config.strategies, config.seeds).")
-    check_workdir(config, workdir)
+    check_workdir(config, workdir, write=False)
     try:
       data = sources.build(config.data)
     except (OSError, ValueError) as e:
@@ -129,6 +131,12 @@ class Experiment:
       raise config_lib.ConfigError(
           f"config.budget x config.num_rounds = {needed} queries, but the pool "
           f"holds {num_units} matched units: lower the budget or the rounds.")
+    num_buffers = -(-num_units // config.stream_buffer)
+    if config.regime == "stream" and num_buffers < config.num_rounds:
+      raise config_lib.ConfigError(
+          f"The stream has {num_buffers} buffers of {config.stream_buffer} "
+          f"units, fewer than config.num_rounds={config.num_rounds}.")
+    check_workdir(config, workdir)  # Last: a config that cannot run leaves no trace.
     return cls(config, workdir, mesh, data, train.Towers(config, mesh),
                num_units, os.path.join(workdir, "metrics.jsonl"))
 
@@ -218,11 +226,6 @@ class Run:
     if self.config.regime == "stream":
       self.buffers = list(stream_buffers(pool, self.config.stream_buffer,
                                          _derived_seed(seed, 1)))
-      if len(self.buffers) < self.config.num_rounds:
-        raise config_lib.ConfigError(
-            f"The stream has {len(self.buffers)} buffers of "
-            f"{self.config.stream_buffer} units, fewer than config.num_rounds="
-            f"{self.config.num_rounds}.")
 
   def run(self, initial_params, on_round=None) -> None:
     """Runs (or resumes) every round; `on_round()` is called after each."""

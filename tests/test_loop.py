@@ -188,6 +188,12 @@ def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(ValueError, match="budget=20 is larger than a stream "
                      "buffer"):
     tiny_config(regime="stream", stream_buffer=10, budget=20)
+  with pytest.raises(ValueError, match="The stream has 3 buffers of 20 units, "
+                     "fewer than config.num_rounds=4"):
+    loop.Experiment.create(tiny_config(regime="stream", stream_buffer=20,
+                                       budget=2, num_rounds=4),
+                           str(tmp_path / "stream"))
+  assert not os.path.exists(tmp_path / "stream" / "config.json")
   with pytest.raises(ValueError, match="needs config.data.train_json"):
     loop.Experiment.create(tiny_config(**{"data.source": "coco"}),
                            str(tmp_path / "coco"))

@@ -28,6 +28,7 @@ def _run_main(workdir, *overrides):
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, expected):
   code, stderr = _run_main(tmp_path / "w", *overrides)
   assert code == 2, stderr
+  assert not (tmp_path / "w" / "config.json").exists()  # Fixing it can resume.
   assert "Traceback" not in stderr
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("mmal_jax.main: error:")
