@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import sys
+from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -40,7 +41,7 @@ class _QuietCheckpointing(std_logging.Filter):
             or "/orbax/" not in record.pathname)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
   """Exits with status 2 and one readable line instead of a traceback."""
   print(f"mmal_jax.main: error: {message}", file=sys.stderr)
   sys.exit(2)
