@@ -59,7 +59,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   """Checks that WORKDIR/config.json, if there, is `config`; else writes it."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path):
+  exists = os.path.exists(path)
+  if exists:
     with open(path) as f:
       saved = json.load(f)
     if saved != current:
@@ -68,11 +69,13 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
           f"{workdir} holds a run of a different config (differs in: "
           f"{', '.join(diffs[:10])}). Rerun with the same config to resume "
           f"it, or pass a new --workdir.")
-  elif write:
-    os.makedirs(workdir, exist_ok=True)
-    if sharding.is_main_process():
-      atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
-    sharding.barrier("config.json")
+  if not write:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if sharding.is_main_process() and not exists:
+    atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+  # Every process, also one that already sees process 0's file.
+  sharding.barrier("config.json")
 
 
 def _differences(a, b, prefix=""):
