@@ -43,8 +43,8 @@ from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.data import oracle as oracle_lib
 from mmal_jax.data import sources
 from mmal_jax.data.annotation import AnnotationState, atomic_write_text
-from mmal_jax.data.pool import UnalignedPool, matching_components
-from mmal_jax.data.pool import stream_buffers
+from mmal_jax.data import pool as pool_lib
+from mmal_jax.data.pool import UnalignedPool
 from mmal_jax.models import checkpoint
 
 MODALITIES = train.MODALITIES
@@ -127,14 +127,13 @@ class Experiment:
         raise config_lib.ConfigError(
             f"The {name} has modalities {pool.modalities}; training needs "
             f"{MODALITIES}.")
-    components = matching_components(data.pool)
-    num_units = 1 + max(int(c.max()) for c in components.values())
+    num_units = pool_lib.count_units(pool_lib.matching_components(data.pool))
     needed = config.budget * config.num_rounds
     if needed > num_units:
       raise config_lib.ConfigError(
           f"config.budget x config.num_rounds = {needed} queries, but the pool "
           f"holds {num_units} matched units: lower the budget or the rounds.")
-    num_buffers = -(-num_units // config.stream_buffer)
+    num_buffers = pool_lib.num_stream_buffers(num_units, config.stream_buffer)
     if config.regime == "stream" and num_buffers < config.num_rounds:
       raise config_lib.ConfigError(
           f"The stream has {num_buffers} buffers of {config.stream_buffer} "
@@ -227,8 +226,8 @@ class Run:
       self.oracle = oracle_lib.SimulatedOracle(pool)
     self.buffers = None
     if self.config.regime == "stream":
-      self.buffers = list(stream_buffers(pool, self.config.stream_buffer,
-                                         _derived_seed(seed, 1)))
+      self.buffers = list(pool_lib.stream_buffers(
+          pool, self.config.stream_buffer, _derived_seed(seed, 1)))
 
   def run(self, initial_params, on_round=None) -> None:
     """Runs (or resumes) every round; `on_round()` is called after each."""

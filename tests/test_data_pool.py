@@ -184,12 +184,16 @@ def test_matching_components_vs_union_find(seed):
       got.setdefault(int(c), set()).add((m, i))
   assert {frozenset(s) for s in got.values()} == _components_reference(p)
   assert sorted(got) == list(range(len(got)))
+  assert pool_lib.count_units(comp) == len(_components_reference(p))
 
 
 def test_stream_buffers_are_disjoint_complete_and_keep_partners_together():
   p = coco_like_pool()     # units: {i0,t0,t1,t2}, {i1,t3,t4}, {i2}, {i3,t5}, {t6}
   buffers = list(pool_lib.stream_buffers(p, 2, seed=0))
   assert len(buffers) == 3
+  for size in (1, 2, 4, 5, 6):
+    assert pool_lib.num_stream_buffers(5, size) == len(
+        list(pool_lib.stream_buffers(p, size, seed=0)))
   for m in p.modalities:
     seen = np.concatenate([b[m] for b in buffers])
     assert sorted(seen) == list(range(p.num_items(m)))      # each item exactly once

@@ -352,6 +352,16 @@ def matching_components(pool: UnalignedPool) -> dict[str, np.ndarray]:
   return {m: dense[offsets[m]:offsets[m] + pool.num_items(m)] for m in pool.modalities}
 
 
+def count_units(component: dict[str, np.ndarray]) -> int:
+  """Number of units (components) in `matching_components`' output. O(N)."""
+  return 1 + max(int(c.max()) for c in component.values())
+
+
+def num_stream_buffers(num_units: int, buffer_size: int) -> int:
+  """How many buffers `stream_buffers` yields (the last may be short)."""
+  return -(-num_units // buffer_size)
+
+
 def stream_buffers(pool: UnalignedPool, buffer_size: int,
                    seed: int) -> Iterator[dict[str, np.ndarray]]:
   """Yields the stream's disjoint buffers, one per round, as sorted item indices.
@@ -372,10 +382,10 @@ def stream_buffers(pool: UnalignedPool, buffer_size: int,
   """
   check_int("buffer_size", buffer_size, 1)
   component = matching_components(pool)
-  num_units = 1 + max(int(c.max()) for c in component.values())
+  num_units = count_units(component)
   rank = np.empty(num_units, np.int64)
   rank[np.random.default_rng(seed).permutation(num_units)] = np.arange(num_units)
-  num_buffers = -(-num_units // buffer_size)
+  num_buffers = num_stream_buffers(num_units, buffer_size)
   members = {}
   for m, c in component.items():
     buffer_of = rank[c] // buffer_size
