@@ -116,9 +116,9 @@ class Experiment:
     check_workdir(config, workdir, write=False)
     try:
       data = sources.build(config.data)
+    except config_lib.ConfigError:
+      raise
     except (OSError, ValueError) as e:
-      if isinstance(e, config_lib.ConfigError):
-        raise
       raise config_lib.ConfigError(
           f"Cannot load the {config.data.source!r} data: {e} Fix the file or "
           f"the config.data fields that name it.") from e
