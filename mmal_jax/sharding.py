@@ -1,8 +1,16 @@
 """The device mesh shared by acquisition and training.
 
-Everything in mmal_jax runs over one 1-D `jax.sharding.Mesh` whose single axis,
-`DATA_AXIS`, splits items (acquisition) or examples (training) across all
-devices of all hosts.
+Everything in mmal_jax runs over one 2-D `jax.sharding.Mesh` with axes
+`("data", "fsdp")` (`MESH_AXES`). Rows, i.e. pool items (acquisition) and
+batch examples (training), are split over *every* device: over both axes,
+`ROW_AXES`. Parameters and optimizer state may additionally be split over
+`"fsdp"` (fully-sharded data parallelism, see `models`/`train_step`); with
+`fsdp=1` (the default) they are replicated and the mesh is plain data
+parallelism.
+
+The linear order of devices along `ROW_AXES` is the mesh's row-major order, so
+a row block lands at the same position of that order on a 1x8, 2x4 or 8x1
+mesh: the acquisition kernels give identical results on every mesh shape.
 """
 from __future__ import annotations
 
@@ -10,22 +18,73 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+# Rows (pool items, batch examples) are split over both axes: every device.
+ROW_AXES = MESH_AXES
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh with axis `DATA_AXIS` over `devices` (default: all global devices)."""
+def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1
+               ) -> tuple[int, int]:
+  """Resolves `(data, fsdp)` sizes, one of which may be -1 ("the rest").
+
+  Raises ValueError naming the sizes when they do not multiply to
+  `num_devices`.
+  """
+  sizes = [data, fsdp]
+  for name, size in zip(MESH_AXES, sizes):
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
+        size != -1 and size < 1):
+      raise ValueError(f"mesh {name} size must be a positive integer or -1, "
+                       f"got {size!r}.")
+  if sizes.count(-1) > 1:
+    raise ValueError("At most one of the mesh sizes (data, fsdp) may be -1.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"A mesh with {known} along the fixed axis cannot "
+                       f"split {num_devices} devices.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if sizes[0] * sizes[1] != num_devices:
+    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} = "
+                     f"{sizes[0] * sizes[1]} devices, but there are "
+                     f"{num_devices}.")
+  return int(sizes[0]), int(sizes[1])
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, data: int = -1,
+              fsdp: int = 1) -> Mesh:
+  """A `(data, fsdp)` mesh over `devices` (default: all devices of all hosts).
+
+  Sizes may use -1 for "the rest" (`data=-1, fsdp=1` is plain data
+  parallelism). The device grid comes from `mesh_utils.create_device_mesh`,
+  which respects the TPU / GPU interconnect topology.
+  """
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
     raise ValueError("make_mesh needs at least one device.")
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  shape = mesh_shape(len(devices), data, fsdp)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices,
+                                         allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    # A subset of a slice's devices has no topology to respect.
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def row_spec() -> P:
+  """PartitionSpec splitting the leading axis over every device."""
+  return P(ROW_AXES)
 
 
 def row_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding that splits the leading axis of an array over `DATA_AXIS`."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Sharding that splits the leading axis of an array over every device."""
+  return NamedSharding(mesh, row_spec())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -3,7 +3,7 @@
 The state is a plain dict pytree, `{"params", "opt", "step", "rng"}`,
 replicated over the mesh of `mmal_jax.sharding` (so orbax saves it as is).
 Batches are dicts `{"image": (B, ...), "text": (B, ...)}` split along
-`DATA_AXIS`: each device runs both towers on its B/n rows (XLA sums the
+`sharding.ROW_AXES`: each device runs both towers on its B/n rows (XLA sums the
 gradients across devices), then the contrastive loss of the global batch is
 computed with explicit collectives (`losses`, in `jax.shard_map`).
 
@@ -65,15 +65,15 @@ def make_loss(name: str, mesh: Mesh, method: str = "all_gather") -> Callable:
   name: "siglip" (needs the model's bias `b`) or "clip"; method: the SigLIP
   collective, "all_gather" or "ring" (CLIP always gathers).
   """
-  rows = P(sharding.DATA_AXIS)
+  rows = sharding.row_spec()
   if name == "siglip":
-    fn = functools.partial(losses.siglip_loss, axis_name=sharding.DATA_AXIS,
+    fn = functools.partial(losses.siglip_loss, axis_name=sharding.ROW_AXES,
                            method=method)
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, P(), P()),
                             out_specs=P())
     return lambda zimg, ztxt, out: sharded(zimg, ztxt, out["t"], out["b"])
   if name == "clip":
-    fn = functools.partial(losses.clip_loss, axis_name=sharding.DATA_AXIS)
+    fn = functools.partial(losses.clip_loss, axis_name=sharding.ROW_AXES)
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, P()),
                             out_specs=P())
     return lambda zimg, ztxt, out: sharded(zimg, ztxt, out["t"])

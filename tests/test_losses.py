@@ -82,12 +82,12 @@ def test_gradients_match_finite_differences():
     for n in (1, 2, 8)])
 def test_sharded_losses_equal_single_device(num_devices):
   mesh = sharding.make_mesh(jax.devices()[:num_devices])
-  rows = P(sharding.DATA_AXIS)
+  rows = sharding.row_spec()
   zimg, ztxt = unit_rows(10), unit_rows(11)
   t, b = jnp.array([7.]), jnp.array([-3.])
 
   def sharded(loss, *, n_scalars, **kw):
-    fn = functools.partial(loss, axis_name=sharding.DATA_AXIS, **kw)
+    fn = functools.partial(loss, axis_name=sharding.ROW_AXES, **kw)
     return jax.jit(jax.shard_map(fn, mesh=mesh, out_specs=P(),
                                  in_specs=(rows, rows) + (P(),) * n_scalars))
 

@@ -32,7 +32,7 @@ from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition.layout import DEFAULT_BLOCK, ShardedRows
 
 METRICS = ("euclidean", "cosine")
-_AXIS = sharding.DATA_AXIS
+_AXIS = sharding.ROW_AXES
 _ROWS = P(_AXIS)
 _REPLICATED = P()
 _INT_MAX = np.iinfo(np.int32).max

@@ -142,7 +142,7 @@ def _pad_and_shard(x, *, layout: PoolLayout, normalize: bool, dtype):
     stored = block.astype(jnp.float32)
     return block, jnp.sum(stored * stored, axis=1)
 
-  spec = P(sharding.DATA_AXIS)
+  spec = sharding.row_spec()
   rows, sq_norms = jax.shard_map(
       lambda r: map_blocks(one_block, r), mesh=layout.mesh, in_specs=spec,
       out_specs=(spec, spec))(rows)

@@ -6,7 +6,7 @@ antialiasing where big_vision uses `tf.image.resize`), captions become int32
 `(B, L)` token ids from a tokenizer with `encode(texts, length)`, and feature
 rows pass through as float32. Batches come from numpy iterators: shuffled pair
 batches for training and padded item batches for embedding a whole modality,
-optionally placed on a device mesh (split over `DATA_AXIS`).
+optionally placed on a device mesh (split over every device).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def pair_batches(pairs: np.ndarray, batch_size: int, prepare: PrepareFn, *, seed
   `(seed, e)`; batches hold `batch_size` pairs (the last one smaller, or dropped
   with `drop_remainder`). A batch is `{m: prepare(m, idx), m + "_index": idx}`
   for both modalities (the index lets a loss mask repeated items). With `mesh`,
-  arrays are global `jax.Array`s split over `DATA_AXIS` (batch sizes must divide
+  arrays are global `jax.Array`s split over every device (batch sizes must divide
   by the device count). `num_epochs=None` repeats forever. `start_step` skips
   that many batches without preparing them (resuming a preempted run).
   Cost per batch: `prepare` on `batch_size` items of each modality.
@@ -184,7 +184,7 @@ def item_batches(modality: str, indices, batch_size: int, prepare: PrepareFn, *,
   Yields `(inputs, num_valid)`: every batch has exactly `batch_size` rows (so a
   jitted tower compiles once); the last is padded by repeating its last item
   and only its first `num_valid` rows are real. With `mesh`, `inputs` is a
-  global array split over `DATA_AXIS`. Cost per batch: `prepare` on
+  global array split over every device. Cost per batch: `prepare` on
   `num_valid` items.
   """
   _check_batch_size(batch_size, mesh)

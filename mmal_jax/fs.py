@@ -1,0 +1,169 @@
+"""The one filesystem layer: local paths and `gs://` (any fsspec URL) alike.
+
+Every file mmal_jax reads or writes (workdir, data, checkpoints, tokenizer
+models, reports, TensorBoard) goes through here. It is `etils.epath` (what
+orbax uses for its own metadata) with the fsspec backend for URLs, so `gs://`
+goes through `gcsfs` and orbax's arrays through tensorstore. Both can be
+pointed at a local GCS emulator (`STORAGE_EMULATOR_HOST` for gcsfs,
+`TENSORSTORE_GCS_HTTP_URL` for tensorstore), which is how the tests run a
+whole experiment on `gs://` offline. epath would otherwise pick
+`tf.io.gfile` for URLs when TensorFlow is installed, whose GCS client cannot
+be redirected; `EPATH_USE_TF=false` (set here, before epath decides) stops
+that.
+
+Paths stay plain strings in the rest of the code (`os.path.join` is right for
+`gs://` too); these functions take `str` or `os.PathLike`.
+
+Writes of files a run relies on are atomic (`write_text`, `write_bytes`):
+locally a temporary file in the same folder, fsync, then rename; on object
+stores one upload, which the store makes visible whole or not at all. Either
+way a kill mid-write leaves the previous version or nothing, never a torn file.
+Files are created readable by the group and others (0644), as a shared
+cluster needs.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402  (after EPATH_USE_TF)
+from etils.epath import gpath as _gpath  # noqa: E402
+
+# epath caches whether to use TensorFlow on first use; a library imported
+# before this module may already have asked.
+_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+
+PathLike = str | os.PathLike
+_FILE_MODE = 0o644
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for URLs (`gs://...`, `s3://...`), False for local paths."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """`path` as an `epath.Path` (local or URL)."""
+  return epath.Path(os.fspath(path))
+
+
+def exists(path: PathLike) -> bool:
+  """True if a file or folder is at `path`."""
+  return as_path(path).exists()
+
+
+def isdir(path: PathLike) -> bool:
+  """True if `path` is a folder (on object stores: a prefix with objects)."""
+  return as_path(path).is_dir()
+
+
+def isfile(path: PathLike) -> bool:
+  """True if `path` is a file."""
+  return as_path(path).is_file()
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates folder `path` and its parents; no-op if it exists."""
+  as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(path: PathLike) -> list[str]:
+  """Sorted names (not paths) of the entries of folder `path`."""
+  return sorted(p.name for p in as_path(path).iterdir())
+
+
+def glob(path: PathLike, pattern: str) -> list[str]:
+  """Sorted full paths under folder `path` matching `pattern` ("*.npz")."""
+  return sorted(os.fspath(p) for p in as_path(path).glob(pattern))
+
+
+def open(path: PathLike, mode: str = "r"):  # pylint: disable=redefined-builtin
+  """Opens `path` ("r", "rb", "w", "wb", "a", "ab"); parents made for writes.
+
+  Plain writes through this are not atomic; use `write_text`/`write_bytes`
+  for files a run relies on.
+  """
+  p = as_path(path)
+  if any(c in mode for c in "wa"):
+    p.parent.mkdir(parents=True, exist_ok=True)
+  return p.open(mode)
+
+
+def read_text(path: PathLike) -> str:
+  """The text of file `path` (UTF-8)."""
+  return as_path(path).read_text()
+
+
+def read_bytes(path: PathLike) -> bytes:
+  """The bytes of file `path`."""
+  return as_path(path).read_bytes()
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` atomically (see the module docstring), 0644.
+
+  Parents are created. Cost: one write of `data` (plus a rename locally).
+  """
+  p = as_path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(path):
+    with p.open("wb") as f:
+      f.write(data)
+    return
+  path = os.fspath(path)
+  tmp = os.path.join(os.path.dirname(path) or ".",
+                     f".tmp-{os.getpid()}-{os.path.basename(path)}")
+  try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, _FILE_MODE)  # Whatever the umask made of it.
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: PathLike, text: str) -> None:
+  """Writes `text` (UTF-8) to `path` atomically, 0644; parents are created."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path: PathLike) -> None:
+  """Deletes file `path`; no-op if it is not there."""
+  p = as_path(path)
+  if p.exists():
+    p.unlink()
+
+
+def rmtree(path: PathLike) -> None:
+  """Deletes folder `path` and everything under it; no-op if absent."""
+  p = as_path(path)
+  if p.exists():
+    p.rmtree()
+
+
+def check_writable_dir(path: PathLike) -> str | None:
+  """Why folder `path` cannot hold a run's files, or None if it can.
+
+  Creates the folder (a run needs it anyway) and a probe file in it, then
+  removes the probe. Returns a one-line reason for a path under a file, an
+  existing file, a read-only or unreachable location.
+  """
+  path = os.fspath(path)
+  if not is_remote(path) and os.path.exists(path) and not os.path.isdir(path):
+    return f"{path} is a file, not a folder"
+  probe = os.path.join(path, f".write-probe-{os.getpid()}")
+  try:
+    makedirs(path)
+    write_bytes(probe, b"")
+    remove(probe)
+  except Exception as e:  # pylint: disable=broad-except
+    # gcsfs, tensorstore and the OS raise many types; only the reason matters.
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return f"{path} cannot be written: {reason.splitlines()[0]}"
+  return None

@@ -1,0 +1,75 @@
+"""The filesystem layer on local disk and on gs:// (a local GCS emulator)."""
+import os
+import stat
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmal_jax import fs
+
+
+@pytest.fixture(params=["local", "gcs"])
+def root(request, tmp_path):
+  if request.param == "local":
+    return str(tmp_path / "root")
+  return request.getfixturevalue("gcs_bucket") + "/root"
+
+
+def test_write_read_list_remove(root):
+  path = os.path.join(root, "a", "b.txt")
+  assert not fs.exists(path)
+  fs.write_text(path, "hello")
+  assert fs.exists(path) and fs.isfile(path) and fs.isdir(os.path.join(root, "a"))
+  assert fs.read_text(path) == "hello"
+  fs.write_bytes(path, b"again")  # Replaces.
+  assert fs.read_bytes(path) == b"again"
+  fs.write_text(os.path.join(root, "a", "c.json"), "{}")
+  assert fs.listdir(os.path.join(root, "a")) == ["b.txt", "c.json"]
+  assert [os.path.basename(p) for p in
+          fs.glob(os.path.join(root, "a"), "*.json")] == ["c.json"]
+  with fs.open(os.path.join(root, "d", "e.bin"), "wb") as f:
+    f.write(b"xyz")
+  with fs.open(os.path.join(root, "d", "e.bin"), "rb") as f:
+    assert f.read() == b"xyz"
+  fs.remove(path)
+  fs.remove(path)  # Absent: no-op.
+  assert not fs.exists(path)
+  fs.rmtree(os.path.join(root, "d"))
+  assert not fs.exists(os.path.join(root, "d", "e.bin"))
+  assert fs.check_writable_dir(os.path.join(root, "new")) is None
+
+
+def test_orbax_checkpoints_go_through_the_same_layer(root):
+  manager = ocp.CheckpointManager(
+      os.path.join(root, "ckpt"),
+      options=ocp.CheckpointManagerOptions(create=True))
+  tree = {"w": np.arange(6.0).reshape(2, 3)}
+  manager.save(3, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({"round": 3})))
+  manager.wait_until_finished()
+  restored = manager.restore(3, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(tree), meta=ocp.args.JsonRestore()))
+  np.testing.assert_array_equal(restored["state"]["w"], tree["w"])
+  assert restored["meta"] == {"round": 3}
+  assert fs.isdir(os.path.join(root, "ckpt", "3"))
+
+
+def test_atomic_local_writes_are_world_readable_and_leave_no_temporaries(
+    tmp_path):
+  old = os.umask(0o077)  # A cautious user's umask; collaborators must read.
+  try:
+    fs.write_text(str(tmp_path / "x" / "config.json"), "{}")
+  finally:
+    os.umask(old)
+  mode = stat.S_IMODE(os.stat(tmp_path / "x" / "config.json").st_mode)
+  assert mode == 0o644
+  assert os.listdir(tmp_path / "x") == ["config.json"]
+
+
+def test_unwritable_folders_are_named(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  assert "is a file" in fs.check_writable_dir(str(a_file))
+  assert "cannot be written" in fs.check_writable_dir(str(a_file / "under"))
+  assert "cannot be written" in fs.check_writable_dir("/proc/mmal_x")
