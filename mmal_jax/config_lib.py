@@ -23,7 +23,10 @@ Fields (defaults below):
   train: per-round training on the annotated pairs: epochs, batch_size,
     warmup_fraction of the steps, reinit_each_round (restart from the initial
     weights each round, the paper's fine-tuning protocol, or continue),
-    checkpoint_every (steps; orbax, for resuming a preempted run).
+    checkpoint_every (steps; orbax, for resuming a preempted run; 0: only
+    at the end of each round's training), log_every (steps between fetches
+    of the per-step training scalars and the NaN check).
+  mesh: data, fsdp: the device mesh (`sharding.make_mesh`; -1 = the rest).
   eval: embed_batch_size.
   report: main_metric (annotation savings vs random), metrics (the tables
     and curves; empty: every metric).
@@ -85,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
                                               lr=1e-3))
   c.train = ml_collections.ConfigDict(dict(
       epochs=50, batch_size=70, warmup_fraction=0.1, reinit_each_round=True,
-      checkpoint_every=200))
+      checkpoint_every=200, log_every=10))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.eval = ml_collections.ConfigDict(dict(embed_batch_size=256))
   c.report = ml_collections.ConfigDict(dict(main_metric="colorswap/group",
                                             metrics=()))
@@ -94,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 MODEL_FIELDS = ("model", "loss", "optim", "res", "text_len", "tokenizer")
+MODALITIES = ("image", "text")
 
 
 def use_preset(config: ml_collections.ConfigDict,
@@ -115,53 +120,140 @@ def use_small_towers(config: ml_collections.ConfigDict, *, width: int,
   config.text_len = text_len
 
 
-def _choice(name: str, value, choices) -> None:
+def _choice(name: str, value, choices) -> str | None:
   if value not in choices:
-    raise ConfigError(f"config.{name}={value!r} is not one of {list(choices)}.")
+    return f"config.{name}={value!r} is not one of {list(choices)}."
+  return None
 
 
-def _positive(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ConfigError(f"config.{name} must be a positive integer, got "
-                      f"{value!r}.")
+def _integer(name: str, value, minimum: int = 1) -> str | None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    return f"config.{name} must be {what}, got {value!r}."
+  return None
+
+
+def _field(config, name: str):
+  for part in name.split("."):
+    config = config[part]
+  return config
+
+
+# Arguments the loop passes to every strategy; the rest are its hparams.
+_LOOP_ARGUMENTS = ("embeddings", "annotated", "budget", "seed", "candidates",
+                   "mesh", "block", "feature_dtype", "picks_per_pass",
+                   "min_dist")
+
+
+def _strategy_problems(config) -> list[str]:
+  """Problems of `config.strategy_hparams` for the strategies that run."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from mmal_jax.acquisition import kernels  # pylint: disable=g-import-not-at-top
+  from mmal_jax.acquisition import strategies  # pylint: disable=g-import-not-at-top
+  problems = []
+  for name in config.strategies:
+    hparams = dict(config.strategy_hparams.get(name, {}))
+    accepted = set(inspect.signature(STRATEGIES[name]).parameters)
+    accepted -= set(_LOOP_ARGUMENTS)
+    field = f"config.strategy_hparams.{name}"
+    for key in sorted(set(hparams) - accepted):
+      problems.append(f"{field}.{key} is not a hyper-parameter of {name!r}; "
+                      f"it takes {sorted(accepted)}.")
+    if "metric" in hparams and hparams["metric"] not in kernels.METRICS:
+      problems.append(f"{field}.metric={hparams['metric']!r} is not one of "
+                      f"{list(kernels.METRICS)}.")
+    if "modality" in hparams:
+      choices = list(strategies.MODALITY_CHOICES) + list(MODALITIES)
+      if hparams["modality"] not in choices:
+        problems.append(f"{field}.modality={hparams['modality']!r} is not one "
+                        f"of {choices}.")
+    size = hparams.get("coreset_size")
+    if size is not None and (not isinstance(size, int) or
+                             isinstance(size, bool) or size < config.budget):
+      problems.append(f"{field}.coreset_size must be an integer >= "
+                      f"config.budget ({config.budget}), got {size!r}.")
+  return problems
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every problem of a config's values that shows without data or files.
+
+  Each is one sentence naming the field and what it accepts.
+  """
+  out = []
+  if not config.strategies:
+    out.append("config.strategies is empty; name at least one of "
+               f"{sorted(STRATEGIES)}.")
+  unknown = [n for n in config.strategies if n not in STRATEGIES]
+  for name in unknown:
+    out.append(f"config.strategies names unknown strategy {name!r}; known: "
+               f"{sorted(STRATEGIES)}.")
+  extra = set(config.strategy_hparams) - set(STRATEGIES)
+  if extra:
+    out.append(f"config.strategy_hparams has unknown strategies "
+               f"{sorted(extra)}; known: {sorted(STRATEGIES)}.")
+  if not config.seeds:
+    out.append("config.seeds is empty.")
+  out += [p for p in (
+      _choice("regime", config.regime, REGIMES),
+      _choice("data.source", config.data.source, DATA_SOURCES),
+      _choice("init.kind", config.init.kind, INIT_KINDS),
+      _choice("oracle.kind", config.oracle.kind, ORACLES),
+      _choice("loss", config.loss, ("siglip", "clip")),
+      _choice("acquisition.feature_dtype", config.acquisition.feature_dtype,
+              ("float32", "bfloat16", "float16"))) if p]
+  for name in ("budget", "num_rounds", "stream_buffer", "train.epochs",
+               "train.batch_size", "train.log_every", "eval.embed_batch_size",
+               "pretrain.epochs", "pretrain.batch_size",
+               "acquisition.picks_per_pass"):
+    out += [p for p in [_integer(name, _field(config, name))] if p]
+  out += [p for p in [
+      _integer("train.checkpoint_every", config.train.checkpoint_every, 0),
+      _integer("acquisition.block", config.acquisition.block, 8)] if p]
+  for name in ("data", "fsdp"):
+    size = config.mesh[name]
+    if not isinstance(size, int) or isinstance(size, bool) or (
+        size != -1 and size < 1):
+      out.append(f"config.mesh.{name} must be a positive integer or -1, got "
+                 f"{size!r}.")
+  if (not out and config.regime == "stream" and
+      config.budget > config.stream_buffer):
+    out.append(f"config.budget={config.budget} is larger than a stream "
+               f"buffer (config.stream_buffer={config.stream_buffer}).")
+  if not 0 <= config.train.warmup_fraction < 1:
+    out.append("config.train.warmup_fraction must be in [0, 1).")
+  if not config.oracle.timeout_s >= 0:
+    out.append("config.oracle.timeout_s must be >= 0.")
+  if config.init.kind == "checkpoint" and not config.init.checkpoint:
+    out.append("config.init.kind='checkpoint' needs "
+               "--config.init.checkpoint=PATH (a big_vision .npz).")
+  if config.oracle.kind == "file" and (len(config.strategies) > 1 or
+                                      len(config.seeds) > 1):
+    out.append("The file oracle serves one run: set one strategy and one "
+               "seed (config.strategies, config.seeds).")
+  if not unknown and isinstance(config.budget, int):
+    out += _strategy_problems(config)
+  return out
+
+
+def raise_problems(found: list[str]) -> None:
+  """Raises one ConfigError listing every problem (none: returns)."""
+  if len(found) == 1:
+    raise ConfigError(found[0])
+  if found:
+    raise ConfigError(f"{len(found)} problems: " + " ".join(
+        f"({i}) {p}" for i, p in enumerate(found, 1)))
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks a config's values; returns it locked. ConfigError names the field.
 
-  `--config.strategies=mmal,random` arrives as one string: it is split here.
+  Every problem is reported at once (`problems`). `--config.strategies=
+  mmal,random` arrives as one string: it is split here.
   """
   config.strategies = tuple(
       name.strip() for entry in config.strategies for name in entry.split(",")
       if name.strip())
-  if not config.strategies:
-    raise ConfigError("config.strategies is empty; name at least one of "
-                      f"{sorted(STRATEGIES)}.")
-  for name in config.strategies:
-    if name not in STRATEGIES:
-      raise ConfigError(f"config.strategies names unknown strategy {name!r}; "
-                        f"known: {sorted(STRATEGIES)}.")
-  extra = set(config.strategy_hparams) - set(STRATEGIES)
-  if extra:
-    raise ConfigError(f"config.strategy_hparams has unknown strategies "
-                      f"{sorted(extra)}; known: {sorted(STRATEGIES)}.")
-  if not config.seeds:
-    raise ConfigError("config.seeds is empty.")
-  _choice("regime", config.regime, REGIMES)
-  _choice("data.source", config.data.source, DATA_SOURCES)
-  _choice("init.kind", config.init.kind, INIT_KINDS)
-  _choice("oracle.kind", config.oracle.kind, ORACLES)
-  _choice("loss", config.loss, ("siglip", "clip"))
-  for name in ("budget", "num_rounds", "stream_buffer", "train.epochs",
-               "train.batch_size", "eval.embed_batch_size"):
-    value = config
-    for part in name.split("."):
-      value = value[part]
-    _positive(name, value)
-  if config.regime == "stream" and config.budget > config.stream_buffer:
-    raise ConfigError(f"config.budget={config.budget} is larger than a stream "
-                      f"buffer (config.stream_buffer={config.stream_buffer}).")
-  if not 0 <= config.train.warmup_fraction < 1:
-    raise ConfigError("config.train.warmup_fraction must be in [0, 1).")
+  raise_problems(problems(config))
   config.lock()
   return config

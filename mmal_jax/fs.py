@@ -150,13 +150,21 @@ def rmtree(path: PathLike) -> None:
 def check_writable_dir(path: PathLike) -> str | None:
   """Why folder `path` cannot hold a run's files, or None if it can.
 
-  Creates the folder (a run needs it anyway) and a probe file in it, then
-  removes the probe. Returns a one-line reason for a path under a file, an
-  existing file, a read-only or unreachable location.
+  Writes and removes a probe file in it, creating the folder for that and
+  removing it again if it was not there (a local folder), so nothing is left
+  behind. Returns a one-line reason for a path under a file, an existing
+  file, a read-only or unreachable location.
   """
   path = os.fspath(path)
-  if not is_remote(path) and os.path.exists(path) and not os.path.isdir(path):
+  local = not is_remote(path)
+  if local and os.path.exists(path) and not os.path.isdir(path):
     return f"{path} is a file, not a folder"
+  created = []
+  if local:
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+      created.append(parent)
+      parent = os.path.dirname(parent)
   probe = os.path.join(path, f".write-probe-{os.getpid()}")
   try:
     makedirs(path)
@@ -166,4 +174,8 @@ def check_writable_dir(path: PathLike) -> str | None:
     # gcsfs, tensorstore and the OS raise many types; only the reason matters.
     reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return f"{path} cannot be written: {reason.splitlines()[0]}"
+  finally:
+    for folder in created:  # Deepest first.
+      if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
   return None

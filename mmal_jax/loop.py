@@ -4,22 +4,28 @@ Round t of a run (one strategy, one seed):
   1. embed every item the strategy may look at (pool: all items; stream: the
      round's buffer and the annotated items) with the current towers;
   2. acquire `config.budget` queries with `STRATEGIES[strategy]`;
-  3. ask the oracle, add the revealed pairs (the annotated set is saved);
+  3. ask the oracle, add the revealed pairs (saved before anything else);
   4. train on all annotated pairs, from the initial towers
      (`train.reinit_each_round`, the paper's protocol) or from the last ones;
   5. evaluate on the held-out pool and append a row to metrics.jsonl.
 Round 0 only evaluates the initial towers.
 
-Workdir:
-  config.json, metrics.jsonl, results.md, al_curves.png,
+Workdir (any `mmal_jax.fs` path: local or gs://):
+  config.json, metrics.jsonl, results.md, al_curves.png, logs/,
   pretrained/params.npz          the towers pre-trained once (init "pretrain"),
-  runs/<strategy>/seed_<s>/      annotation.json (the annotated set, updated
-                                 each round), annotated/round_<t>.json
-                                 (snapshots), ckpt/ (orbax train states),
+                                 pretrained/ckpt/ while that runs,
+  runs/<strategy>/seed_<s>/      ckpt/ (orbax: the whole run state, see
+                                 `run_state`), annotation.json (the annotated
+                                 set) and annotated/round_<t>.json (snapshots),
   tensorboard/<strategy>_seed_<s>/  TensorBoard summaries,
   queries/, answers/             the file oracle's exchange (one run only).
-Everything is written before it is relied on, so rerunning the same command
-after a preemption continues where the run stopped.
+
+Resuming: the run's orbax checkpoint is the source of truth; every other
+file is an output written from it and rewritten if missing or damaged. On a
+restart the checkpoint is cross-checked against annotation.json, the
+snapshots and metrics.jsonl: bought pairs found in any of them are kept (a
+longer consistent log wins), contradictions and pairs recorded as bought but
+found nowhere stop the run with one line naming the files.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ import dataclasses
 import json
 import os
 import time
+from typing import Callable
+import zipfile
 
 from absl import logging
 import jax
@@ -35,34 +43,50 @@ import numpy as np
 
 from mmal_jax import config_lib
 from mmal_jax import evaluate
+from mmal_jax import faults
+from mmal_jax import fs
+from mmal_jax import logfile
 from mmal_jax import report
+from mmal_jax import run_state
 from mmal_jax import sharding
 from mmal_jax import summaries
 from mmal_jax import train
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.data import oracle as oracle_lib
-from mmal_jax.data import sources
-from mmal_jax.data.annotation import AnnotationState, atomic_write_text
 from mmal_jax.data import pool as pool_lib
-from mmal_jax.data.pool import UnalignedPool
+from mmal_jax.data import sources
+from mmal_jax.data.annotation import AnnotationState
 from mmal_jax.models import checkpoint
 
 MODALITIES = train.MODALITIES
+RunStateError = run_state.RunStateError
 
 
 class ConfigMismatchError(config_lib.ConfigError):
   """The workdir holds a run of another config."""
 
 
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
                   write: bool = True) -> None:
-  """Checks that WORKDIR/config.json, if there, is `config`; else writes it."""
+  """Checks that WORKDIR/config.json, if there, is `config`; else writes it.
+
+  Raises ConfigMismatchError for another config, ConfigError for an
+  unreadable config.json. Process 0 writes; every process waits for it.
+  """
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort(sort_keys=True))
-  exists = os.path.exists(path)
+  current = _config_json(config)
+  exists = fs.exists(path)
   if exists:
-    with open(path) as f:
-      saved = json.load(f)
+    try:
+      saved = json.loads(fs.read_text(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise config_lib.ConfigError(
+          f"{path} cannot be read ({e}). If it held this same config, delete "
+          f"it and rerun to resume; otherwise pass a new --workdir.") from None
     if saved != current:
       diffs = sorted(_differences(saved, current))
       raise ConfigMismatchError(
@@ -71,9 +95,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
           f"it, or pass a new --workdir.")
   if not write:
     return
-  os.makedirs(workdir, exist_ok=True)
   if sharding.is_main_process() and not exists:
-    atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True))
+    fs.write_text(path, json.dumps(current, indent=2, sort_keys=True))
   # Every process, also one that already sees process 0's file.
   sharding.barrier("config.json")
 
@@ -90,106 +113,162 @@ def _derived_seed(*parts: int) -> int:
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def _is_prefix(text: str, state: AnnotationState) -> bool:
+  """True if `text` is a saved annotation state that `state` extends."""
+  try:
+    return AnnotationState.from_json(text).is_prefix_of(state)
+  except ValueError:
+    return False
+
+
+def _row_key(row: dict) -> tuple:
+  return (row["strategy"], row["seed"], row["round"])
+
+
 @dataclasses.dataclass
 class Experiment:
-  """Shared state of one experiment: data, towers, initial weights."""
+  """Shared state of one experiment: data, towers, initial weights, rows."""
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh
   data: sources.Sources
   towers: train.Towers
   num_units: int
-  metrics_path: str
+  checkpoint_params: dict | None = None
+  rows: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self.workdir, "metrics.jsonl")
 
   @classmethod
   def create(cls, config, workdir, mesh=None) -> Experiment:
-    mesh = sharding.make_mesh() if mesh is None else mesh
-    if config.init.kind == "checkpoint" and not config.init.checkpoint:
-      raise config_lib.ConfigError(
-          "config.init.kind='checkpoint' needs --config.init.checkpoint=PATH "
-          "(a big_vision .npz).")
-    if config.oracle.kind == "file" and (len(config.strategies) > 1 or
-                                        len(config.seeds) > 1):
-      raise config_lib.ConfigError(
-          "The file oracle serves one run: set one strategy and one seed "
-          "(config.strategies, config.seeds).")
-    check_workdir(config, workdir, write=False)
+    """Checks everything a run needs, then writes config.json.
+
+    Every blocking problem (workdir, data, checkpoint, budget) is collected
+    and raised at once as one ConfigError; nothing is written before.
+    """
+    found = []
+    if sharding.is_main_process():
+      reason = fs.check_writable_dir(workdir)
+      if reason:
+        found.append(f"--workdir {reason}; pass a folder that can be "
+                     f"written.")
+    if not found:
+      try:
+        check_workdir(config, workdir, write=False)
+      except config_lib.ConfigError as e:
+        found.append(str(e))
+    init_path = config.init.checkpoint
+    if config.init.kind == "checkpoint" and not fs.exists(init_path):
+      found.append(f"config.init.checkpoint={init_path!r} does not exist; "
+                   f"give the path of a big_vision .npz.")
+    data = None
     try:
       data = sources.build(config.data)
-    except config_lib.ConfigError:
-      raise
+    except config_lib.ConfigError as e:
+      found.append(str(e))
     except (OSError, ValueError) as e:
-      raise config_lib.ConfigError(
-          f"Cannot load the {config.data.source!r} data: {e} Fix the file or "
-          f"the config.data fields that name it.") from e
-    for name, pool in (("pool", data.pool), ("eval pool", data.eval_pool)):
-      if set(pool.modalities) != set(MODALITIES):
-        raise config_lib.ConfigError(
-            f"The {name} has modalities {pool.modalities}; training needs "
-            f"{MODALITIES}.")
-    num_units = pool_lib.count_units(pool_lib.matching_components(data.pool))
-    needed = config.budget * config.num_rounds
-    if needed > num_units:
-      raise config_lib.ConfigError(
-          f"config.budget x config.num_rounds = {needed} queries, but the pool "
-          f"holds {num_units} matched units: lower the budget or the rounds.")
-    num_buffers = pool_lib.num_stream_buffers(num_units, config.stream_buffer)
-    if config.regime == "stream" and num_buffers < config.num_rounds:
-      raise config_lib.ConfigError(
-          f"The stream has {num_buffers} buffers of {config.stream_buffer} "
-          f"units, fewer than config.num_rounds={config.num_rounds}.")
+      found.append(f"Cannot load the {config.data.source!r} data: {e} Fix the "
+                   f"file or the config.data fields that name it.")
+    num_units = 0
+    if data is not None:
+      found += _data_problems(config, data)
+      num_units = pool_lib.count_units(
+          pool_lib.matching_components(data.pool))
+    if found:
+      config_lib.raise_problems(found)
+    mesh = (sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+            if mesh is None else mesh)
+    experiment = cls(config, workdir, mesh, data, train.Towers(config, mesh),
+                     num_units)
+    if config.init.kind == "checkpoint":
+      try:
+        experiment.checkpoint_params = checkpoint.load(
+            experiment.towers.init_params(data.pool, 0), init_path)
+      except (OSError, ValueError, KeyError) as e:
+        config_lib.raise_problems([f"config.init.checkpoint: {e}"])
     check_workdir(config, workdir)  # Last: a config that cannot run leaves no trace.
-    return cls(config, workdir, mesh, data, train.Towers(config, mesh),
-               num_units, os.path.join(workdir, "metrics.jsonl"))
+    return experiment
 
   def initial_params(self, seed: int):
     """The towers every run starts from (and restarts from each round)."""
     kind = self.config.init.kind
     if kind == "scratch":
       return self.towers.init_params(self.data.pool, seed)
-    template = self.towers.init_params(self.data.pool, 0)
     if kind == "checkpoint":
-      return checkpoint.load(template, self.config.init.checkpoint)
+      return self.checkpoint_params
+    template = self.towers.init_params(self.data.pool, 0)
     path = os.path.join(self.workdir, "pretrained", "params.npz")
-    if not os.path.exists(path):
-      self._pretrain(template, path)
+    if fs.exists(path):
+      try:
+        return checkpoint.load(template, path)
+      except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        # Damaged: a kill mid-write by a version without atomic writes.
+        logging.warning("%s cannot be read (%s); pre-training again.", path, e)
+    self._pretrain(template, path)
     return checkpoint.load(template, path)
 
   def _pretrain(self, params, path: str) -> None:
     pool = self.data.pretrain_pool
-    if pool is None:
-      raise config_lib.ConfigError(
-          f"config.init.kind='pretrain' needs a data source with a "
-          f"pre-training set; {self.config.data.source!r} has none. Use "
-          f"init.kind='checkpoint' or 'scratch'.")
     pre = self.config.pretrain
     optim_config = ml_collections.ConfigDict(self.config.optim.to_dict())
     optim_config.lr = pre.lr
+    ckpt = run_state.RunCheckpoints(os.path.join(os.path.dirname(path),
+                                                 "ckpt"))
+    like_train = lambda: self.towers.state_like(optim_config, params)
+    latest = ckpt.latest(params, like_train)
+    resume = None
+    if latest is not None and latest[0]["phase"] == "training":
+      resume = (latest[0]["train_step"], latest[1])
+    save = lambda step, state: ckpt.save(
+        {"round": 0, "phase": "training", "train_step": step}, train=state)
     result = self.towers.fit(
         params, pool, pool.pairs(), optim_config=optim_config,
         epochs=pre.epochs, batch_size=pre.batch_size,
         warmup_fraction=self.config.train.warmup_fraction,
-        seed=self.config.data.seed,
-        checkpoints=train.Checkpoints(os.path.join(os.path.dirname(path),
-                                                   "ckpt")),
+        seed=self.config.data.seed, resume=resume, on_checkpoint=save,
         checkpoint_every=self.config.train.checkpoint_every,
-        label="[pretrain]")
+        log_every=self.config.train.log_every, label="[pretrain]")
+    ckpt.close()
     if sharding.is_main_process():
       checkpoint.save(jax.device_get(result.params), path)
     sharding.barrier("pretrained")
     logging.info("Pre-trained the towers in %.1fs (%d steps): %s",
                  result.seconds, result.steps, path)
 
-  def done_rounds(self, strategy: str, seed: int) -> set[int]:
-    if not os.path.exists(self.metrics_path):
-      return set()
-    return {r["round"] for r in report.read_rows(self.metrics_path)
-            if r["strategy"] == strategy and r["seed"] == seed}
+  def load_rows(self) -> None:
+    """Reads metrics.jsonl (if there) into `rows`."""
+    if fs.exists(self.metrics_path):
+      self.rows = {_row_key(r): r for r in report.read_rows(self.metrics_path)}
 
-  def log_row(self, row: dict) -> None:
+  def run_rows(self, strategy: str, seed: int) -> list[dict]:
+    """This run's rows, by round."""
+    return sorted((r for r in self.rows.values()
+                   if r["strategy"] == strategy and r["seed"] == seed),
+                  key=lambda r: r["round"])
+
+  def set_run_rows(self, strategy: str, seed: int, rows: list[dict]) -> None:
+    """Replaces a run's rows (e.g. by its checkpoint's) and rewrites the file."""
+    old = {k: r for k, r in self.rows.items() if k[:2] == (strategy, seed)}
+    new = {_row_key(r): r for r in rows}
+    if old != new:
+      for key in old:
+        del self.rows[key]
+      self.rows.update(new)
+      self._write_rows()
+
+  def add_row(self, row: dict) -> None:
+    self.rows[_row_key(row)] = row
+    self._write_rows()
+
+  def _write_rows(self) -> None:
+    """Rewrites metrics.jsonl whole and atomically (process 0)."""
     if sharding.is_main_process():
-      with open(self.metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      rows = sorted(self.rows.values(), key=lambda r: (
+          r["strategy"], r["seed"], r["round"]))
+      fs.write_text(self.metrics_path,
+                    "".join(json.dumps(r) + "\n" for r in rows))
 
   def evaluate(self, params) -> dict[str, float]:
     pool = self.data.eval_pool
@@ -199,8 +278,37 @@ class Experiment:
     return evaluate.pool_metrics(z["image"], z["text"], pool)
 
 
+def _data_problems(config, data: sources.Sources) -> list[str]:
+  """What the built data cannot do for this config."""
+  found = []
+  for name, pool in (("pool", data.pool), ("eval pool", data.eval_pool)):
+    if set(pool.modalities) != set(MODALITIES):
+      found.append(f"The {name} has modalities {pool.modalities}; training "
+                   f"needs {MODALITIES}.")
+  if config.init.kind == "pretrain" and data.pretrain_pool is None:
+    found.append(f"config.init.kind='pretrain' needs a data source with a "
+                 f"pre-training set; {config.data.source!r} has none. Use "
+                 f"init.kind='checkpoint' or 'scratch'.")
+  num_units = pool_lib.count_units(pool_lib.matching_components(data.pool))
+  needed = config.budget * config.num_rounds
+  if needed > num_units:
+    found.append(f"config.budget x config.num_rounds = {needed} queries, but "
+                 f"the pool holds {num_units} matched units: lower the budget "
+                 f"or the rounds.")
+  num_buffers = pool_lib.num_stream_buffers(num_units, config.stream_buffer)
+  if config.regime == "stream" and num_buffers < config.num_rounds:
+    found.append(f"The stream has {num_buffers} buffers of "
+                 f"{config.stream_buffer} units, fewer than "
+                 f"config.num_rounds={config.num_rounds}.")
+  return found
+
+
 class Run:
-  """One strategy and seed: the rounds of Algorithm 1's outer loop."""
+  """One strategy and seed: the rounds of Algorithm 1's outer loop.
+
+  `resume()` restores the run's state (see the module docstring); `run()`
+  goes on from there.
+  """
 
   def __init__(self, experiment: Experiment, strategy: str, seed: int):
     self.x = experiment
@@ -210,75 +318,232 @@ class Run:
     self.dir = os.path.join(experiment.workdir, "runs", strategy,
                             f"seed_{seed}")
     self.label = f"[{strategy} seed {seed}]"
-    pool = experiment.data.pool
+    self.pool = experiment.data.pool
     self.state_path = os.path.join(self.dir, "annotation.json")
-    self.state = (AnnotationState.load(self.state_path, pool)
-                  if os.path.exists(self.state_path)
-                  else AnnotationState.for_pool(pool))
-    self.checkpoints = train.Checkpoints(os.path.join(self.dir, "ckpt"))
-    self.summaries = summaries.SummaryWriter(os.path.join(
-        experiment.workdir, "tensorboard", f"{strategy}_seed_{seed}"),
-                                             enabled=sharding.is_main_process())
+    self.checkpoints = run_state.RunCheckpoints(os.path.join(self.dir, "ckpt"))
+    self.state = AnnotationState.for_pool(self.pool)
+    self.meta = None   # The restored run state, None for a fresh run.
+    self.arrays = None
+    self._summaries = None
     if self.config.oracle.kind == "file":
       self.oracle = oracle_lib.FileOracle(
-          experiment.workdir, pool, timeout_s=self.config.oracle.timeout_s)
+          experiment.workdir, self.pool, timeout_s=self.config.oracle.timeout_s)
     else:
-      self.oracle = oracle_lib.SimulatedOracle(pool)
+      self.oracle = oracle_lib.SimulatedOracle(self.pool)
     self.buffers = None
     if self.config.regime == "stream":
       self.buffers = list(pool_lib.stream_buffers(
-          pool, self.config.stream_buffer, _derived_seed(seed, 1)))
+          self.pool, self.config.stream_buffer, _derived_seed(seed, 1)))
 
-  def run(self, initial_params, on_round=None) -> None:
-    """Runs (or resumes) every round; `on_round()` is called after each."""
-    done = self.x.done_rounds(self.strategy, self.seed)
-    params = initial_params
-    latest = self.checkpoints.latest()
-    if latest is not None and latest[0] in done:
-      params = self.checkpoints.restore(
-          latest[0], latest[1], self.x.towers.state_like(
-              self.config.optim, initial_params))["params"]
-    if 0 not in done:
-      self._log(0, {}, self.x.evaluate(params))
-    for t in range(1, self.config.num_rounds + 1):
-      if t in done:
+  @property
+  def summaries(self) -> summaries.SummaryWriter:
+    if self._summaries is None:  # Only for a run that has work left.
+      self._summaries = summaries.SummaryWriter(
+          os.path.join(self.x.workdir, "tensorboard",
+                       f"{self.strategy}_seed_{self.seed}"),
+          enabled=sharding.is_main_process())
+    return self._summaries
+
+  @property
+  def finished(self) -> bool:
+    return self.meta is not None and self.meta["phase"] == "evaluated" and (
+        self.meta["round"] >= self.config.num_rounds)
+
+  # ------------------------------------------------------------------
+  # Resuming.
+
+  def resume(self, initial_params) -> None:
+    """Restores the newest good checkpoint and reconciles the outputs.
+
+    Raises RunStateError (one line naming the files) when bought pairs
+    recorded somewhere cannot be found or two records contradict each other.
+    """
+    like_train = lambda: self.x.towers.state_like(self.config.optim,
+                                                  initial_params)
+    finished = lambda meta: not (meta["phase"] == "evaluated" and
+                                 meta["round"] >= self.config.num_rounds)
+    latest = self.checkpoints.latest(initial_params, like_train, finished)
+    if latest is not None:
+      self.meta, self.arrays = latest
+    self.state = self._reconcile()
+    rows = self.meta["rows"] if self.meta else []
+    self.x.set_run_rows(self.strategy, self.seed, rows)
+    self._write_annotation_outputs()
+
+  def _saved_states(self) -> list[tuple[str, AnnotationState]]:
+    """Every readable record of what this run bought: (file, state)."""
+    records = []
+    if self.meta is not None:
+      records.append((self.checkpoints.directory,
+                      AnnotationState.from_obj(self.meta["annotation"],
+                                               self.pool)))
+    paths = [self.state_path]
+    snapshots = os.path.join(self.dir, "annotated")
+    if fs.isdir(snapshots):
+      paths += fs.glob(snapshots, "round_*.json")
+    for path in paths:
+      if fs.exists(path):
+        try:
+          records.append((path, AnnotationState.load(path, self.pool)))
+        except ValueError as e:
+          logging.warning("%s; it is rewritten from the run's state.", e)
+    return records
+
+  def _reconcile(self) -> AnnotationState:
+    """The run's annotated set: the longest consistent saved record."""
+    records = self._saved_states()
+    best_path, best = max(records, key=lambda r: r[1].cost,
+                          default=(None, AnnotationState.for_pool(self.pool)))
+    for path, state in records:
+      if not state.is_prefix_of(best):
+        raise RunStateError(
+            f"{path} and {best_path} disagree on what run {self.label} bought."
+            f" Keep the right one (the checkpoint in {self.checkpoints.directory}"
+            f" is the run's own record), delete the other, and rerun.")
+    paid = max((r["queries"] for r in self.x.run_rows(self.strategy,
+                                                      self.seed)), default=0)
+    if best.cost < paid:
+      raise RunStateError(
+          f"{self.x.metrics_path} records {paid} queries bought by run "
+          f"{self.label}, but its saved annotations ({self.state_path}, "
+          f"{os.path.join(self.dir, 'annotated')}, "
+          f"{self.checkpoints.directory}) hold only {best.cost}. Restore "
+          f"annotation.json from a copy; or, to buy the missing ones again, "
+          f"delete that run's rows from metrics.jsonl and rerun.")
+    if self.meta is not None and best.cost > len(self.meta["annotation"]["log"]):
+      logging.warning("%s Resuming with %d bought queries from %s (the "
+                      "checkpoint holds %d).", self.label, best.cost,
+                      best_path, len(self.meta["annotation"]["log"]))
+    return best
+
+  def _write_annotation_outputs(self) -> None:
+    """annotation.json and one snapshot per round, where missing or stale."""
+    if not sharding.is_main_process():
+      return
+    wanted = {self.state_path: self.state}
+    for t in sorted({a.round_index for a in self.state.log}):
+      wanted[os.path.join(self.dir, "annotated", f"round_{t}.json")] = (
+          self.state.up_to_round(t))
+    for path, state in wanted.items():
+      text = state.to_json()
+      try:
+        current = fs.read_text(path) if fs.exists(path) else None
+      except (OSError, UnicodeDecodeError):
+        current = ""
+      if current == text:
         continue
-      timing = {}
-      if self.state.last_round < t:
-        timing = self._acquire(t, params)
-      start = (initial_params if self.config.train.reinit_each_round
-               else params)
-      result = self.x.towers.fit(
-          start, self.x.data.pool, self.state.pairs("image", "text"),
-          optim_config=self.config.optim, epochs=self.config.train.epochs,
-          batch_size=self.config.train.batch_size,
-          warmup_fraction=self.config.train.warmup_fraction,
-          seed=_derived_seed(self.seed, t), checkpoints=self.checkpoints,
-          round_index=t, checkpoint_every=self.config.train.checkpoint_every,
-          label=f"{self.label} round {t}/{self.config.num_rounds}")
-      params = result.params
-      timing.update(train_s=result.seconds, train_steps=result.steps)
-      if result.final_loss is not None:
-        self.summaries.scalars(self.state.cost, {"train/loss":
-                                                 result.final_loss})
-      start_eval = time.perf_counter()
-      metrics = self.x.evaluate(params)
-      timing["eval_s"] = time.perf_counter() - start_eval
-      self._log(t, timing, metrics)
+      if current is not None and not (path == self.state_path and
+                                      _is_prefix(current, state)):
+        logging.warning("%s is damaged or differs from the run's state; "
+                        "rewriting it.", path)
+      fs.write_text(path, text)
+      faults.point("annotation_written")
+
+  # ------------------------------------------------------------------
+  # The rounds.
+
+  def _save(self, round_index: int, phase: str, *, rows, timing, params=None,
+            train=None, train_step: int = 0, wait: bool = False) -> None:
+    # Copies: an asynchronous save may serialise them after this returns.
+    meta = {"round": round_index, "phase": phase, "train_step": train_step,
+            "annotation": self.state.to_obj(), "stream_position": round_index,
+            "rows": list(rows), "timing": dict(timing)}
+    self.checkpoints.save(meta, params=params, train=train, wait=wait)
+    self.meta = meta
+    faults.point("checkpoint_saved")
+
+  def run(self, initial_params, on_round: Callable[[], None] | None = None
+          ) -> None:
+    """Runs (or resumes) every round; `on_round()` is called after each."""
+    meta = self.meta
+    rows = list(meta["rows"]) if meta else []
+    if meta is None:
+      self._evaluate_and_log(0, initial_params, {}, rows)
+      t, params, resume, timing, acquired = 1, initial_params, None, {}, False
+    elif self.finished:
+      return
+    else:
+      t = meta["round"] + (meta["phase"] == "evaluated")
+      acquired = meta["phase"] != "evaluated"
+      timing = dict(meta["timing"]) if acquired else {}
+      params, resume = self.arrays, None
+      if meta["phase"] == "training":
+        params, resume = None, (meta["train_step"], self.arrays)
+    while t <= self.config.num_rounds:
+      if not acquired:
+        if not any(a.round_index == t for a in self.state.log):
+          timing = self._acquire(t, params)
+        self._save(t, "acquired", rows=rows, timing=timing, params=params,
+                   wait=True)
+        self._write_annotation_outputs()
+      params = self._train(t, initial_params, params, resume, rows, timing)
+      self._evaluate_and_log(t, params, timing, rows)
+      faults.point("round_end")
       if on_round:
         on_round()
+      t, resume, timing, acquired = t + 1, None, {}, False
+    self.checkpoints.wait()
+
+  def _train(self, t: int, initial_params, params, resume, rows, timing):
+    """Round t's training; returns the trained params."""
+    start = (initial_params if self.config.train.reinit_each_round or
+             params is None else params)
+    if resume is not None and start is None:
+      start = initial_params  # Only shapes matter: the state is resumed.
+    done_steps = sum(r.get("train_steps", 0) for r in rows)
+
+    def save(step, state):
+      timing["train_s"] = timing.get("train_s", 0.0) + (
+          time.perf_counter() - clock[0])
+      clock[0] = time.perf_counter()
+      self._save(t, "training", rows=rows, timing=timing, train=state,
+                 train_step=step)
+      faults.point("train_checkpoint")
+
+    clock = [time.perf_counter()]
+    result = self.x.towers.fit(
+        start, self.pool, self.state.up_to_round(t).pairs("image", "text"),
+        optim_config=self.config.optim, epochs=self.config.train.epochs,
+        batch_size=self.config.train.batch_size,
+        warmup_fraction=self.config.train.warmup_fraction,
+        seed=_derived_seed(self.seed, t), resume=resume, on_checkpoint=save,
+        checkpoint_every=self.config.train.checkpoint_every,
+        summaries=self.summaries, summary_step=done_steps,
+        log_every=self.config.train.log_every,
+        label=f"{self.label} round {t}/{self.config.num_rounds}")
+    if result.steps == 0:
+      timing.setdefault("train_s", 0.0)
+    timing["train_steps"] = result.steps
+    return result.params
+
+  def _evaluate_and_log(self, t: int, params, timing: dict, rows: list):
+    start = time.perf_counter()
+    metrics = self.x.evaluate(params)
+    if t:
+      timing["eval_s"] = time.perf_counter() - start
+    row = self._row(t, timing, metrics)
+    rows.append(row)
+    self._save(t, "evaluated", rows=rows, timing={}, params=params)
+    self.x.add_row(row)
+    self.summaries.scalars(self.state.cost, {
+        k: v for k, v in row.items()
+        if k not in ("strategy", "seed", "round") and isinstance(v, float)})
+    main = self.config.report.main_metric
+    logging.info("%s round %d/%d: %d queries (%.1f%%), %d pairs%s", self.label,
+                 t, self.config.num_rounds, row["queries"], row["percent"],
+                 row["pairs"], f", {main} {metrics[main]:.1f}"
+                 if main in metrics else "")
 
   def _candidates(self, t: int) -> dict[str, np.ndarray]:
     """Indices of the items embedded this round: pool, or buffer + annotated."""
-    pool = self.x.data.pool
     if self.buffers is None:
-      return {m: np.arange(pool.num_items(m)) for m in MODALITIES}
+      return {m: np.arange(self.pool.num_items(m)) for m in MODALITIES}
     return {m: np.union1d(self.buffers[t - 1][m],
                           np.flatnonzero(self.state.annotated[m]))
             for m in MODALITIES}
 
   def _acquire(self, t: int, params) -> dict[str, float]:
-    pool = self.x.data.pool
+    """Buys round t's queries; returns the embedding / acquisition seconds."""
     queries = None
     if isinstance(self.oracle, oracle_lib.FileOracle):
       queries = self.oracle.pending_queries(t)
@@ -287,7 +552,7 @@ class Run:
       items = self._candidates(t)
       start = time.perf_counter()
       embeddings = {m: self.x.towers.embed(
-          params, pool, m, items[m], self.config.eval.embed_batch_size)
+          params, self.pool, m, items[m], self.config.eval.embed_batch_size)
                     for m in MODALITIES}
       timing["embed_s"] = time.perf_counter() - start
       annotated = {m: self.state.annotated[m][items[m]] for m in MODALITIES}
@@ -305,33 +570,47 @@ class Run:
           **self.config.strategy_hparams.get(self.strategy, {}))
       timing["acquire_s"] = time.perf_counter() - start
       queries = [(m, int(items[m][i])) for m, i in picked]
-    answers = self.oracle.answer(t, queries)
-    self.state.apply(answers)
-    if sharding.is_main_process():
-      self.state.save(self.state_path)
-      atomic_write_text(os.path.join(self.dir, "annotated",
-                                     f"round_{t}.json"), self.state.to_json())
+      faults.point("acquired")
+    self.state.apply(self.oracle.answer(t, queries))
     return timing
 
-  def _log(self, t: int, timing: dict, metrics: dict[str, float]) -> None:
+  def _row(self, t: int, timing: dict, metrics: dict[str, float]) -> dict:
     counts = {m: 0 for m in MODALITIES}
     for answer in self.state.log:
       if answer.round_index == t:
         counts[answer.modality] += 1
-    row = {"strategy": self.strategy, "seed": self.seed, "round": t,
-           "queries": self.state.cost, "modality_counts": counts,
-           "pairs": int(len(self.state.pairs("image", "text"))),
-           "percent": 100.0 * self.state.cost / self.x.num_units,
-           **timing, **metrics}
-    self.x.log_row(row)
-    self.summaries.scalars(self.state.cost, {
-        k: v for k, v in row.items()
-        if k not in ("strategy", "seed", "round") and isinstance(v, float)})
-    main = self.config.report.main_metric
-    logging.info("%s round %d/%d: %d queries (%.1f%%), %d pairs%s", self.label,
-                 t, self.config.num_rounds, row["queries"], row["percent"],
-                 row["pairs"], f", {main} {metrics[main]:.1f}"
-                 if main in metrics else "")
+    state = self.state.up_to_round(t)
+    return {"strategy": self.strategy, "seed": self.seed, "round": t,
+            "queries": state.cost, "modality_counts": counts,
+            "pairs": int(len(state.pairs("image", "text"))),
+            "percent": 100.0 * state.cost / self.x.num_units,
+            **timing, **metrics}
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    if self._summaries is not None and hasattr(self._summaries, "close"):
+      self._summaries.close()
+
+
+class _Progress:
+  """Rounds done and an ETA that leaves out each process's first round
+  (which includes the compilations)."""
+
+  def __init__(self, total: int, done: int):
+    self.total, self.done, self.first = total, done, done
+    self.clock = None
+
+  def __call__(self) -> None:
+    self.done += 1
+    now = time.perf_counter()
+    if self.clock is None:  # The first round: compiles; no rate yet.
+      self.clock, self.timed = now, 0
+      logging.info("Progress: %d/%d rounds", self.done, self.total)
+      return
+    self.timed += 1
+    eta = (now - self.clock) / self.timed * (self.total - self.done)
+    logging.info("Progress: %d/%d rounds, ETA %.0fs (from rounds after the "
+                 "first, which compiles)", self.done, self.total, eta)
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str,
@@ -339,29 +618,46 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
   """Runs (or resumes) every strategy x seed; returns the results Markdown."""
   start = time.perf_counter()
   experiment = Experiment.create(config, workdir, mesh)
+  log_path = logfile.open_in(workdir)
+  if log_path:
+    logging.info("Logging to %s", log_path)
+  experiment.load_rows()
   runs = [(s, seed) for s in config.strategies for seed in config.seeds]
-  total = len(runs) * config.num_rounds
-  finished = [sum(len(experiment.done_rounds(s, seed) - {0})
-                  for s, seed in runs)]
-  first = finished[0]
+  initial, pending = {}, []
 
-  def progress():
-    finished[0] += 1
-    elapsed = time.perf_counter() - start
-    eta = elapsed / (finished[0] - first) * (total - finished[0])
-    logging.info("Progress: %d/%d rounds, %.0fs elapsed, ETA %.0fs",
-                 finished[0], total, elapsed, eta)
-
-  initial = {}
-  for strategy, seed in runs:
+  def initial_params(seed):
     key = seed if config.init.kind == "scratch" else None
     if key not in initial:
       initial[key] = experiment.initial_params(seed)
-    Run(experiment, strategy, seed).run(initial[key], on_round=progress)
+    return initial[key]
+
+  for strategy, seed in runs:
+    run = Run(experiment, strategy, seed)
+    run.resume(initial_params(seed))
+    if run.finished:
+      run.close()
+    else:
+      pending.append(run)
+  done = sum(max(0, len(experiment.run_rows(s, seed)) - 1) for s, seed in runs)
+  progress = _Progress(len(runs) * config.num_rounds, done)
+  if not pending:
+    logging.info("All %d runs are finished: nothing left to do. Results in "
+                 "%s/results.md.", len(runs), workdir)
+  try:
+    for run in pending:
+      run.run(initial_params(run.seed), on_round=progress)
+      run.close()
+  finally:  # Awaiting annotations, an error: pending saves still commit.
+    for run in pending:
+      run.close()
   sharding.barrier("metrics.jsonl")
+  faults.point("report")
   text = report.write(workdir, config.report.main_metric,
                       config.report.metrics,
                       save=sharding.is_main_process())
   logging.info("Finished in %.0fs; results in %s/results.md",
                time.perf_counter() - start, workdir)
+  if not pending:
+    text = (f"Nothing left to do: all {len(runs)} runs of {workdir} are "
+            f"finished.\n\n" + text)
   return text

@@ -7,6 +7,12 @@ Rerunning the same command resumes a preempted run. With the file oracle the
 run stops when a round's answers are missing; write them and rerun.
 Multi-host (TPU pods, several GPU hosts): pass --multihost so that
 `jax.distributed` connects the processes (see launch/).
+
+Exit status: 0 done (or nothing left to do); 2 a problem with the command,
+its config, its data or its workdir, named in one line on stderr (nothing
+bought or checkpointed is lost: fix it and rerun the same command);
+3 (`EXIT_AWAITING_ANNOTATIONS`) the file oracle waits for a round's answers;
+1 anything else (a bug: a traceback).
 """
 from __future__ import annotations
 
@@ -21,8 +27,15 @@ import jax
 from ml_collections import config_flags
 
 from mmal_jax import config_lib
+from mmal_jax import logfile
 from mmal_jax import loop
-from mmal_jax.data.oracle import AwaitingAnnotations
+from mmal_jax import report
+from mmal_jax import run_state
+from mmal_jax import train
+from mmal_jax.data import oracle
+
+EXIT_USAGE = 2
+EXIT_AWAITING_ANNOTATIONS = 3
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -31,6 +44,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output and resume directory.",
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (coordinator "
     "and process ids from the environment, as on Cloud TPU / SLURM).")
+
+# Problems a user fixes (config, data, workdir files, answers): one line, 2.
+_USER_ERRORS = (config_lib.ConfigError, run_state.RunStateError,
+                report.MetricsFileError, oracle.AnswerFileError,
+                train.TrainingDiverged)
 
 
 class _QuietCheckpointing(std_logging.Filter):
@@ -43,45 +61,72 @@ class _QuietCheckpointing(std_logging.Filter):
 
 def _fail(message: str) -> NoReturn:
   """Exits with status 2 and one readable line instead of a traceback."""
-  print(f"mmal_jax.main: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  print(f"mmal_jax.main: error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _first_line(error: BaseException) -> str:
+  """The longest message in an exception chain, on one line."""
+  messages = []
+  while error is not None:
+    messages += [a for a in error.args[:1] if isinstance(a, str)]
+    error = error.__cause__ or error.__context__
+  return max(messages, key=len, default="").replace("\n", "; ")
 
 
 def _parse_flags(argv):
-  """absl's flag parsing; an unknown `--config.KEY` becomes a usage error.
+  """absl's flag parsing; every command-line mistake becomes one line, 2.
 
-  ml_collections reports unknown keys with an AttributeError/KeyError from
-  deep inside flag parsing; its message names the key and the nearest one.
+  ml_collections reports an unknown `--config.KEY` with an AttributeError /
+  KeyError from deep inside flag parsing (its message names the key and the
+  nearest one), a value of the wrong type with absl's IllegalFlagValueError,
+  and a config file it cannot load with OSError / an import-time error.
   """
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
-    messages, error = [], e
-    while error is not None:
-      messages += [a for a in error.args[:1] if isinstance(a, str)]
-      error = error.__context__
-    detail = max(messages, key=len, default=repr(e)).replace("\n", "; ")
-    _fail(f"unknown config key in the command line: {detail} The config "
-          f"file lists every key; --config.KEY=VALUE may only change one.")
+    _fail(f"unknown config key in the command line: {_first_line(e)} The "
+          f"config file lists every key; --config.KEY=VALUE may only change "
+          f"one.")
+  except flags.IllegalFlagValueError as e:
+    detail = _first_line(e).removeprefix("flag ")
+    _fail(f"bad value in the command line: {detail}. Give a value of the "
+          f"field's type (see the config file).")
+
+
+def _load_config():
+  """The validated config; a config file that cannot load is one line, 2."""
+  try:
+    config = _CONFIG.value
+  except Exception as e:  # pylint: disable=broad-except
+    # Any error of the user's config file (missing, syntax, import, raise).
+    _fail(f"cannot load --config {flags.FLAGS['config'].config_filename!r}: "
+          f"{_first_line(e)}")
+  if config is None:
+    _fail("--config is required, e.g. --config configs/demo.py.")
+  return config_lib.validate(config)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments {argv[1:]}: settings are "
+          f"--config.KEY=VALUE.")
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
+  logfile.install()
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  logging.info("%d process(es), %d device(s): %s", jax.process_count(),
-               jax.device_count(), jax.devices()[0].device_kind)
   try:
-    config = config_lib.validate(_CONFIG.value)
+    config = _load_config()
+    logging.info("%d process(es), %d device(s): %s", jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind)
     text = loop.run_experiment(config, _WORKDIR.value)
-  except config_lib.ConfigError as e:
+  except _USER_ERRORS as e:
+    logging.error("%s", e)
     _fail(str(e))
-  except AwaitingAnnotations as e:
+  except oracle.AwaitingAnnotations as e:
     logging.warning("%s", e)
     print(e)
-    return
+    sys.exit(EXIT_AWAITING_ANNOTATIONS)
   if jax.process_index() == 0:
     print(text)
 

@@ -10,7 +10,10 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from absl import logging
 import numpy as np
+
+from mmal_jax import fs
 
 # Bookkeeping columns of a metrics row; every other number is a metric.
 ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
@@ -18,14 +21,36 @@ ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
             "modality_counts")
 
 
+class MetricsFileError(ValueError):
+  """metrics.jsonl holds a line that is not a metrics row (not the last)."""
+
+
 def read_rows(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl file (the last row wins for a repeated key)."""
+  """The rows of a metrics.jsonl file (the last row wins for a repeated key).
+
+  A torn last line (a write cut short: no trailing newline and not valid
+  JSON) is dropped with a warning: its row is written again when its round
+  is redone. Any other bad line raises MetricsFileError naming file:line.
+  Cost: one read of the file.
+  """
+  text = fs.read_text(path)
+  lines = text.split("\n")
   rows = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        rows[(row["strategy"], row["seed"], row["round"])] = row
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      key = (row["strategy"], row["seed"], row["round"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      if lineno == len(lines):  # No newline after it: cut mid-write.
+        logging.warning("%s:%d is a torn last line (%s); dropping it, its "
+                        "round is redone.", path, lineno, e)
+        continue
+      raise MetricsFileError(
+          f"{path}:{lineno} is not a metrics row ({e}). Fix or delete that "
+          f"line: its round is then redone.") from None
+    rows[key] = row
   return list(rows.values())
 
 

@@ -6,9 +6,11 @@ hundreds of short fits of an active-learning run share one compilation: the
 length of the warm-up + cosine schedule lives in the optimizer state
 (`optim.set_schedule`), not in the compiled step.
 
-`Checkpoints` keeps a run's train state with orbax, tagged (round, step), so a
-preempted run resumes from the last saved step of the round it was in, with
-the same batches it would have seen.
+`fit` resumes from a given train state and step with the same batches it
+would have seen, and hands its state to a callback every `checkpoint_every`
+steps (the loop saves it with `run_state.RunCheckpoints`). It logs every
+step's loss, learning rate, t, b and gradient norm, and stops with
+`TrainingDiverged` on a NaN / inf loss before saving such a state.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from mmal_jax import optim
 from mmal_jax import sharding
@@ -45,33 +46,8 @@ class _EosPadded:
     return self.tokenizer.encode(texts, length, pad_id=self.tokenizer.eos_id)
 
 
-class Checkpoints:
-  """Orbax checkpoints of one run's train state, tagged (round, step).
-
-  Steps are stored as `round * STRIDE + step`; the newest two are kept.
-  """
-  STRIDE = 10 ** 7
-
-  def __init__(self, directory: str, max_to_keep: int = 2):
-    self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=False))
-
-  def latest(self) -> tuple[int, int] | None:
-    """(round, step) of the newest checkpoint, None if there is none."""
-    step = self.manager.latest_step()
-    return None if step is None else divmod(step, self.STRIDE)
-
-  def save(self, round_index: int, step: int, state) -> None:
-    self.manager.save(round_index * self.STRIDE + step,
-                      args=ocp.args.StandardSave(state), force=True)
-
-  def restore(self, round_index: int, step: int, like):
-    """The state saved at (round, step), laid out like the pytree `like`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self.manager.restore(round_index * self.STRIDE + step,
-                                args=ocp.args.StandardRestore(abstract))
+class TrainingDiverged(ValueError):
+  """The loss became NaN or inf; the message names the step."""
 
 
 @dataclasses.dataclass
@@ -136,9 +112,10 @@ class Towers:
     return self._compiled[key]
 
   def state_like(self, optim_config, params):
-    """A train state as `fit` makes it, e.g. the target of a restore."""
+    """Shapes, dtypes and shardings of a train state as `fit` makes it (the
+    target of a restore). Allocates nothing."""
     init_state, _ = self._compile(optim_config, params)
-    return init_state(params, jax.random.PRNGKey(0))
+    return jax.eval_shape(init_state, params, jax.random.PRNGKey(0))
 
   def batch_size(self, requested: int, num_pairs: int) -> int:
     """Largest multiple of the device count <= min(requested, num_pairs)."""
@@ -152,8 +129,10 @@ class Towers:
   def fit(self, params, pool: UnalignedPool, pairs: np.ndarray, *,
           optim_config: ml_collections.ConfigDict, epochs: int,
           batch_size: int, warmup_fraction: float, seed: int,
-          checkpoints: Checkpoints | None = None, round_index: int = 0,
-          checkpoint_every: int = 0, label: str = "") -> FitResult:
+          resume: tuple[int, dict] | None = None,
+          on_checkpoint: Callable[[int, dict], None] | None = None,
+          checkpoint_every: int = 0, summaries=None, summary_step: int = 0,
+          log_every: int = 10, label: str = "") -> FitResult:
     """Contrastive training of `params` on `pairs` of `pool`.
 
     Args:
@@ -164,16 +143,24 @@ class Towers:
       epochs, batch_size: the batch is rounded down to a multiple of the
         device count and to at most P; the last partial batch is dropped.
       seed: shuffling and dropout.
-      checkpoints, round_index, checkpoint_every: save every that many steps
-        and at the end; a checkpoint of this round found at start is resumed.
-      label: prefix of the progress log lines.
+      resume: `(step, train state)` saved by an earlier, interrupted call
+        with the same arguments: training continues after that step.
+      on_checkpoint: `on_checkpoint(step, state)` every `checkpoint_every`
+        steps and after the last one (the state is checked finite first).
+      summaries: a `summaries.SummaryWriter` for per-step scalars
+        (`train/loss`, `train/lr`, `train/t`, `train/b`, `train/grad_norm`)
+        at `summary_step + step`; fetched from the devices every `log_every`
+        steps (one transfer each time, not one per step).
+      label: prefix of the progress log lines and error messages.
 
     Returns:
       The trained parameters, the round's steps (resumed ones included),
-      seconds and last loss; with fewer pairs
-      than devices, `params` unchanged and 0 steps (a batch must split
-      evenly over the mesh).
+      seconds and last loss; with fewer pairs than devices, `params`
+      unchanged and 0 steps (a batch must split evenly over the mesh).
       Cost: epochs x P pairs through both towers, forward and backward.
+
+    Raises:
+      TrainingDiverged: a step's loss was NaN or inf (its step is named).
     """
     start_time = time.perf_counter()
     if len(pairs) < self.mesh.size:
@@ -184,33 +171,57 @@ class Towers:
     batch_size = self.batch_size(batch_size, len(pairs))
     per_epoch = len(pairs) // batch_size
     total = epochs * per_epoch
+    warmup = int(round(warmup_fraction * total))
     init_state, step_fn = self._compile(optim_config, params)
-    state = init_state(params, jax.random.PRNGKey(seed))
-    state["opt"] = self._set_schedule(
-        state["opt"], int(round(warmup_fraction * total)), total)
     start = 0
-    latest = checkpoints.latest() if checkpoints else None
-    if latest and latest[0] == round_index and 0 < latest[1] <= total:
-      state = checkpoints.restore(round_index, latest[1], state)
-      start = latest[1]
+    if resume is not None and 0 < resume[0] <= total:
+      start, state = resume
       logging.info("%s resumed at step %d/%d", label, start, total)
+    else:
+      state = init_state(params, jax.random.PRNGKey(seed))
+      state["opt"] = self._set_schedule(state["opt"], warmup, total)
     batches = preprocess.pair_batches(
         pairs, batch_size, self.prepare(pool), seed=seed, num_epochs=epochs,
         mesh=self.mesh, start_step=start)
-    loss = None
-    log_every = per_epoch * max(1, epochs // 5)
+    pending, loss = [], None
+    log_epochs = per_epoch * max(1, epochs // 5)
+
+    def drain():
+      """Fetches the pending steps' metrics, logs them, checks the loss."""
+      nonlocal loss
+      fetched = jax.device_get([m for _, m in pending])
+      for (step, _), metrics in zip(pending, fetched):
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          raise TrainingDiverged(
+              f"{label} step {step}/{total}: the loss is {loss}. Lower "
+              f"config.optim.lr (now {optim_config.lr}) or check the data; "
+              f"what was bought is kept and a rerun retrains this round.")
+        if summaries is not None:
+          lr = optim_config.lr * float(optim.warmup_cosine(step - 1, warmup,
+                                                           total))
+          summaries.scalars(summary_step + step, {
+              "train/loss": loss, "train/lr": lr,
+              **{f"train/{k}": float(v) for k, v in metrics.items()
+                 if k != "loss"}})
+      pending.clear()
+
     for step, batch in enumerate(batches, start + 1):
       state, metrics = step_fn(state, batch)
-      if step % log_every == 0 or step == total:
-        loss = float(metrics["loss"])
+      pending.append((step, metrics))
+      checkpoint = on_checkpoint is not None and (
+          step == total or (checkpoint_every and step % checkpoint_every == 0))
+      progress = step % log_epochs == 0 or step == total
+      if checkpoint or progress or len(pending) >= log_every:
+        drain()
+      if progress:
         elapsed = time.perf_counter() - start_time
         eta = elapsed / (step - start) * (total - step)
         logging.info("%s epoch %d/%d step %d/%d loss %.4f (%.1fs, ETA %.1fs)",
                      label, -(-step // per_epoch), epochs, step, total, loss,
                      elapsed, eta)
-      if checkpoints and (step == total or (
-          checkpoint_every and step % checkpoint_every == 0)):
-        checkpoints.save(round_index, step, state)
+      if checkpoint:
+        on_checkpoint(step, state)
     return FitResult(state["params"], total,
                      time.perf_counter() - start_time, loss)
 

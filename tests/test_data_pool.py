@@ -297,20 +297,6 @@ def test_annotation_state_from_json_errors():
     AnnotationState.from_json(json.dumps(bad))
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
-  path = tmp_path / "f.json"
-  annotation.atomic_write_text(path, "old")
-
-  def fail(*args):
-    raise OSError("disk full")
-
-  monkeypatch.setattr(annotation.os, "replace", fail)
-  with pytest.raises(OSError, match="disk full"):
-    annotation.atomic_write_text(path, "new")
-  assert path.read_text() == "old"
-  assert [f.name for f in tmp_path.iterdir()] == ["f.json"]
-
-
 def test_take_arrays_and_tuples():
   p = coco_like_pool()
   assert p.take("text", [6, 0]) == ("t6", "t0")

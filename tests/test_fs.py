@@ -73,3 +73,22 @@ def test_unwritable_folders_are_named(tmp_path):
   assert "is a file" in fs.check_writable_dir(str(a_file))
   assert "cannot be written" in fs.check_writable_dir(str(a_file / "under"))
   assert "cannot be written" in fs.check_writable_dir("/proc/mmal_x")
+
+
+def test_checking_a_new_folder_leaves_nothing_behind(tmp_path):
+  assert fs.check_writable_dir(str(tmp_path / "a" / "b")) is None
+  assert not (tmp_path / "a").exists()
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+  path = tmp_path / "f.json"
+  fs.write_text(path, "old")
+
+  def fail(*args):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(fs.os, "replace", fail)
+  with pytest.raises(OSError, match="disk full"):
+    fs.write_text(path, "new")
+  assert path.read_text() == "old"
+  assert [f.name for f in tmp_path.iterdir()] == ["f.json"]

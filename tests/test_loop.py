@@ -9,7 +9,7 @@ import pytest
 from mmal_jax import config_lib
 from mmal_jax import loop
 from mmal_jax import report
-from mmal_jax import train
+from mmal_jax import run_state
 from mmal_jax.data import AnnotationState
 from mmal_jax.data import AwaitingAnnotations
 
@@ -88,19 +88,18 @@ def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
   loop.run_experiment(config, reference)
 
   preempted = str(tmp_path / "preempted")
-  real_save = train.Checkpoints.save
-  saves = []
+  real_save = run_state.RunCheckpoints.save
 
-  def save_then_die(self, round_index, step, state):
-    real_save(self, round_index, step, state)
-    saves.append((round_index, step))
-    if (round_index, step) == (2, 2):  # Mid-way through round 2's 4 steps.
+  def save_then_die(self, meta, **kw):
+    real_save(self, meta, **kw)
+    if (meta["round"], meta["phase"], meta["train_step"]) == (
+        2, "training", 2):  # Mid-way through round 2's 4 steps.
       raise KeyboardInterrupt("preempted")
 
-  monkeypatch.setattr(train.Checkpoints, "save", save_then_die)
+  monkeypatch.setattr(run_state.RunCheckpoints, "save", save_then_die)
   with pytest.raises(KeyboardInterrupt):
     loop.run_experiment(config, preempted)
-  monkeypatch.setattr(train.Checkpoints, "save", real_save)
+  monkeypatch.setattr(run_state.RunCheckpoints, "save", real_save)
   assert len(_rows(preempted)) == 2  # Rounds 0 and 1 finished.
   loop.run_experiment(config, preempted)
 
@@ -184,7 +183,9 @@ def test_bad_inputs_are_named(tmp_path):
     tiny_config(regime="online")
   with pytest.raises(ValueError, match=r"budget x config.num_rounds = 60 "
                      "queries, but the pool holds 48"):
-    loop.Experiment.create(tiny_config(budget=30), str(tmp_path / "big"))
+    loop.Experiment.create(tiny_config(
+        budget=30, **{"strategy_hparams.mmal.coreset_size": 60}),
+                           str(tmp_path / "big"))
   with pytest.raises(ValueError, match="budget=20 is larger than a stream "
                      "buffer"):
     tiny_config(regime="stream", stream_buffer=10, budget=20)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mmal_jax import fs
 from mmal_jax.data.pool import ItemRef, UnalignedPool, check_int, check_modality, check_ref
 
 _JSON_VERSION = 1
@@ -187,21 +187,22 @@ class AnnotationState:
     among = np.unique(np.asarray(among, np.int64))
     return among[~self.annotated[modality][among]]
 
+  def to_obj(self) -> dict:
+    """The state as a JSON-able object: `{"version", "num_items", "log"}`."""
+    return {"version": _JSON_VERSION, "num_items": self.num_items,
+            "log": [a.to_json_obj() for a in self.log]}
+
   def to_json(self) -> str:
-    """The state as JSON text: `{"version", "num_items", "log": [answer, ...]}`."""
-    return json.dumps({"version": _JSON_VERSION, "num_items": self.num_items,
-                       "log": [a.to_json_obj() for a in self.log]})
+    """`to_obj()` as JSON text."""
+    return json.dumps(self.to_obj())
 
   @classmethod
-  def from_json(cls, text: str, pool: UnalignedPool | None = None) -> AnnotationState:
-    """Restores a state written by `to_json`, replaying and re-validating its log.
+  def from_obj(cls, obj, pool: UnalignedPool | None = None) -> AnnotationState:
+    """Restores a state from `to_obj()`, replaying and re-validating its log.
 
-    With `pool`, also checks that the state was made for a pool of the same sizes.
+    With `pool`, also checks that the state was made for a pool of the same
+    sizes. Raises ValueError for anything else.
     """
-    try:
-      obj = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"Annotation state is not valid JSON: {e}") from e
     if not isinstance(obj, dict) or obj.get("version") != _JSON_VERSION:
       raise ValueError(f"Annotation state must be a JSON object with version {_JSON_VERSION}.")
     if not isinstance(obj.get("num_items"), dict) or not isinstance(obj.get("log"), list):
@@ -213,30 +214,33 @@ class AnnotationState:
                          f"this pool has {sizes}.")
     return cls(obj["num_items"], [Answer.from_json_obj(a) for a in obj["log"]])
 
+  @classmethod
+  def from_json(cls, text: str, pool: UnalignedPool | None = None) -> AnnotationState:
+    """Restores a state written by `to_json` (see `from_obj`)."""
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"Annotation state is not valid JSON: {e}") from e
+    return cls.from_obj(obj, pool)
+
   def save(self, path: str | os.PathLike) -> None:
     """Writes `to_json()` to `path` atomically (a crash leaves the old file whole)."""
-    atomic_write_text(path, self.to_json())
+    fs.write_text(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike, pool: UnalignedPool | None = None) -> AnnotationState:
-    """Reads a state saved by `save`."""
-    with open(path) as f:
-      return cls.from_json(f.read(), pool)
+    """Reads a state saved by `save`; ValueError naming `path` if it cannot."""
+    try:
+      return cls.from_json(fs.read_text(path), pool)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+      raise ValueError(f"{os.fspath(path)}: {e}") from e
 
+  def is_prefix_of(self, other: AnnotationState) -> bool:
+    """True if `other` bought everything this state bought, in the same order."""
+    return (self.num_items == other.num_items and
+            other.log[:len(self.log)] == self.log)
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename."""
-  path = os.fspath(path)
-  directory = os.path.dirname(path) or "."
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  def up_to_round(self, round_index: int) -> AnnotationState:
+    """The state as it was after round `round_index` (its log prefix)."""
+    return AnnotationState(self.num_items, [a for a in self.log
+                                            if a.round_index <= round_index])

@@ -12,7 +12,8 @@ import os
 import time
 from typing import Protocol, Sequence
 
-from mmal_jax.data.annotation import Answer, atomic_write_text, check_answer
+from mmal_jax import fs
+from mmal_jax.data.annotation import Answer, check_answer
 from mmal_jax.data.pool import ItemRef, UnalignedPool, check_int, check_ref
 
 
@@ -57,6 +58,13 @@ class SimulatedOracle:
     answers = [Answer(int(round_index), m, i, self.pool.partners(m, i)) for m, i in queries]
     self.cost += len(answers)
     return answers
+
+
+class AnswerFileError(ValueError):
+  """A queries or answers file of the file oracle is unreadable or wrong.
+
+  The message names the file and line and says what is wrong.
+  """
 
 
 class AwaitingAnnotations(Exception):
@@ -122,21 +130,25 @@ class FileOracle:
   def pending_queries(self, round_index: int) -> list[ItemRef] | None:
     """The queries already written for a round (in file order), None if none were."""
     path = self.queries_path(round_index)
-    if not os.path.exists(path):
+    if not fs.exists(path):
       return None
     refs = []
     for lineno, obj in _read_jsonl(path):
       if not isinstance(obj, dict) or "modality" not in obj or "index" not in obj:
-        raise ValueError(f"{path}:{lineno}: a query line needs modality and index.")
-      refs.append((obj["modality"],
-                   check_ref(self.pool.sizes, obj["modality"], obj["index"], f"{path}:{lineno}")))
+        raise AnswerFileError(f"{path}:{lineno}: a query line needs modality and index.")
+      try:
+        refs.append((obj["modality"], check_ref(self.pool.sizes, obj["modality"],
+                                                obj["index"], f"{path}:{lineno}")))
+      except ValueError as e:
+        raise AnswerFileError(str(e)) from None
     return refs
 
   def answer(self, round_index: int, queries: Sequence[ItemRef]) -> list[Answer]:
     """Writes the round's queries (once), then reads its answers or raises.
 
     Raises AwaitingAnnotations when the answers file does not appear within
-    `timeout_s`, ValueError for a conflicting queries file or bad answers.
+    `timeout_s`, AnswerFileError (a ValueError naming file and line) for a
+    conflicting queries file or bad answers.
     """
     sizes = self.pool.sizes
     queries = check_queries(sizes, round_index, queries)
@@ -149,14 +161,14 @@ class FileOracle:
         if isinstance(item, str):
           line["item"] = item
         lines.append(json.dumps(line) + "\n")
-      atomic_write_text(self.queries_path(round_index), "".join(lines))
+      fs.write_text(self.queries_path(round_index), "".join(lines))
     elif len(written) != len(queries) or set(written) != set(queries):
-      raise ValueError(
+      raise AnswerFileError(
           f"{self.queries_path(round_index)} holds a different query set for round "
           f"{round_index} than the one asked now; a round's queries cannot change.")
     path = self.answers_path(round_index)
     deadline = time.monotonic() + self.timeout_s
-    while not os.path.exists(path):
+    while not fs.exists(path):
       remaining = deadline - time.monotonic()
       if remaining <= 0:
         raise AwaitingAnnotations(round_index, self.queries_path(round_index), path)
@@ -169,16 +181,15 @@ class FileOracle:
 def _read_jsonl(path: str):
   """Yields (line number, parsed object) for the non-blank lines of a JSONL file."""
   try:
-    with open(path) as f:
-      lines = f.readlines()
+    lines = fs.read_text(path).splitlines()
   except (OSError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: cannot be read ({e}).") from e
+    raise AnswerFileError(f"{path}: cannot be read ({e}).") from e
   for lineno, line in enumerate(lines, 1):
     if line.strip():
       try:
         yield lineno, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from e
+        raise AnswerFileError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
 
 
 def _read_answers(path: str, round_index: int, queries: list[ItemRef],
@@ -189,18 +200,22 @@ def _read_answers(path: str, round_index: int, queries: list[ItemRef],
   for lineno, obj in _read_jsonl(path):
     where = f"{path}:{lineno}"
     try:
-      answer = Answer.from_json_obj(obj, round_index)
+      answer = check_answer(num_items, Answer.from_json_obj(obj, round_index),
+                            where)
     except ValueError as e:
-      raise ValueError(f"{where}: {e}") from None
-    answer = check_answer(num_items, answer, where)
+      message = str(e)
+      raise AnswerFileError(message if message.startswith(where)
+                            else f"{where}: {message}") from None
     ref = (answer.modality, answer.index)
     if ref not in asked:
-      raise ValueError(f"{where}: answers {ref}, which was not queried in round {round_index}.")
+      raise AnswerFileError(f"{where}: answers {ref}, which was not queried in "
+                            f"round {round_index}.")
     if ref in found:
-      raise ValueError(f"{where}: answers {ref} again (first at line {found[ref][0]}).")
+      raise AnswerFileError(f"{where}: answers {ref} again (first at line "
+                            f"{found[ref][0]}).")
     found[ref] = (lineno, answer)
   missing = [q for q in queries if q not in found]
   if missing:
-    raise ValueError(f"{path}: {len(missing)} of {len(queries)} queries are not answered, "
-                     f"e.g. {missing[:5]}.")
+    raise AnswerFileError(f"{path}: {len(missing)} of {len(queries)} queries are not "
+                          f"answered, e.g. {missing[:5]}.")
   return [found[q][1] for q in queries]

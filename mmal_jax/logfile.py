@@ -1,0 +1,85 @@
+"""The run's log in the workdir: WORKDIR/logs/process_<i>.log.
+
+`FileLog` is a `logging.Handler` installed on absl's logger when the program
+starts: it keeps lines in memory until `open_in(workdir)` names the workdir
+(after the config has passed its checks, so a config that cannot run leaves
+no trace), then writes them there and every later line. Local files are
+appended to and flushed at once; on object stores (gs://), which cannot
+append, the whole file is rewritten at most every `remote_interval_s` seconds
+and at exit.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+
+import jax
+
+from mmal_jax import fs
+
+
+class FileLog(logging.Handler):
+  """Buffers formatted log lines, then writes them to the workdir's log."""
+
+  def __init__(self, remote_interval_s: float = 30.0):
+    super().__init__()
+    self.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s"))
+    self.lines: list[str] = []
+    self.path = None
+    self.remote_interval_s = remote_interval_s
+    self._written = 0       # Lines already in the file.
+    self._last_write = 0.0
+    atexit.register(self.flush)
+
+  def open_in(self, workdir: str) -> str:
+    """Starts writing to WORKDIR/logs/process_<i>.log; returns that path."""
+    self.path = os.path.join(workdir, "logs",
+                             f"process_{jax.process_index()}.log")
+    if not fs.is_remote(self.path) and fs.exists(self.path):
+      self.lines.insert(0, f"---- restarted at {time.ctime()} ----")
+    self.flush(force=True)
+    return self.path
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      self.lines.append(self.format(record))
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+      return
+    self.flush()
+
+  def flush(self, force: bool = False) -> None:
+    """Writes the lines not written yet (remote: whole file, rate-limited)."""
+    if self.path is None or self._written == len(self.lines):
+      return
+    if not fs.is_remote(self.path):
+      fs.makedirs(os.path.dirname(self.path))
+      with fs.open(self.path, "a") as f:
+        f.write("".join(line + "\n" for line in self.lines))
+      self.lines, self._written = [], 0
+      return
+    now = time.monotonic()
+    if force or now - self._last_write >= self.remote_interval_s:
+      fs.write_text(self.path, "".join(line + "\n" for line in self.lines))
+      self._written, self._last_write = len(self.lines), now
+
+
+_HANDLER: FileLog | None = None
+
+
+def install() -> FileLog:
+  """Adds the (single) FileLog to the root logger, which absl logs through."""
+  global _HANDLER
+  if _HANDLER is None:
+    _HANDLER = FileLog()
+    _HANDLER.setLevel(logging.INFO)
+    logging.getLogger().addHandler(_HANDLER)
+  return _HANDLER
+
+
+def open_in(workdir: str) -> str | None:
+  """Points the installed FileLog at `workdir`; None if none is installed."""
+  return None if _HANDLER is None else _HANDLER.open_in(workdir)
