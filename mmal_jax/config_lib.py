@@ -184,7 +184,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   if not config.strategies:
     out.append("config.strategies is empty; name at least one of "
                f"{sorted(STRATEGIES)}.")
-  unknown = [n for n in config.strategies if n not in STRATEGIES]
+  unknown = [n for n in config.strategies
+             if not isinstance(n, str) or n not in STRATEGIES]
   for name in unknown:
     out.append(f"config.strategies names unknown strategy {name!r}; known: "
                f"{sorted(STRATEGIES)}.")
@@ -194,6 +195,10 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                f"{sorted(extra)}; known: {sorted(STRATEGIES)}.")
   if not config.seeds:
     out.append("config.seeds is empty.")
+  elif not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+               for s in config.seeds):
+    out.append(f"config.seeds must be non-negative integers (e.g. "
+               f"--config.seeds=0,1), got {config.seeds!r}.")
   out += [p for p in (
       _choice("regime", config.regime, REGIMES),
       _choice("data.source", config.data.source, DATA_SOURCES),
@@ -245,15 +250,24 @@ def raise_problems(found: list[str]) -> None:
         f"({i}) {p}" for i, p in enumerate(found, 1)))
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks a config's values; returns it locked. ConfigError names the field.
-
-  Every problem is reported at once (`problems`). `--config.strategies=
-  mmal,random` arrives as one string: it is split here.
-  """
+def normalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns `config` with list fields given as one command-line string
+  (`--config.strategies=mmal,random`) split, locked."""
+  strategies = config.strategies
+  if isinstance(strategies, str):
+    strategies = (strategies,)
   config.strategies = tuple(
-      name.strip() for entry in config.strategies for name in entry.split(",")
-      if name.strip())
-  raise_problems(problems(config))
+      name.strip() if isinstance(name, str) else name
+      for entry in strategies
+      for name in (entry.split(",") if isinstance(entry, str) else [entry])
+      if not isinstance(name, str) or name.strip())
   config.lock()
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`normalize`, then raises one ConfigError naming every problem found
+  by `problems`; returns the config locked."""
+  config = normalize(config)
+  raise_problems(problems(config))
   return config

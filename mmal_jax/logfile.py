@@ -70,16 +70,39 @@ class FileLog(logging.Handler):
 _HANDLER: FileLog | None = None
 
 
-def install() -> FileLog:
-  """Adds the (single) FileLog to the root logger, which absl logs through."""
+def install(quiet_until_open: bool = True) -> FileLog:
+  """Adds the (single) FileLog to the root logger, which absl logs through.
+
+  With `quiet_until_open`, INFO lines stay off stderr until `open_in` (so a
+  config rejected up front prints its one error line and nothing else).
+  """
   global _HANDLER
   if _HANDLER is None:
     _HANDLER = FileLog()
     _HANDLER.setLevel(logging.INFO)
     logging.getLogger().addHandler(_HANDLER)
+    if quiet_until_open:
+      _stderr_handler().setLevel(logging.WARNING)
   return _HANDLER
 
 
+def _stderr_handler() -> logging.Handler:
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  return absl_logging.get_absl_handler()
+
+
+def note(message: str) -> None:
+  """Adds a line to the log file only (not to stderr), e.g. the error that
+  the CLI prints as its one line."""
+  if _HANDLER is not None:
+    _HANDLER.lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
+    _HANDLER.flush(force=True)
+
+
 def open_in(workdir: str) -> str | None:
-  """Points the installed FileLog at `workdir`; None if none is installed."""
-  return None if _HANDLER is None else _HANDLER.open_in(workdir)
+  """Points the installed FileLog at `workdir` (and lets INFO lines reach
+  stderr again); None if none is installed."""
+  if _HANDLER is None:
+    return None
+  _stderr_handler().setLevel(logging.NOTSET)
+  return _HANDLER.open_in(workdir)

@@ -145,10 +145,12 @@ class Experiment:
   def create(cls, config, workdir, mesh=None) -> Experiment:
     """Checks everything a run needs, then writes config.json.
 
-    Every blocking problem (workdir, data, checkpoint, budget) is collected
-    and raised at once as one ConfigError; nothing is written before.
+    Every blocking problem (config values, workdir, data, checkpoint,
+    budget) is collected and raised at once as one ConfigError; nothing is
+    written before.
     """
-    found = []
+    found = config_lib.problems(config)
+    values_ok = not found
     if sharding.is_main_process():
       reason = fs.check_writable_dir(workdir)
       if reason:
@@ -172,7 +174,7 @@ class Experiment:
       found.append(f"Cannot load the {config.data.source!r} data: {e} Fix the "
                    f"file or the config.data fields that name it.")
     num_units = 0
-    if data is not None:
+    if data is not None and values_ok:
       found += _data_problems(config, data)
       num_units = pool_lib.count_units(
           pool_lib.matching_components(data.pool))

@@ -17,6 +17,7 @@ bought or checkpointed is lost: fix it and rerun the same command);
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
 from typing import NoReturn
 
@@ -83,7 +84,7 @@ def _parse_flags(argv):
   and a config file it cannot load with OSError / an import-time error.
   """
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     _fail(f"unknown config key in the command line: {_first_line(e)} The "
           f"config file lists every key; --config.KEY=VALUE may only change "
@@ -92,19 +93,33 @@ def _parse_flags(argv):
     detail = _first_line(e).removeprefix("flag ")
     _fail(f"bad value in the command line: {detail}. Give a value of the "
           f"field's type (see the config file).")
+  except flags.Error as e:
+    _fail(f"{_first_line(e)} (see --helpfull).")
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself failed while the flag loaded it (syntax, import).
+    _fail(f"cannot load the --config file: {_innermost(e)}")
+
+
+def _innermost(error: BaseException) -> str:
+  """`Type: message` of the first cause in an exception chain."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _load_config():
-  """The validated config; a config file that cannot load is one line, 2."""
+  """The config (checked later, with the data and workdir, all at once);
+  a config file that cannot load is one line, exit 2."""
+  path = flags.FLAGS["config"].config_filename
+  if not os.path.isfile(path.partition(":")[0]):
+    _fail(f"--config {path}: no such file; see configs/ for the configs.")
   try:
     config = _CONFIG.value
+    config.keys()  # ml_collections reports a failed load on first use.
   except Exception as e:  # pylint: disable=broad-except
-    # Any error of the user's config file (missing, syntax, import, raise).
-    _fail(f"cannot load --config {flags.FLAGS['config'].config_filename!r}: "
-          f"{_first_line(e)}")
-  if config is None:
-    _fail("--config is required, e.g. --config configs/demo.py.")
-  return config_lib.validate(config)
+    # Any error of the user's config file (syntax, import, raise).
+    _fail(f"cannot load --config {path}: {_innermost(e)}")
+  return config_lib.normalize(config)
 
 
 def main(argv):
@@ -121,7 +136,7 @@ def main(argv):
                  jax.device_count(), jax.devices()[0].device_kind)
     text = loop.run_experiment(config, _WORKDIR.value)
   except _USER_ERRORS as e:
-    logging.error("%s", e)
+    logfile.note(f"error: {e}")
     _fail(str(e))
   except oracle.AwaitingAnnotations as e:
     logging.warning("%s", e)
