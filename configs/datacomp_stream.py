@@ -5,7 +5,9 @@ r"""The paper's DataComp stream run, from scratch (Sec. 5.1, App. B.2, Table 7).
 
 Pre-training regime: random initial towers, buffers of 2048 pairs, 512
 queries per round, 1 epoch over the annotated pairs per round, batch 512,
-CLIP ViT-B/32 with the softmax loss (as DataComp's small track).
+CLIP ViT-B/32 with the softmax loss (as DataComp's small track), texts in the
+c4_en SentencePiece vocabulary (32k pieces, 77 tokens; DataComp's own runs use
+OpenAI's BPE, which is not implemented here).
 """
 from mmal_jax import config_lib
 from mmal_jax.models import presets
@@ -13,7 +15,7 @@ from mmal_jax.models import presets
 
 def get_config():
   config = config_lib.base_config()
-  config_lib.use_preset(config, presets.clip("B/32"))
+  config_lib.use_preset(config, presets.clip("B/32", res=224, text_len=77))
   config.data.update(source="datacomp", image_size=224)
   config.regime = "stream"
   config.stream_buffer = 2048

@@ -112,3 +112,56 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+# Parameters and optimizer state (FSDP). big_vision leaves arrays of up to
+# 4 MiB replicated: 2**20 float32 elements; counted in elements so that a
+# parameter and its (possibly bfloat16) Adam moments always shard alike.
+FSDP_MIN_ELEMENTS = 2 ** 20
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, *,
+              min_elements: int = FSDP_MIN_ELEMENTS) -> P:
+  """big_vision's `fsdp` rule: split the largest dimension `fsdp_size` divides.
+
+  Returns `P()` (replicated) for `fsdp_size` 1, arrays with fewer than
+  `min_elements` elements, and shapes none of whose dimensions `fsdp_size`
+  divides; else a spec with `FSDP_AXIS` on that dimension (the first of equal
+  largest ones). Depends on the shape only, so a parameter and its optimizer
+  moments get the same spec. Pure Python, no devices needed.
+  """
+  shape = tuple(int(d) for d in shape)
+  if fsdp_size == 1 or int(np.prod(shape)) < min_elements:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[dim] % fsdp_size == 0:
+      return P(*[FSDP_AXIS if i == dim else None for i in range(len(shape))])
+  return P()
+
+
+def param_shardings(tree, mesh: Mesh, *,
+                    min_elements: int = FSDP_MIN_ELEMENTS):
+  """`NamedSharding`s on `mesh` for a tree of arrays or ShapeDtypeStructs.
+
+  Every leaf gets `fsdp_spec` over the mesh's `"fsdp"` axis (replicated over
+  `"data"`): parameters, optimizer moments and scalars alike, so it applies
+  to a whole train state.
+  """
+  size = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, size,
+                                              min_elements=min_elements)),
+      tree)
+
+
+def bytes_per_device(tree, fsdp_size: int, *,
+                     min_elements: int = FSDP_MIN_ELEMENTS) -> int:
+  """Bytes one device holds of a tree of arrays / ShapeDtypeStructs when each
+  leaf is laid out by `fsdp_spec` over an `fsdp_size` axis (from shapes only:
+  no devices or allocation, so any `fsdp_size` can be asked)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    sharded = any(fsdp_spec(x.shape, fsdp_size, min_elements=min_elements))
+    total += nbytes // fsdp_size if sharded else nbytes
+  return total

@@ -2,17 +2,19 @@
 
 `get_tokenizer("bytes")`: dependency-free UTF-8 byte tokenizer (the offline
 default; ids as ByT5: 0 pad, 1 EOS, byte v -> v + 3; 2 serves as BOS).
-`get_tokenizer("sp:/path/model.model")`: a SentencePiece model, local or any
-`tf.io.gfile` URL (gs://...), e.g. big_vision's SigLIP vocabulary
-`sp:gs://t5-data/vocabs/cc_en.32000/sentencepiece.model` (its "c4_en").
+`get_tokenizer("sp:/path/model.model")`: a SentencePiece model, local or
+`gs://` (read through `mmal_jax.fs`). The vocabularies of released checkpoints
+are named below (`C4_EN`: big_vision's SigLIP "c4_en"; `LIT_L16S`: the LiT-L16S
+release); `VOCAB_SIZES` gives their sizes, which a text tower must match.
 
 Padding and truncation follow big_vision's `tokenize(eos="sticky")`: with
 `add_eos` the EOS survives truncation (a too-long text keeps its first
-`length - 1` tokens then EOS), so the text is always terminated. SigLIP pads
-with the EOS id (`pad_id=tok.eos_id`, big_vision's `pad_value=1`) so that
-`pool_type="last"` reads an EOS; the default pads with `tok.pad_id`.
-big_vision's SigLIP input pipeline also lower-cases texts first; that is the
-caller's choice, not done here.
+`length - 1` tokens then EOS), so the text is always terminated. The SigLIP
+and LiT releases pad with the EOS id (`pad_id=tok.eos_id`: big_vision's
+`pad_value=1`, vision_transformer's LiT tokenizer) so that
+`pool_type="last"` reads an EOS; the default pads with `tok.pad_id`. Neither
+lower-cases texts (SigLIP 2 checkpoints would want both lower-casing and
+`pad_id` padding).
 """
 from __future__ import annotations
 
@@ -20,7 +22,26 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mmal_jax.models import checkpoint
+from mmal_jax import fs
+
+# SentencePiece vocabularies of released checkpoints.
+C4_EN = "sp:gs://t5-data/vocabs/cc_en.32000/sentencepiece.model"
+LIT_L16S = "sp:gs://vit_models/lit/LiT-L16S.model"
+# Ids each tokenizer produces: the text tower's `vocab_size`.
+VOCAB_SIZES = {"bytes": 259, C4_EN: 32_000, LIT_L16S: 16_000}
+
+
+def vocab_size(spec: str) -> int:
+  """The vocabulary size of tokenizer `spec` if known without reading it.
+
+  Raises ValueError for other SentencePiece models: pass the size explicitly
+  (their piece count, `get_tokenizer(spec).vocab_size`).
+  """
+  if spec not in VOCAB_SIZES:
+    raise ValueError(f"The vocabulary size of tokenizer {spec!r} is not known "
+                     f"here ({sorted(VOCAB_SIZES)}); pass vocab_size= (its "
+                     f"piece count).")
+  return VOCAB_SIZES[spec]
 
 
 class Tokenizer:
@@ -105,11 +126,22 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.decode(ids)
 
 
-def get_tokenizer(spec: str) -> Tokenizer:
-  """"bytes" or "sp:<path readable by tf.io.gfile>" -> a `Tokenizer`."""
+def get_tokenizer(spec: str, *, vocab_size: Optional[int] = None
+                  ) -> Tokenizer:
+  """"bytes" or "sp:<local or gs:// path>" -> a `Tokenizer`.
+
+  With `vocab_size` (the text tower's embedding rows), raises ValueError if
+  the tokenizer produces ids outside it (the model would read garbage rows).
+  Cost: one read of the SentencePiece model.
+  """
   if spec == "bytes":
-    return ByteTokenizer()
-  if spec.startswith("sp:"):
-    with checkpoint.open_file(spec[len("sp:"):], "rb") as f:
-      return SentencePieceTokenizer(f.read())
-  raise ValueError(f"Unknown tokenizer {spec!r}: 'bytes' or 'sp:/path'.")
+    tokenizer = ByteTokenizer()
+  elif spec.startswith("sp:"):
+    tokenizer = SentencePieceTokenizer(fs.read_bytes(spec[len("sp:"):]))
+  else:
+    raise ValueError(f"Unknown tokenizer {spec!r}: 'bytes' or 'sp:/path'.")
+  if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+    raise ValueError(f"Tokenizer {spec!r} has {tokenizer.vocab_size} ids but "
+                     f"the text tower embeds {vocab_size}: set the model's "
+                     f"text vocab_size to match the tokenizer.")
+  return tokenizer

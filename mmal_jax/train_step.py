@@ -1,11 +1,18 @@
-"""Data-parallel training step for two-tower models (SigLIP, CLIP, LiT).
+"""Sharded training step for two-tower models (SigLIP, CLIP, LiT).
 
-The state is a plain dict pytree, `{"params", "opt", "step", "rng"}`,
-replicated over the mesh of `mmal_jax.sharding` (so orbax saves it as is).
-Batches are dicts `{"image": (B, ...), "text": (B, ...)}` split along
-`sharding.ROW_AXES`: each device runs both towers on its B/n rows (XLA sums the
-gradients across devices), then the contrastive loss of the global batch is
-computed with explicit collectives (`losses`, in `jax.shard_map`).
+The state is a plain dict pytree, `{"params", "opt", "step", "rng"}`, laid out
+on the `("data", "fsdp")` mesh of `mmal_jax.sharding`: every leaf (parameters,
+Adam moments, schedule scalars) by `sharding.fsdp_spec`, i.e. split over
+`"fsdp"` along its largest dimension that divides, replicated over `"data"`
+(with `fsdp=1` everything is replicated: plain data parallelism). The state is
+created directly in that layout (`make_state_init`, `init_params`) and orbax
+saves and restores it onto any mesh (`abstract_state`).
+
+Batches are dicts `{"image": (B, ...), "text": (B, ...)}` split over both mesh
+axes (`sharding.ROW_AXES`): each device runs both towers on its B/n rows, XLA
+gathers the sharded weights it needs and reduce-scatters the gradients, and
+the contrastive loss of the global batch is computed with explicit
+collectives over every device (`losses`, in `jax.shard_map`).
 
 Compute precision is the towers' `dtype_mm` (e.g. "bfloat16", see
 `presets`); parameters, optimizer state and the loss stay float32.
@@ -18,52 +25,155 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mmal_jax import losses
+from mmal_jax import optim
 from mmal_jax import sharding
 
 TrainState = dict  # {"params": tree, "opt": optax state, "step", "rng"}
 
 
-def make_state_init(optimizer: optax.GradientTransformation, mesh: Mesh
-                    ) -> Callable[[Any, jax.Array], TrainState]:
-  """Jitted `(params, rng) -> state`: fresh optimizer state, step 0.
+def _new_state(optimizer, params, rng) -> TrainState:
+  return {"params": params, "opt": optimizer.init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": rng}
 
-  Build it once and call it for every fit: it compiles once per param shapes.
+
+def _constrain(tree, mesh: Mesh, min_elements: int):
+  """`tree` (traced) pinned to its FSDP layout; shapes decide, see module."""
+  return jax.lax.with_sharding_constraint(
+      tree, sharding.param_shardings(tree, mesh, min_elements=min_elements))
+
+
+def state_shapes(optimizer: optax.GradientTransformation, params
+                 ) -> TrainState:
+  """The train state's `jax.ShapeDtypeStruct`s for `params` (arrays or
+  ShapeDtypeStructs); no compute or allocation (`jax.eval_shape`)."""
+  return jax.eval_shape(functools.partial(_new_state, optimizer), params,
+                        jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+
+def abstract_state(optimizer: optax.GradientTransformation, params,
+                   mesh: Mesh, *,
+                   min_elements: int = sharding.FSDP_MIN_ELEMENTS
+                   ) -> TrainState:
+  """The train state as `jax.ShapeDtypeStruct`s carrying their shardings.
+
+  `params`: arrays or ShapeDtypeStructs. The target of an orbax
+  `StandardRestore`, which then puts every array in this layout on `mesh`,
+  whatever mesh the state was saved from. No compute (`jax.eval_shape`).
+  """
+  shapes = state_shapes(optimizer, params)
+  shardings = sharding.param_shardings(shapes, mesh, min_elements=min_elements)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      shapes, shardings)
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params,
+                    mesh: Mesh, *,
+                    min_elements: int = sharding.FSDP_MIN_ELEMENTS):
+  """The `NamedSharding` of every leaf of the train state (see
+  `abstract_state`)."""
+  return jax.tree.map(lambda x: x.sharding,
+                      abstract_state(optimizer, params, mesh,
+                                     min_elements=min_elements))
+
+
+def place_params(params, mesh: Mesh, *,
+                 min_elements: int = sharding.FSDP_MIN_ELEMENTS):
+  """`params` in their FSDP layout on `mesh`.
+
+  Host arrays (e.g. from `checkpoint.load`) are copied shard by shard, each
+  process its own devices' shards (`sharding.put_global`); device arrays in
+  another layout are resharded (`jax.device_put`); arrays already in place
+  are returned as they are.
+  """
+  def place(x, target):
+    if isinstance(x, jax.Array):
+      return x if x.sharding == target else jax.device_put(x, target)
+    return sharding.put_global(np.asarray(x), target)
+
+  return jax.tree.map(place, params, sharding.param_shardings(
+      params, mesh, min_elements=min_elements))
+
+
+def init_params(model: nn.Module, mesh: Mesh, rng: jax.Array,
+                batch: dict[str, Any], *,
+                min_elements: int = sharding.FSDP_MIN_ELEMENTS):
+  """Random parameters of `model`, created directly in their FSDP layout.
+
+  `batch` gives input shapes and dtypes only (arrays or ShapeDtypeStructs);
+  init traces one example. Cost: one compile + init of the model; no device
+  ever holds more than its shards.
+  """
+  example = [jnp.zeros((1,) + tuple(batch[k].shape[1:]), batch[k].dtype)
+             for k in ("image", "text")]
+  init = lambda r: model.init(r, *example)["params"]
+  shardings = sharding.param_shardings(jax.eval_shape(init, rng), mesh,
+                                       min_elements=min_elements)
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def make_state_init(optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                    min_elements: int = sharding.FSDP_MIN_ELEMENTS
+                    ) -> Callable[..., TrainState]:
+  """`init(params, rng, *, warmup_steps=None, total_steps=None) -> state`.
+
+  Fresh optimizer state, step 0, every leaf created in its FSDP layout on
+  `mesh` (`params` are first placed there by `place_params`, so host arrays
+  never land whole on one device). `warmup_steps` / `total_steps` set the
+  schedule's lengths (`optim.set_schedule`) as traced values: build `init`
+  once and call it for every fit; it compiles once per parameter shapes.
   """
 
-  def init(params, rng):
-    return {"params": params, "opt": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": rng}
+  @jax.jit
+  def init(params, rng, warmup_steps, total_steps):
+    state = _new_state(optimizer, params, rng)
+    if warmup_steps is not None:
+      state["opt"] = optim.set_schedule(state["opt"], warmup_steps,
+                                        total_steps)
+    return _constrain(state, mesh, min_elements)
 
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))
+  def call(params, rng, *, warmup_steps=None, total_steps=None):
+    if (warmup_steps is None) != (total_steps is None):
+      raise ValueError("Give both warmup_steps and total_steps, or neither.")
+    lengths = [None if n is None else jnp.asarray(n, jnp.int32)
+               for n in (warmup_steps, total_steps)]
+    rng = sharding.put_global(np.asarray(rng), sharding.replicated(mesh))
+    return init(place_params(params, mesh, min_elements=min_elements), rng,
+                *lengths)
+
+  call._cache_size = init._cache_size  # Compilations so far, as a jit's.
+  return call
 
 
 def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
                      mesh: Mesh, rng: jax.Array, batch: dict[str, Any], *,
-                     params=None) -> TrainState:
-  """Initialises (or adopts `params`) and the optimizer, replicated on `mesh`.
+                     params=None,
+                     min_elements: int = sharding.FSDP_MIN_ELEMENTS
+                     ) -> TrainState:
+  """Initialises (or adopts `params`) and the optimizer, sharded on `mesh`.
 
-  `batch` gives input shapes and dtypes only (arrays or ShapeDtypeStructs);
-  init runs on one example. Cost: one compile + init of the model.
+  `batch` gives input shapes and dtypes only. Cost: one compile + init of the
+  model (`init_params`) and of the optimizer state.
   """
   init_rng, state_rng = jax.random.split(rng)
   if params is None:
-    example = {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype)
-               for k, v in batch.items()}
-    params = jax.jit(lambda r: model.init(r, example["image"],
-                                          example["text"])["params"],
-                     out_shardings=sharding.replicated(mesh))(init_rng)
-  return make_state_init(optimizer, mesh)(params, state_rng)
+    params = init_params(model, mesh, init_rng, batch,
+                         min_elements=min_elements)
+  return make_state_init(optimizer, mesh, min_elements=min_elements)(
+      params, state_rng)
 
 
 def make_loss(name: str, mesh: Mesh, method: str = "all_gather") -> Callable:
   """`(zimg, ztxt, out) -> scalar` global-batch loss over row-sharded z's.
 
   name: "siglip" (needs the model's bias `b`) or "clip"; method: the SigLIP
-  collective, "all_gather" or "ring" (CLIP always gathers).
+  collective, "all_gather" or "ring" (CLIP always gathers). The rows are
+  split over both mesh axes, the collectives run over `sharding.ROW_AXES`.
   """
   rows = sharding.row_spec()
   if name == "siglip":
@@ -83,17 +193,26 @@ def make_loss(name: str, mesh: Mesh, method: str = "all_gather") -> Callable:
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     mesh: Mesh, *, loss: str = "siglip",
                     loss_method: str = "all_gather",
-                    frozen: Optional[Any] = None) -> Callable:
+                    frozen: Optional[Any] = None,
+                    min_elements: int = sharding.FSDP_MIN_ELEMENTS
+                    ) -> Callable:
   """Returns jitted `step(state, batch) -> (state, metrics)`.
 
-  `frozen`: bool tree like the params (`optim.frozen_mask`); those leaves are
-  cut from the gradient (`stop_gradient`), so XLA skips the backward pass of a
-  locked tower (LiT), and the optimizer must leave them unchanged.
-  metrics: loss, t, b (if the model has one), grad_norm (global L2 norm).
-  The batch size must be divisible by the mesh size. The input state is
-  donated (its buffers are reused for the output state).
+  `state` as `make_state_init` lays it out; the new state keeps that layout
+  (parameters, gradients and optimizer state stay FSDP-sharded), metrics are
+  replicated. `frozen`: bool tree like the params (`optim.frozen_mask`);
+  those leaves are cut from the gradient (`stop_gradient`), so XLA skips the
+  backward pass of a locked tower (LiT), and the optimizer must leave them
+  unchanged. metrics: loss, t, b (if the model has one), grad_norm (global
+  L2 norm). The batch size must be divisible by the mesh size. The input
+  state is donated (its buffers are reused for the output state).
+  Cost: forward + backward of both towers on B examples; per device
+  parameter memory 1/fsdp of the sharded leaves plus one gathered layer's
+  weights at a time (XLA schedules the all-gathers).
   """
   loss_fn = make_loss(loss, mesh, loss_method)
+  constrain = functools.partial(_constrain, mesh=mesh,
+                                min_elements=min_elements)
 
   def step(state, batch):
     dropout_rng = jax.random.fold_in(state["rng"], state["step"])
@@ -109,6 +228,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
     (value, out), grads = jax.value_and_grad(objective, has_aux=True)(
         state["params"])
+    grads = constrain(grads)
     updates, opt = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": value, "t": out["t"][0],
@@ -117,8 +237,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       metrics["b"] = out["b"][0]
     new_state = {**state, "params": params, "opt": opt,
                  "step": state["step"] + 1}
-    return new_state, metrics
+    return constrain(new_state), metrics
 
   replicated = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, sharding.row_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(None, sharding.row_sharding(mesh)),
+                 out_shardings=(None, replicated), donate_argnums=(0,))

@@ -29,7 +29,17 @@ def test_acquisition_benchmark(tmp_path):
 def test_train_step_benchmark(tmp_path):
   out = _run("mmal_jax.benchmarks.train_step", "--variant=mu/8",
              "--text_variant=mu", "--res=16", "--batch=8", "--text_len=8",
-             "--steps=2", "--warmup=1", f"--out={tmp_path}")
-  assert "examples_per_s" in out
+             "--steps=2", "--warmup=1", "--mesh_data=1", "--mesh_fsdp=-1",
+             "--memory_variants=B/16", f"--out={tmp_path}")
+  assert "examples_per_s" in out and "fsdp=256 GiB/device" in out
   result = json.loads((tmp_path / "train_step.json").read_text())
   assert result["examples_per_s"] > 0 and result["gflop_per_step_per_device"] > 0
+  assert result["mesh"]["data"] == 1 and result["state_bytes_per_device"] > 0
+  scanned, unrolled = result["memory"]
+  assert (scanned["variant"], scanned["scan"], unrolled["scan"]) == (
+      "B/16", True, False)
+  per_device = scanned["bytes_per_device"]
+  # B/16's widths (768, 3072, 32000) all divide 256; arrays under 4 MiB
+  # (biases, norms, position embeddings) stay whole.
+  assert per_device["1"] > 6 * per_device["8"] > 6 * per_device["256"]
+  assert per_device["256"] < per_device["1"] / 32

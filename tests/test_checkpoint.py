@@ -1,13 +1,17 @@
-"""big_vision .npz checkpoints: round trip, big_vision's layout, errors."""
+"""big_vision .npz checkpoints: round trip, big_vision's layouts, errors."""
+import os
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from mmal_jax.models import checkpoint
 from mmal_jax.models import presets
 from mmal_jax.models import two_towers
+from mmal_jax.models import vit
 
 KEY = jax.random.PRNGKey(0)
 IMAGES = jax.random.normal(KEY, (2, 16, 16, 3))
@@ -162,3 +166,169 @@ def test_unflatten_inverts_flatten():
   assert set(flat) == {"a/b", "a/c/d", "e"}
   assert flax.traverse_util.flatten_dict(checkpoint.unflatten(flat)).keys() \
       == flax.traverse_util.flatten_dict(tree).keys()
+
+
+def test_training_checkpoint_takes_params_beside_optimizer_state(tmp_path,
+                                                                 tiny):
+  """big_vision's training npz: "params/..." next to "opt/..." (issue 8.13)."""
+  _, params = tiny
+  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  arrays = {f"params/{k}": v for k, v in flat.items()}
+  arrays.update({f"opt/1/0/mu/{k}": np.zeros_like(v) for k, v in flat.items()})
+  arrays["opt/1/0/count"] = np.zeros((), np.int32)
+  path = str(tmp_path / "train.npz")
+  np.savez(path, **arrays)
+  assert set(checkpoint.read(path)) == set(flat)
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load(params, path),
+               params)
+
+
+def _to_old_vit_layout(flat, prefix):
+  """The AugReg / vision_transformer layout of the ViT under `prefix`."""
+  block_names = {"LayerNorm_0": "LayerNorm_0",
+                 "MultiHeadDotProductAttention_0":
+                     "MultiHeadDotProductAttention_1",
+                 "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
+  old = {}
+  for name, value in flat.items():
+    if not name.startswith(prefix):
+      old[name] = value
+      continue
+    parts = name.split("/")
+    for i, part in enumerate(parts[:-1]):
+      if parts[i - 1].startswith("encoderblock_") and part in block_names:
+        parts[i] = block_names[part]
+    old["/".join(parts)] = value
+  posemb = old.pop(prefix + "pos_embedding")
+  cls_posemb = np.random.default_rng(1).normal(
+      size=(1, 1, posemb.shape[-1])).astype(np.float32)
+  old[prefix + "Transformer/posembed_input/pos_embedding"] = np.concatenate(
+      [cls_posemb, posemb], axis=1)
+  old[prefix + "cls"] = old[prefix + "cls"] - cls_posemb
+  return old
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_old_vit_layout_loads(tmp_path, scan):
+  """AugReg / vision_transformer npz files convert on load (issue 8.14)."""
+  model = vit.Model(num_classes=5, variant="mu/8", depth=2, pool_type="tok",
+                    rep_size=16, head_zeroinit=False)
+  params = jax.jit(model.init)(KEY, IMAGES)["params"]
+  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  old = _to_old_vit_layout(flat, "")
+  assert "Transformer/encoderblock_1/MlpBlock_3/Dense_1/kernel" in old
+  assert old["Transformer/posembed_input/pos_embedding"].shape == (1, 5, W)
+  path = str(tmp_path / "augreg.npz")
+  np.savez(path, **old)
+  target = params
+  if scan:
+    target = jax.eval_shape(vit.Model(
+        num_classes=5, variant="mu/8", depth=2, pool_type="tok", rep_size=16,
+        scan=True).init, KEY, IMAGES)["params"]
+  loaded = checkpoint.load(target, path)
+  if scan:
+    loaded = checkpoint.load(params, _saved(tmp_path, loaded))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               loaded, params)
+  np.testing.assert_allclose(model.apply({"params": loaded}, IMAGES)[0],
+                             model.apply({"params": params}, IMAGES)[0],
+                             atol=1e-5)
+
+
+def _saved(tmp_path, params):
+  path = str(tmp_path / "resaved.npz")
+  checkpoint.save(params, path)
+  return path
+
+
+def test_old_two_tower_layout_loads(tmp_path):
+  """A LiT file as vision_transformer released them: both towers pre-linen."""
+  config = presets.tiny("clip")
+  config.model.image.pool_type = "tok"
+  model = two_towers.Model(**config.model)
+  params = jax.jit(model.init)(KEY, IMAGES, TOKENS)["params"]
+  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  old = _to_old_vit_layout(flat, "img/")
+  for name in list(old):
+    if name.startswith("txt/Encoder_0/encoderblock_0/"):
+      new = name.replace("/MultiHeadDotProductAttention_0/",
+                         "/MultiHeadDotProductAttention_1/")
+      new = new.replace("/LayerNorm_1/", "/LayerNorm_2/")
+      old[new.replace("/MlpBlock_0/", "/MlpBlock_3/")] = old.pop(name)
+  path = str(tmp_path / "lit.npz")
+  np.savez(path, **old)
+  loaded = checkpoint.load(params, path)
+  for a, b in zip(embed(model, loaded), embed(model, params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_text_posemb_added_twice_is_merged():
+  flat = {"pos_embedding": np.ones((1, 4, 2)),
+          "Encoder_0/pos_embedding": np.full((1, 4, 2), 2.),
+          "Encoder_0/encoder_norm/scale": np.ones(2)}
+  fixed = checkpoint.fix_old_layout(flat)
+  np.testing.assert_array_equal(fixed["pos_embedding"], np.full((1, 4, 2), 3.))
+  assert set(fixed) == {"pos_embedding", "Encoder_0/encoder_norm/scale"}
+
+
+def test_fix_old_layout_leaves_current_files_alone(tiny):
+  _, params = tiny
+  flat = {k: np.asarray(v) for k, v in checkpoint.flatten(params).items()}
+  fixed = checkpoint.fix_old_layout(flat)
+  assert fixed.keys() == flat.keys()
+  for name, value in flat.items():
+    np.testing.assert_array_equal(fixed[name], value)
+
+
+def test_resample_grid_matches_scipy_zoom_per_channel():
+  """As big_vision: linear zoom of each channel (issue 8.16)."""
+  old, new, dim = 7, 12, 3
+  y, x = np.mgrid[:old, :old] / (old - 1)
+  grid = np.stack([np.sin(3 * x + c) * np.cos(2 * y - c)
+                   for c in range(dim)], axis=-1).astype(np.float32)
+  out = checkpoint.resample_grid(grid.reshape(1, old * old, dim),
+                                 (1, new * new, dim))
+  assert out.shape == (1, new * new, dim)
+  want = np.stack([scipy.ndimage.zoom(grid[..., c], new / old, order=1)
+                   for c in range(dim)], axis=-1)
+  np.testing.assert_allclose(out.reshape(new, new, dim), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("content", [None, b"not an npz at all"])
+def test_unreadable_npz_says_which_file_and_to_delete_it(tmp_path, tiny,
+                                                         content):
+  _, params = tiny
+  path = str(tmp_path / "broken.npz")
+  checkpoint.save(params, path)
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2] if content is None else content)
+  with pytest.raises(ValueError, match=r"broken\.npz.*[Dd]elete it"):
+    checkpoint.read(path)
+
+
+def test_save_is_atomic(tmp_path, tiny, monkeypatch):
+  """An interrupted save leaves the previous file whole (issue 13.1)."""
+  _, params = tiny
+  path = str(tmp_path / "params.npz")
+  checkpoint.save(params, path)
+  before = open(path, "rb").read()
+
+  def interrupted(fd):
+    raise KeyboardInterrupt("killed mid-write")
+
+  monkeypatch.setattr(os, "fsync", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.save(jax.tree.map(lambda x: x + 1, params), path)
+  assert open(path, "rb").read() == before
+  assert os.listdir(tmp_path) == ["params.npz"]
+
+
+def test_save_and_load_on_gcs(gcs_bucket, tiny):
+  _, params = tiny
+  path = f"{gcs_bucket}/run/params.npz"
+  checkpoint.save(params, path)
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load(params, path),
+               params)
+  image_tower = checkpoint.load(params["img"], path + ":img")
+  jax.tree.map(np.testing.assert_array_equal, image_tower, params["img"])

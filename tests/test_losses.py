@@ -81,7 +81,17 @@ def test_gradients_match_finite_differences():
         jax.device_count() < n, reason=f"needs {n} devices"))
     for n in (1, 2, 8)])
 def test_sharded_losses_equal_single_device(num_devices):
-  mesh = sharding.make_mesh(jax.devices()[:num_devices])
+  check_sharded_losses(sharding.make_mesh(jax.devices()[:num_devices]))
+
+
+@pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices")
+@pytest.mark.parametrize("data,fsdp", [(1, 8), (2, 4), (8, 1)])
+def test_sharded_losses_on_fsdp_meshes(data, fsdp):
+  """Rows over both axes of a 2-D mesh: still the global-batch loss."""
+  check_sharded_losses(sharding.make_mesh(data=data, fsdp=fsdp))
+
+
+def check_sharded_losses(mesh):
   rows = sharding.row_spec()
   zimg, ztxt = unit_rows(10), unit_rows(11)
   t, b = jnp.array([7.]), jnp.array([-3.])

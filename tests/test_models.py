@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmal_jax import tokenizers
 from mmal_jax.models import common
 from mmal_jax.models import feature_towers
 from mmal_jax.models import presets
@@ -111,27 +112,64 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(model.apply(params, IMAGES)[0], ref, atol=0.1)
 
 
+def _has_remat(model, params):
+  jaxpr = jax.make_jaxpr(jax.grad(
+      lambda p: jnp.sum(model.apply({"params": p}, IMAGES)[0])))(params)
+  return "remat" in str(jaxpr) or "checkpoint" in str(jaxpr)
+
+
 def test_remat_and_scan_do_not_change_the_function():
   def loss(model, params):
     return jnp.sum(model.apply({"params": params}, IMAGES)[0] ** 2)
 
   plain = vit.Model(variant="mu/8", depth=2)
-  remat = vit.Model(variant="mu/8", depth=2, remat_policy="nothing_saveable")
   params = plain.init(KEY, IMAGES)["params"]
-  grads = [jax.jit(jax.grad(lambda p, m=m: loss(m, p)))(params)
-           for m in (plain, remat)]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-7), *grads)
-  scanned = vit.Model(variant="mu/8", depth=2, scan=True,
-                      remat_policy="nothing_saveable")
   blocks = params["Transformer"]
   stacked = dict(params, Transformer={
       "encoder_norm": blocks["encoder_norm"],
       "encoderblock": jax.tree.map(lambda *xs: jnp.stack(xs),
                                    blocks["encoderblock_0"],
                                    blocks["encoderblock_1"])})
-  np.testing.assert_allclose(loss(scanned, stacked), loss(plain, params),
-                             rtol=1e-6)
+  want = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+  for policy in ("nothing_saveable", "none"):
+    scanned = vit.Model(variant="mu/8", depth=2, scan=True,
+                        remat_policy=policy)
+    np.testing.assert_allclose(loss(scanned, stacked), loss(plain, params),
+                               rtol=1e-6)
+    grads = jax.jit(jax.grad(lambda p, m=scanned: loss(m, p)))(stacked)
+    for i in range(2):
+      jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(
+          a[i], b, rtol=1e-5, atol=1e-6),
+                   grads["Transformer"]["encoderblock"],
+                   want["Transformer"][f"encoderblock_{i}"])
+
+
+def test_remat_policy_defaults_to_nothing_saveable_under_scan():
+  """big_vision's default (issue 8.17): the scanned blocks rematerialise."""
+  assert vit.Model.remat_policy == "nothing_saveable"
+  assert text_transformer.Model.remat_policy == "nothing_saveable"
+  assert common.Encoder.remat_policy == "nothing_saveable"
+  for name in ("siglip", "lit", "clip", "tiny"):
+    config = getattr(presets, name)()
+    assert config.model.image.remat_policy == "nothing_saveable", name
+  scanned = vit.Model(variant="mu/8", depth=2, scan=True)
+  params = jax.eval_shape(scanned.init, KEY, IMAGES)["params"]
+  assert _has_remat(scanned, params)
+  assert not _has_remat(vit.Model(variant="mu/8", depth=2, scan=True,
+                                  remat_policy="none"), params)
+  unrolled = vit.Model(variant="mu/8", depth=2)
+  assert not _has_remat(unrolled, jax.eval_shape(unrolled.init, KEY,
+                                                 IMAGES)["params"])
+  with pytest.raises(ValueError, match="remat_policy"):
+    vit.Model(variant="mu/8", scan=True, remat_policy="typo").init(KEY, IMAGES)
+
+
+def test_siglip2_g_opt_variants():
+  """SigLIP 2's released g-opt/16 and its G-opt sibling (issue 8.15)."""
+  assert common.decode_variant("g-opt/16") == dict(
+      width=1536, depth=40, mlp_dim=6144, num_heads=16, patch_size=(16, 16))
+  assert common.decode_variant("G-opt") == dict(
+      width=1536, depth=48, mlp_dim=8192, num_heads=16)
 
 
 def test_dropout_only_in_training():
@@ -217,3 +255,36 @@ def test_two_towers_over_features():
                               text_features)
   assert zimg.shape == ztxt.shape == (3, 8)
   assert set(params["img"]) == {"hidden_0", "head"}
+
+
+def test_lit_preset_is_the_lit_l16s_release():
+  """The shapes of gs://vit_models/lit/LiT-L16S.npz once converted."""
+  config = presets.lit()
+  model = two_towers.Model(**config.model)
+  s = shapes(jax.eval_shape(
+      model.init, KEY, jnp.zeros((1, config.res, config.res, 3)),
+      jnp.zeros((1, config.text_len), jnp.int32))["params"])
+  expected = {
+      "t": (1,), "img/cls": (1, 1, 1024), "img/pos_embedding": (1, 196, 1024),
+      "img/embedding/kernel": (16, 16, 3, 1024),
+      "img/Transformer/encoderblock_23/MlpBlock_0/Dense_0/kernel": (1024,
+                                                                    4096),
+      "txt/Embed_0/embedding": (16_000, 384), "txt/pos_embedding": (1, 16, 384),
+      "txt/Encoder_0/encoderblock_11/MultiHeadDotProductAttention_0/query/"
+      "kernel": (384, 6, 64),
+      "txt/head/kernel": (384, 1024)}
+  assert {k: s[k] for k in expected} == expected
+  assert "b" not in s and not any(k.startswith("img/head") for k in s)
+  assert config.tokenizer == tokenizers.LIT_L16S and config.loss == "clip"
+  assert config.model.text.get("pool_type", "last") == "last"
+
+
+@pytest.mark.parametrize("name", ["siglip", "lit", "clip", "tiny"])
+def test_preset_vocab_matches_its_tokenizer(name):
+  config = getattr(presets, name)()
+  assert config.model.text.vocab_size == tokenizers.vocab_size(
+      config.tokenizer)
+  with pytest.raises(ValueError, match="pass vocab_size"):
+    presets.siglip(tokenizer="sp:/my/own.model")
+  own = presets.siglip(tokenizer="sp:/my/own.model", vocab_size=1000)
+  assert own.model.text.vocab_size == 1000

@@ -83,3 +83,26 @@ def test_sentencepiece_without_bos(tmp_path):
 def test_unknown_spec():
   with pytest.raises(ValueError):
     tokenizers.get_tokenizer("wordpiece")
+
+
+def test_sentencepiece_from_gcs(gcs_bucket, sp_model_path):
+  from mmal_jax import fs  # pylint: disable=g-import-not-at-top
+  path = f"{gcs_bucket}/vocab/tiny.model"
+  fs.write_bytes(path, open(sp_model_path, "rb").read())
+  tok = tokenizers.get_tokenizer(f"sp:{path}")
+  local = tokenizers.get_tokenizer(f"sp:{sp_model_path}")
+  np.testing.assert_array_equal(tok.encode(["a red car"], 8),
+                                local.encode(["a red car"], 8))
+
+
+def test_vocab_size_must_cover_the_tokenizer(sp_model_path):
+  assert tokenizers.get_tokenizer("bytes", vocab_size=259).vocab_size == 259
+  with pytest.raises(ValueError, match="259 ids but the text tower embeds 50"):
+    tokenizers.get_tokenizer("bytes", vocab_size=50)
+  tokenizers.get_tokenizer(f"sp:{sp_model_path}", vocab_size=40)
+  with pytest.raises(ValueError, match="vocab_size"):
+    tokenizers.get_tokenizer(f"sp:{sp_model_path}", vocab_size=32)
+  assert tokenizers.vocab_size("bytes") == 259
+  assert tokenizers.vocab_size(tokenizers.C4_EN) == 32_000
+  with pytest.raises(ValueError, match="pass vocab_size"):
+    tokenizers.vocab_size(f"sp:{sp_model_path}")

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 # name: (width, depth, mlp_dim, num_heads); Table 2 of arXiv:2106.04560 plus
-# big_vision's "mu" (micro) and SigLIP's shape-optimised "So400m".
+# big_vision's "mu" (micro), SigLIP's shape-optimised "So400m" and SigLIP 2's
+# "g-opt" (released as g-opt/16, paired with a So400m text tower) and "G-opt".
 VARIANTS = {
     "mu": (32, 1, 128, 2),
     "Ti": (192, 12, 768, 3),
@@ -27,7 +28,9 @@ VARIANTS = {
     "So400m": (1152, 27, 4304, 16),
     "H": (1280, 32, 5120, 16),
     "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
     "G": (1664, 48, 8192, 16),
+    "G-opt": (1536, 48, 8192, 16),
     "e": (1792, 56, 15360, 16),
 }
 
@@ -107,26 +110,32 @@ class Encoder(nn.Module):
   """`depth` blocks then a final LayerNorm; returns (encoded, per-block out).
 
   `scan=True` stacks the blocks' parameters along a leading axis and runs them
-  with `nn.scan` (one compiled block: compile time independent of depth).
-  `remat_policy` other than "none" rematerialises each block in the backward
-  pass under that `jax.checkpoint_policies` policy (e.g. "nothing_saveable":
-  activation memory of one block instead of `depth`, ~1/3 more compute).
+  with `nn.scan` (one compiled block: compile time independent of depth), each
+  block rematerialised in the backward pass under `remat_policy`, a
+  `jax.checkpoint_policies` name, as big_vision: the default
+  "nothing_saveable" keeps only the blocks' inputs (activation memory of one
+  block instead of `depth`, ~1/3 more compute); "none" keeps everything.
+  Unrolled encoders (`scan=False`) keep every activation, as big_vision's.
   """
   depth: int
   mlp_dim: Optional[int] = None
   num_heads: int = 12
   dropout: float = 0.0
   scan: bool = False
-  remat_policy: str = "none"
+  remat_policy: str = "nothing_saveable"
   dtype_mm: str = "float32"
   causal: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     block_cls = Encoder1DBlock
-    if self.remat_policy != "none":
+    if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies,
+                                                    self.remat_policy):
+      raise ValueError(f"Unknown remat_policy {self.remat_policy!r}: 'none' or "
+                       f"a jax.checkpoint_policies name.")
+    if self.scan and self.remat_policy != "none":
       block_cls = nn.remat(
-          Encoder1DBlock, prevent_cse=not self.scan,
+          Encoder1DBlock, prevent_cse=False,
           static_argnums=(2,),  # (self, x, deterministic)
           policy=getattr(jax.checkpoint_policies, self.remat_policy))
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,

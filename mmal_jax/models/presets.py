@@ -4,9 +4,20 @@ Each returns a config with
   model:     kwargs of `two_towers.Model` (big_vision's `config.model`),
   loss:      "siglip" or "clip" (`train_step.make_loss`),
   optim:     `optim.make_optimizer` fields,
-  res, text_len, tokenizer: the inputs the model expects.
-`siglip("B/16")` reproduces the published SigLIP architecture (its
-checkpoints load into it); pass `tokenizer="sp:<c4_en model>"` to use them.
+  res, text_len, tokenizer: the inputs the model expects; the text tower's
+             `vocab_size` is the tokenizer's (`tokenizers.vocab_size`).
+The defaults reproduce released checkpoints, which load into them with
+`checkpoint.load` (texts padded with EOS, as `tokenizers` describes):
+  siglip("B/16"): big_vision's SigLIP B/16 at 224 px (WebLI, English),
+    gs://big_vision/siglip/webli_en_b16_224_63724782.npz, with `C4_EN`;
+    other released SigLIPs by variant / res / text_len (So400m/14 at 224 px
+    uses text_len=16, every other one 64).
+  lit(): LiT-L16S (ViT-L/16 + S text tower, vision_transformer's release),
+    gs://vit_models/lit/LiT-L16S.npz, with `LIT_L16S` (16k pieces, 16 tokens).
+  clip("B/32"): the CLIP architecture only: OpenAI's weights are not released
+    in this layout and are not converted here (their ViT has a LayerNorm
+    before the encoder, QuickGELU MLPs, pools text at the EOT position and
+    uses a BPE tokenizer).
 """
 from __future__ import annotations
 
@@ -14,6 +25,7 @@ from typing import Optional
 
 import ml_collections
 
+from mmal_jax import tokenizers
 from mmal_jax.models import common
 
 
@@ -31,6 +43,10 @@ def _tower_kw(dtype: str, scan: bool, remat_policy: str) -> dict:
   return dict(dtype_mm=dtype, scan=scan, remat_policy=remat_policy)
 
 
+def _vocab(tokenizer: str, vocab_size: Optional[int]) -> int:
+  return tokenizers.vocab_size(tokenizer) if vocab_size is None else vocab_size
+
+
 def _vit_and_text(variant: str, text_variant: Optional[str], pool_type: str,
                   vocab_size: int, kw: dict, bias_init: Optional[float]
                   ) -> dict:
@@ -45,33 +61,41 @@ def _vit_and_text(variant: str, text_variant: Optional[str], pool_type: str,
 
 
 def siglip(variant: str = "B/16", *, text_variant: Optional[str] = None,
-           res: int = 224, text_len: int = 64, vocab_size: int = 32_000,
-           tokenizer: str = "bytes", dtype: str = "float32",
-           scan: bool = False, remat_policy: str = "none"
+           res: int = 224, text_len: int = 64,
+           tokenizer: str = tokenizers.C4_EN,
+           vocab_size: Optional[int] = None, dtype: str = "float32",
+           scan: bool = False, remat_policy: str = "nothing_saveable"
            ) -> ml_collections.ConfigDict:
   """SigLIP (arXiv:2303.15343): MAP-pooled ViT without head, text tower with a
-  head to the image width, t = 10, b = -10, sigmoid loss."""
+  head to the image width, t = 10, b = -10, sigmoid loss. `vocab_size`
+  defaults to the tokenizer's."""
   kw = _tower_kw(dtype, scan, remat_policy)
   return ml_collections.ConfigDict(dict(
-      model=_vit_and_text(variant, text_variant, "map", vocab_size, kw, -10.),
+      model=_vit_and_text(variant, text_variant, "map",
+                          _vocab(tokenizer, vocab_size), kw, -10.),
       loss="siglip", optim=optimizer(), res=res, text_len=text_len,
       tokenizer=tokenizer))
 
 
-def lit(variant: str = "L/16", *, text_variant: Optional[str] = None,
-        res: int = 224, text_len: int = 16, vocab_size: int = 32_000,
-        tokenizer: str = "bytes", dtype: str = "float32", scan: bool = False,
-        remat_policy: str = "none", loss: str = "clip"
-        ) -> ml_collections.ConfigDict:
+def lit(variant: str = "L/16", *, text_variant: Optional[str] = "S",
+        res: int = 224, text_len: int = 16,
+        tokenizer: str = tokenizers.LIT_L16S,
+        vocab_size: Optional[int] = None, dtype: str = "float32",
+        scan: bool = False, remat_policy: str = "nothing_saveable",
+        loss: str = "clip") -> ml_collections.ConfigDict:
   """LiT (arXiv:2111.07991): a pre-trained ViT ("tok" pooling, no head) is
-  locked, the text tower learns to map into its pre-logits space.
+  locked, the text tower (last-token pooling, head to the image width) learns
+  to map into its pre-logits space. The defaults are the LiT-L16S release.
 
-  Initialise `params["img"]` from an image checkpoint (`checkpoint.load`).
-  `loss="siglip"` gives SigLIP-LiT (adds the bias b = -10).
+  To train one, initialise `params["img"]` from an image checkpoint
+  (`checkpoint.load`, e.g. an AugReg ViT; its old layout converts).
+  `loss="siglip"` gives SigLIP-LiT (adds the bias b = -10). `text_variant`
+  None: the image tower's.
   """
   kw = _tower_kw(dtype, scan, remat_policy)
   return ml_collections.ConfigDict(dict(
-      model=_vit_and_text(variant, text_variant, "tok", vocab_size, kw,
+      model=_vit_and_text(variant, text_variant, "tok",
+                          _vocab(tokenizer, vocab_size), kw,
                           -10. if loss == "siglip" else None),
       loss=loss, optim=optimizer(locked_tower="img", wd=1e-2), res=res,
       text_len=text_len, tokenizer=tokenizer))
@@ -82,12 +106,16 @@ _CLIP_TEXT = {"B": "M", "L": "B", "H": "L"}
 
 
 def clip(variant: str = "B/32", *, text_variant: Optional[str] = None,
-         res: int = 224, text_len: int = 77, vocab_size: int = 32_000,
-         tokenizer: str = "bytes", dtype: str = "float32", scan: bool = False,
-         remat_policy: str = "none") -> ml_collections.ConfigDict:
-  """CLIP (arXiv:2103.00020)-style: class-token ViT and causal text tower,
-  both with heads to the text width, t = 1/0.07, softmax loss. (big_vision's
-  ViT has no pre-encoder LayerNorm, so OpenAI weights do not load as is.)"""
+         res: int = 224, text_len: int = 77,
+         tokenizer: str = tokenizers.C4_EN,
+         vocab_size: Optional[int] = None, dtype: str = "float32",
+         scan: bool = False, remat_policy: str = "nothing_saveable"
+         ) -> ml_collections.ConfigDict:
+  """CLIP (arXiv:2103.00020)-style: class-token ViT and causal text tower
+  (last-token pooling of EOS-padded text), both with heads to the text width,
+  t = 1/0.07, softmax loss. No released weights load into it (see the module
+  docstring): train it (`init.kind="scratch"` / "pretrain") or bring a .npz
+  in this layout."""
   name = variant.split("/")[0]
   text_variant = text_variant or _CLIP_TEXT.get(name, name)
   kw = _tower_kw(dtype, scan, remat_policy)
@@ -97,7 +125,8 @@ def clip(variant: str = "B/32", *, text_variant: Optional[str] = None,
           image_model="vit", text_model="text_transformer",
           image=dict(variant=variant, pool_type="tok", head_zeroinit=False,
                      **kw),
-          text=dict(variant=text_variant, vocab_size=vocab_size,
+          text=dict(variant=text_variant,
+                    vocab_size=_vocab(tokenizer, vocab_size),
                     causal_mask=True, **kw),
           out_dim=dim, temperature_init=1 / 0.07, bias_init=None),
       # CLIP's AdamW (lr 5e-4, decay 0.2 * lr) in big_vision's wd convention.
@@ -107,7 +136,7 @@ def clip(variant: str = "B/32", *, text_variant: Optional[str] = None,
 
 def tiny(loss: str = "siglip", *, res: int = 16, text_len: int = 8,
          dtype: str = "float32", scan: bool = False,
-         remat_policy: str = "none") -> ml_collections.ConfigDict:
+         remat_policy: str = "nothing_saveable") -> ml_collections.ConfigDict:
   """A seconds-to-compile two-tower model for tests: width 32, depth 1, patch 8,
   byte tokens."""
   kw = _tower_kw(dtype, scan, remat_policy)
@@ -115,7 +144,8 @@ def tiny(loss: str = "siglip", *, res: int = 16, text_len: int = 8,
       model=dict(
           image_model="vit", text_model="text_transformer",
           image=dict(variant="mu/8", pool_type="map", **kw),
-          text=dict(variant="mu", vocab_size=259, **kw),
+          text=dict(variant="mu", vocab_size=tokenizers.vocab_size("bytes"),
+                    **kw),
           out_dim=(None, 32), temperature_init=10.,
           bias_init=-10. if loss == "siglip" else None),
       loss=loss, optim=optimizer(warmup_steps=2, total_steps=100), res=res,

@@ -40,7 +40,7 @@ class Model(nn.Module):
   pool_type: str = "last"  # "first", "gap" (= "mean"), "max" or "map"
   causal_mask: bool = False
   scan: bool = False
-  remat_policy: str = "none"
+  remat_policy: str = "nothing_saveable"  # With scan, see common.Encoder.
   dtype_mm: str = "float32"
 
   @nn.compact

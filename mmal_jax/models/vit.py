@@ -52,7 +52,7 @@ class Model(nn.Module):
   pool_type: str = "gap"  # "map", "tok", "0" (first token) or "none"
   head_zeroinit: bool = True
   scan: bool = False
-  remat_policy: str = "none"
+  remat_policy: str = "nothing_saveable"  # With scan, see common.Encoder.
   dtype_mm: str = "float32"
 
   @nn.compact
