@@ -63,15 +63,15 @@ def test_figure_labels_legend_and_caption():
   box = legend.get_window_extent(renderer)
   for ax in axes:
     assert not box.overlaps(ax.get_tightbbox(renderer))
-  caption = fig._suptitle.get_text()  # pylint: disable=protected-access
+  caption = fig.get_suptitle()
   assert "± std over 3 seeds" in caption and "population std" in caption
 
 
 def test_caption_with_uneven_seeds():
   rows = _rows(strategies=("random",)) + _rows(strategies=("mmal",),
                                                seeds=(0, 1))
-  fig = report.figure(rows, METRICS)
-  assert "over 2-3 seeds" in fig._suptitle.get_text()  # pylint: disable=protected-access
+  caption = report.figure(rows, METRICS).get_suptitle()
+  assert "over 2-3 seeds" in caption
 
 
 def test_write_local_files_are_0644(tmp_path):
