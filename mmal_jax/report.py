@@ -1,11 +1,13 @@
 """Results of a multi-strategy run: Markdown table, AL curves, annotation savings.
 
 Reads the rows of `WORKDIR/metrics.jsonl` (one per strategy, seed and round)
-and writes `WORKDIR/results.md` and `WORKDIR/al_curves.png`.
+and writes `WORKDIR/results.md` and `WORKDIR/al_curves.png` (through
+`mmal_jax.fs`, so the workdir may be on gs://).
 """
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 from typing import Iterable, Sequence
@@ -139,55 +141,108 @@ def markdown(rows: Sequence[dict], metrics: Iterable[str], main_metric: str,
       saving = "-" if s["saving"] is None else f"{100 * s['saving']:.0f}%"
       lines.append(f"| {strategy} | {reached} | {saving} |")
     lines.append("")
-  seconds = collections.defaultdict(list)
-  for r in rows:
-    if r["round"] > 0 and "acquire_s" in r:  # Absent for resumed rounds.
-      seconds[r["strategy"]].append(r["acquire_s"])
-  if seconds:
-    lines += ["## Acquisition seconds per round (mean)", "",
-              "| strategy | seconds |", "|---|---|"]
-    lines += [f"| {s} | {np.mean(v):.3f} |" for s, v in sorted(seconds.items())]
-    lines.append("")
+  lines += acquisition_seconds(rows)
   return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict], metrics: Sequence[str], path: str) -> None:
-  """AL curves: each metric vs % annotated, mean ± std band, a line a strategy."""
+def acquisition_seconds(rows: Sequence[dict]) -> list[str]:
+  """Markdown lines: each strategy's first acquisition round and the mean of
+  its later rounds, apart (the first round includes compiling the kernels).
+
+  The first round is the first timed round of each seed (after a resume: the
+  first one this run timed), averaged over seeds. Empty without timings.
+  """
+  by_run = collections.defaultdict(list)
+  for r in rows:
+    if r["round"] > 0 and "acquire_s" in r:  # Absent for resumed rounds.
+      by_run[(r["strategy"], r["seed"])].append((r["round"], r["acquire_s"]))
+  if not by_run:
+    return []
+  first, later = collections.defaultdict(list), collections.defaultdict(list)
+  for (strategy, _), timed in by_run.items():
+    timed.sort()
+    first[strategy].append(timed[0][1])
+    later[strategy] += [seconds for _, seconds in timed[1:]]
+  lines = ["## Acquisition seconds per round", "",
+           "First round: the first timed round of each seed, including "
+           "compilation of the strategy's kernels (mean over seeds). Later "
+           "rounds: the steady state, mean over every later round and seed.",
+           "", "| strategy | first round (compile + run) | later rounds (mean) "
+           "| later rounds timed |", "|---|---|---|---|"]
+  for strategy in sorted(first):
+    steady = (f"{np.mean(later[strategy]):.3f}" if later[strategy] else "-")
+    lines.append(f"| {strategy} | {np.mean(first[strategy]):.3f} | {steady} "
+                 f"| {len(later[strategy])} |")
+  return lines + [""]
+
+
+def figure(rows: Sequence[dict], metrics: Sequence[str]):
+  """The AL curves as a matplotlib Figure: a panel per metric (y: the metric,
+  x: % of the pool annotated), a line per strategy with its mean over seeds
+  and a +- std band, one legend below the panels, and a title saying how many
+  seeds the band is over."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   metrics = [m for m in metrics if curves(rows, m)]
   cols = min(3, max(1, len(metrics)))
-  nrows = -(-len(metrics) // cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows),
-                           squeeze=False)
+  nrows = max(1, -(-len(metrics) // cols))
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows + 0.9),
+                           squeeze=False, layout="constrained")
+  # One colour per strategy in every panel, also where one has no values.
+  colors = {s: f"C{i}" for i, s in enumerate(sorted({r["strategy"]
+                                                      for r in rows}))}
+  seeds = set()
+  handles = {}
   for ax, metric in zip(axes.flat, metrics):
     for strategy, c in sorted(curves(rows, metric).items()):
       (line,) = ax.plot(c["percent"], c["mean"], marker="o", ms=3,
-                        label=strategy)
+                        color=colors[strategy], label=strategy)
       ax.fill_between(c["percent"], c["mean"] - c["std"], c["mean"] + c["std"],
-                      color=line.get_color(), alpha=0.2)
-    ax.set_title(metric)
+                      color=colors[strategy], alpha=0.2)
+      handles.setdefault(strategy, line)
+      seeds.update(int(n) for n in c["seeds"])
+    ax.set_ylabel(metric)
     ax.set_xlabel("% of pool annotated")
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(metrics):]:
     ax.axis("off")
-  axes.flat[0].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  if seeds:
+    count = (f"{min(seeds)}" if len(seeds) == 1
+             else f"{min(seeds)}-{max(seeds)}")
+    fig.suptitle(f"Lines: mean over {count} seeds; bands: ± std over {count} "
+                 "seeds (population std)", fontsize="medium")
+  if handles:
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+               ncol=min(len(handles), 6), frameon=False)
+  return fig
+
+
+def plot(rows: Sequence[dict], metrics: Sequence[str], path: str) -> None:
+  """Writes `figure(rows, metrics)` as a PNG to `path` (local or gs://)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig = figure(rows, metrics)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
   plt.close(fig)
+  fs.write_bytes(path, buffer.getvalue())
 
 
 def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
-          title: str = "Results", save: bool = True) -> str:
-  """Writes results.md and al_curves.png from WORKDIR/metrics.jsonl (unless
-  `save` is False); returns the Markdown."""
-  rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
+          title: str = "Results", save: bool = True,
+          rows: Sequence[dict] | None = None) -> str:
+  """Writes WORKDIR/results.md and WORKDIR/al_curves.png (local or gs://,
+  each atomically) unless `save` is False; returns the Markdown.
+
+  `rows` default to those of WORKDIR/metrics.jsonl.
+  """
+  if rows is None:
+    rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
   metrics = list(metrics) if metrics else metric_names(rows)
   text = markdown(rows, metrics, main_metric, title)
   if save:
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(text)
+    fs.write_text(os.path.join(workdir, "results.md"), text)
     plot(rows, metrics, os.path.join(workdir, "al_curves.png"))
   return text
