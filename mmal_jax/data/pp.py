@@ -238,8 +238,9 @@ def tokenize(max_len, eos, model="c4_en", lower=True, pad_value="<pad>",
   pad_id = _pad_id(tokenizer, pad_value)
   encode(tokenizer, [""], max_len, eos, pad_id, add_bos)  # Checks arguments.
 
-  def one(text: bytes) -> np.ndarray:
-    return encode(tokenizer, [text.decode("utf-8")], max_len, eos, pad_id,
+  def one(text) -> np.ndarray:
+    text = np.asarray(text).item().decode("utf-8")  # bytes, or a 0-d array.
+    return encode(tokenizer, [text], max_len, eos, pad_id,
                   add_bos)[0]
 
   def fn(text):
