@@ -64,6 +64,10 @@ def test_tfds_source(tfds_dir):
   assert small.pool.sizes == {"image": 2, "text": 4}
   assert sources.check(data_config(source="tfds", tfds_name="tiny_captions",
                                     tfds_data_dir=tfds_dir)) == []
+  problems = sources.check(data_config(
+      source="tfds", tfds_name="tiny_captions",
+      tfds_data_dir=os.path.join(tfds_dir, "empty")))
+  assert len(problems) == 1 and "is not prepared in" in problems[0]
 
 
 @pytest.mark.parametrize("fields, match", [

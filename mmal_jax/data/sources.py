@@ -229,6 +229,9 @@ def _file_problems(data) -> list[str]:
   elif source == "tfds":
     try:
       b = tfds_source.builder(data.tfds_name, data.tfds_data_dir or None)
+      unprepared = tfds_source.prepared_problem(b)
+      if unprepared:
+        problems.append(f"config.data.tfds_name: {unprepared}")
       for field in ("split", "eval_split"):
         try:
           tfds_source.check_split(b, data[field])

@@ -64,12 +64,25 @@ def builder(name: str, data_dir: str | None = None):
 
 
 def check_split(b, split: str) -> None:
-  """Raises ValueError unless `split` (maybe sliced: "train[:10%]") exists."""
+  """Raises ValueError unless `split` (maybe sliced: "train[:10%]") exists.
+
+  A builder that lists no splits (not prepared, or mocked by
+  `tfds.testing.mock_data`) is left to TFDS, which raises when read;
+  `prepared_problem` reports the unprepared case up front.
+  """
   base = split.split("[")[0]
-  if base not in b.info.splits:
+  if b.info.splits and base not in b.info.splits:
     raise ValueError(f"TFDS dataset {b.info.full_name!r} has no split {base!r}"
                      f" prepared in {b.data_dir}; it has "
                      f"{sorted(b.info.splits)}.")
+
+
+def prepared_problem(b) -> str | None:
+  """Why `b` cannot be read (not prepared in its data_dir), or None."""
+  if not b.info.splits:
+    return (f"TFDS dataset {b.info.full_name!r} is not prepared in "
+            f"{b.data_dir} (run its download_and_prepare, or set data_dir).")
+  return None
 
 
 def load_tfds(name: str, split: str, *, data_dir: str | None = None,
