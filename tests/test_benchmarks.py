@@ -33,3 +33,15 @@ def test_train_step_benchmark(tmp_path):
   assert "examples_per_s" in out
   result = json.loads((tmp_path / "train_step.json").read_text())
   assert result["examples_per_s"] > 0 and result["gflop_per_step_per_device"] > 0
+
+
+def test_input_pipeline_benchmark(tmp_path):
+  out = _run("mmal_jax.benchmarks.input_pipeline", "--quick",
+             f"--out={tmp_path}")
+  assert "pipeline / pil" in out and ("PASS" in out or "MISS" in out)
+  result = json.loads((tmp_path / "input_pipeline.json").read_text())
+  assert result["num_images"] == 16 and result["repeats"] == 5
+  for name in ("pil", "pipeline"):
+    rates = result["images_per_s"][name]
+    assert len(rates["all"]) == 5 and rates["min"] > 0
+  assert result["machine"]["cpu_count"] > 0

@@ -235,6 +235,17 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
           for batch in ds.as_numpy_iterator())
 
 
+def host_batches(pool: UnalignedPool, modality: str, indices, pp: str,
+                 batch_size: int, *, prefetch: int = 2) -> tf.data.Dataset:
+  """Preprocessed items `indices` of `modality`, in order, in host batches of
+  `batch_size` (the last may be smaller): the reading half of `embed_pool`
+  for one process. Items are read and preprocessed in parallel threads
+  (AUTOTUNE), `prefetch` batches ahead."""
+  ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64)).map(
+      preprocess_fn(pool, modality, pp), num_parallel_calls=AUTOTUNE)
+  return _options(ds.batch(batch_size).prefetch(prefetch))
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted_apply(apply_fn, mesh):
   return jax.jit(apply_fn, out_shardings=sharding.row_sharding(mesh))
@@ -307,10 +318,8 @@ def embed_pool(apply_fn, params, pool: UnalignedPool, modality: str, indices,
                                                                     None]
                + np.arange(per_device)[None, None, :]).reshape(-1)
   items = indices[np.minimum(positions, num_rows - 1)]
-  fn = preprocess_fn(pool, modality, pp)
-  ds = tf.data.Dataset.from_tensor_slices(items).map(
-      fn, num_parallel_calls=AUTOTUNE)
-  ds = _options(ds.batch(len(starts) * per_device).prefetch(prefetch))
+  ds = host_batches(pool, modality, items, pp, len(starts) * per_device,
+                    prefetch=prefetch)
   apply = _jitted_apply(apply_fn, mesh)
   update = _jitted_update(mesh, per_device)
   out = None
