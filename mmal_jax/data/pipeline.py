@@ -55,7 +55,8 @@ def default_pp(pool: UnalignedPool, *, res: int, text_len: int,
 
   Images: `decode|resize(res)|value_range(-1, 1)`; captions: the model's
   tokenizer, EOS kept on truncation and used as padding (big_vision's SigLIP
-  text pipeline, not lower-cased as `Towers` does today); feature rows: none.
+  text pipeline; not lower-cased, as `train.Towers` today); feature rows:
+  none.
   """
   out = {}
   for m, items in pool.items.items():
@@ -226,8 +227,8 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
       out[m + "_index"] = tf.cast(row[col], tf.int32)
     return out
 
-  stop = -1 if num_epochs is None else num_epochs
-  ds = tf.data.Dataset.range(first_epoch, stop if stop >= 0 else 2 ** 62)
+  stop = 2 ** 62 if num_epochs is None else num_epochs
+  ds = tf.data.Dataset.range(first_epoch, stop)
   ds = ds.flat_map(rows_dataset)
   ds = ds.map(element, num_parallel_calls=AUTOTUNE)
   ds = _options(ds.batch(len(local), drop_remainder=True).prefetch(prefetch))
@@ -326,7 +327,7 @@ def embed_pool(apply_fn, params, pool: UnalignedPool, modality: str, indices,
   for step, local in enumerate(ds.as_numpy_iterator()):
     z = apply(params, _to_global(mesh, local, batch))
     if out is None:
-      out = jax.jit(lambda: jnp.zeros((padded, z.shape[1]), z.dtype),
-                    out_shardings=sharding.row_sharding(mesh))()
+      out = jnp.zeros((padded, z.shape[1]), z.dtype,
+                      device=sharding.row_sharding(mesh))
     out = update(out, z, np.int32(step), np.int32(chunk), np.int32(num_rows))
   return out
