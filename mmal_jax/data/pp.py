@@ -1,4 +1,4 @@
-"""big_vision-style preprocessing strings: `decode|resize(224)|value_range(-1, 1)`.
+"""big_vision-style pp strings: `decode|resize(224)|value_range(-1, 1)`.
 
 A pp string is a `|`-separated list of ops; each op is a name or a call with
 literal arguments (`resize(224)`, `tokenize(max_len=16, eos='sticky')`),
@@ -11,8 +11,9 @@ dependency), so a big_vision pp string can be reused:
   decode(channels=3, precise=False)        encoded bytes -> uint8 (H, W, C);
                                            uint8 pixels pass through unchanged
   resize(size, method="bilinear", antialias=False)
-                                           tf.image.resize to (size, size), back
-                                           to the input dtype (clipped, truncated)
+                                           tf.image.resize to (size, size),
+                                           back to the input dtype (clipped,
+                                           truncated)
   resize_small(smaller_size, method="area", antialias=False)
   central_crop(crop_size=None)
   value_range(vmin=-1, vmax=1, in_min=0, in_max=255, clip_values=False)
@@ -307,7 +308,8 @@ def parse_op(spec: str) -> tuple[str, tuple, dict]:
     kwargs = {k.arg: ast.literal_eval(k.value) for k in expr.keywords}
   except (SyntaxError, ValueError) as e:
     raise ValueError(f"Cannot parse pp op {spec!r}: {e}. Ops are names or "
-                     "calls with literal arguments, e.g. resize(224).") from None
+                     "calls with literal arguments, e.g. resize(224)."
+                     ) from None
   return expr.func.id, args, kwargs
 
 

@@ -115,7 +115,7 @@ def _coco(data) -> Sources:
 
 
 def _features(data) -> Sources:
-  """Fixed features; `eval_pairs` rows, or a seeded `eval_fraction`, held out."""
+  """Fixed features; `eval_pairs` rows or a seeded `eval_fraction` held out."""
   full = features.load_features(data.image_features, data.text_features,
                                 data.pairs)
   pairs = features.load_pairs(data.pairs)

@@ -47,13 +47,15 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict()
 
 
-def eval_config(type: str, **fields) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+def eval_config(type: str,  # pylint: disable=redefined-builtin
+                **fields) -> ml_collections.ConfigDict:
   """One evaluator's config: its type's defaults updated with `fields`.
 
   Raises ValueError for an unknown type or field.
   """
   if type not in TYPES:
-    raise ValueError(f"Unknown evaluator type {type!r}; known: {sorted(TYPES)}.")
+    raise ValueError(f"Unknown evaluator type {type!r}; known: "
+                     f"{sorted(TYPES)}.")
   config = ml_collections.ConfigDict({**SCHEDULE, **TYPES[type].DEFAULTS,
                                       "type": type})
   unknown = sorted(set(fields) - set(config))

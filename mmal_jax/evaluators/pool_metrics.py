@@ -1,4 +1,4 @@
-"""Every metric a held-out pool's matching supports (the loop's per-round metrics)."""
+"""Every metric a held-out pool's matching supports (the per-round metrics)."""
 from __future__ import annotations
 
 from mmal_jax.data.pool import group_layout
@@ -20,14 +20,15 @@ def pool_metric_names(grouped: bool, group_size: int = 2,
     if group_size == 2:
       names |= {f"colorswap/{k}" for k in ("text", "image", "group")}
   if paired:
-    names |= {f"retrieval/{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    names |= {f"retrieval/{d}_r@{k}" for d in ("i2t", "t2i")
+              for k in (1, 5, 10)}
     names |= {f"pseudo_label/{k}" for k in ("i2t", "t2i", "mean")}
     names |= {"margin/correct", "margin/incorrect"}
   return names
 
 
 def pool_metrics(zimg, ztxt, pool) -> dict[str, float]:
-  """Every metric that `pool`'s matching supports, as `"family/name": %` entries.
+  """Every metric `pool`'s matching supports, as `"family/name": %` entries.
 
   `zimg`, `ztxt`: embeddings of all of `pool`'s images and texts, in order.
   ColorSwap scores and GroupMatch when the pool has groups; retrieval R@1/5/10
