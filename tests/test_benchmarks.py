@@ -43,3 +43,15 @@ def test_train_step_benchmark(tmp_path):
   # (biases, norms, position embeddings) stay whole.
   assert per_device["1"] > 6 * per_device["8"] > 6 * per_device["256"]
   assert per_device["256"] < per_device["1"] / 32
+
+
+def test_input_pipeline_benchmark(tmp_path):
+  out = _run("mmal_jax.benchmarks.input_pipeline", "--quick",
+             f"--out={tmp_path}")
+  assert "pipeline / pil" in out and ("PASS" in out or "MISS" in out)
+  result = json.loads((tmp_path / "input_pipeline.json").read_text())
+  assert result["num_images"] == 16 and result["repeats"] == 5
+  for name in ("pil", "pipeline"):
+    rates = result["images_per_s"][name]
+    assert len(rates["all"]) == 5 and rates["min"] > 0
+  assert result["machine"]["cpu_count"] > 0

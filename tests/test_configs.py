@@ -59,11 +59,15 @@ def test_paper_protocols():
   assert lit.optim.locked_tower == "img" and lit.train.batch_size == 35
 
 
-@pytest.mark.parametrize("name", ["colorswap_clip_b32", "datacomp_stream"])
-def test_sources_without_a_loader_say_so(name):
+@pytest.mark.parametrize("name, needs", [
+    ("colorswap_clip_b32", "config.data.dir."),
+    ("datacomp_stream", "config.data.dir, config.data.eval_dir.")])
+def test_paper_sources_name_the_data_they_need(name, needs):
   config = load(CONFIGS[0].parent / f"{name}.py")
-  with pytest.raises(ValueError, match="has no loader in this version"):
+  with pytest.raises(config_lib.ConfigError, match=f"needs {needs}"):
     sources.build(config.data)
+  assert sources.check(config.data) == [
+      f"config.data.source={config.data.source!r} needs {needs}"]
 
 
 def test_unknown_override_key_is_an_error():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mmal_jax import evaluate
+from mmal_jax.evaluators import common
 
 
 def unit_rows(rng, n, d=16):
@@ -105,7 +106,7 @@ def test_retrieval_recall_vs_reference(seed, tied, monkeypatch):
                 (unit_rows(rng, n_img), unit_rows(rng, n_txt)))
   want = retrieval_reference(zimg, ztxt, text_to_image, (1, 5, 10))
   assert_dicts_close(evaluate.retrieval_recall(zimg, ztxt, text_to_image), want)
-  monkeypatch.setattr(evaluate, "_BLOCK_ELEMENTS", 7 * 61)   # several blocks, padded tail
+  monkeypatch.setattr(common, "BLOCK_ELEMENTS", 7 * 61)   # several blocks, padded tail
   assert_dicts_close(evaluate.retrieval_recall(zimg, ztxt, text_to_image), want)
 
 
@@ -128,7 +129,7 @@ def test_pseudo_label_accuracy_vs_reference(seed, tied, monkeypatch):
                 (unit_rows(rng, n_img), unit_rows(rng, n_txt)))
   want = pseudo_label_reference(zimg, ztxt, pairs)
   assert_dicts_close(evaluate.pseudo_label_accuracy(zimg, ztxt, pairs), want)
-  monkeypatch.setattr(evaluate, "_BLOCK_ELEMENTS", 50)
+  monkeypatch.setattr(common, "BLOCK_ELEMENTS", 50)
   assert_dicts_close(evaluate.pseudo_label_accuracy(zimg, ztxt, pairs), want)
 
 

@@ -149,7 +149,8 @@ def test_batches_on_a_mesh():
                                 np.asarray(batch["image"])[:, 0] + 100)
   inputs, valid = next(preprocess.item_batches("image", np.arange(3), 4 * n_dev, prepare,
                                                mesh=mesh))
-  assert valid == 3 and inputs.shape == (4 * n_dev, 1)
+  # 3 rows pad to 4, rounded up to the device count; not to 4 * n_dev.
+  assert valid == 3 and inputs.shape == (-(-4 // n_dev) * n_dev, 1)
   assert inputs.sharding.is_equivalent_to(sharding.row_sharding(mesh), 2)
   if n_dev > 1:
     with pytest.raises(ValueError, match="not divisible by the"):
@@ -165,9 +166,29 @@ def test_item_batches_pad_the_last_batch():
   indices = np.array([9, 3, 4, 0, 7])
   batches = list(preprocess.item_batches("text", indices, 2, prepare))
   assert [v for _, v in batches] == [2, 2, 1]
-  assert all(x.shape == (2, 1) for x, _ in batches)
-  np.testing.assert_array_equal(batches[-1][0][:, 0], [107, 107])
+  assert [x.shape for x, _ in batches] == [(2, 1), (2, 1), (1, 1)]
+  batches = list(preprocess.item_batches("text", indices, 4, prepare))
+  assert [x.shape for x, _ in batches] == [(4, 1), (1, 1)]
+  batches = list(preprocess.item_batches("text", indices[:3], 4, prepare))
+  np.testing.assert_array_equal(batches[-1][0][:, 0], [109, 103, 104, 104])
   valid = np.concatenate([x[:v] for x, v in batches])
-  np.testing.assert_array_equal(valid, prepare("text", indices))
+  np.testing.assert_array_equal(valid, prepare("text", indices[:3]))
   with pytest.raises(ValueError, match="non-empty 1-D"):
     preprocess.item_batches("text", [], 2, prepare)
+
+
+def test_item_batches_pad_to_the_smallest_bucket():
+  """coco_stream.py: 159 images with embed_batch_size=1024 padded every call
+  to 1024 rows (issue 8 item 10); they now pad to 256."""
+  pool = feature_pool(1100)
+  prepare = functools.partial(preprocess.prepare_items, pool)
+  rows = lambda n, bs: [x.shape[0] for x, _ in preprocess.item_batches(
+      "image", np.arange(n), bs, prepare)]
+  assert rows(159, 1024) == [256]
+  assert rows(1030, 1024) == [1024, 8]
+  assert rows(1024, 1024) == [1024]
+  assert rows(1, 1024) == [1]
+  assert [preprocess.bucket_size(n, 48, 8) for n in (1, 7, 9, 17, 33, 48)] == [
+      8, 8, 16, 32, 48, 48]
+  with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
+    preprocess.bucket_size(3, 12, 8)

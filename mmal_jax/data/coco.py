@@ -6,16 +6,16 @@ import os
 
 import numpy as np
 
+from mmal_jax import fs
 from mmal_jax.data import preprocess
-from mmal_jax.data.pool import UnalignedPool, check_int
+from mmal_jax.data.pool import FileRefs, UnalignedPool, check_int
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f"COCO captions file not found: {path}")
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(fs.read_text(path))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"Cannot read COCO captions file {path}: {e}") from e
   if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
@@ -36,18 +36,21 @@ def load_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike, *,
   caption is kept (the paper's MS-COCO protocol). Images without a caption are
   items with no partner.
 
-  Items: `"image"` is a tuple of file paths, or with `image_size` a uint8
-  `(N, S, S, 3)` array of decoded, square-resized images; `"text"` a tuple of
-  caption strings. Raises FileNotFoundError for a missing JSON, image folder or
-  referenced image file, ValueError for unreadable / malformed JSON, unknown or
-  duplicate image ids, undecodable images and an empty selection.
-  Cost: O(annotations); with `image_size`, one decode + resize per image.
+  Items: `"image"` is `FileRefs` to the image files (decoded by the input
+  pipeline), or with `image_size` a uint8 `(N, S, S, 3)` array of decoded,
+  square-resized images; `"text"` a tuple of caption strings. Paths may be
+  local or `gs://` (read through `mmal_jax.fs`). Raises FileNotFoundError for
+  a missing JSON, image folder or referenced image file, ValueError for
+  unreadable / malformed JSON, unknown or duplicate image ids, undecodable
+  images and an empty selection.
+  Cost: O(annotations) plus one listing of `image_dir`; with `image_size`,
+  one decode + resize per image.
   """
   captions_json, image_dir = os.fspath(captions_json), os.fspath(image_dir)
   if max_images is not None:
     check_int("max_images", max_images, 1)
   data = _read_json(captions_json)
-  if not os.path.isdir(image_dir):
+  if not fs.isdir(image_dir):
     raise FileNotFoundError(f"COCO image folder not found: {image_dir}")
 
   row_of, file_names = {}, []
@@ -78,13 +81,16 @@ def load_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike, *,
   if not texts:
     raise ValueError(f"{captions_json} has no captions for the {num_images} selected images.")
 
-  paths = tuple(os.path.join(image_dir, f) for f in file_names[:num_images])
-  missing = [p for p in paths if not os.path.isfile(p)]
+  refs = FileRefs(image_dir, file_names[:num_images])
+  present = set(fs.listdir(image_dir))
+  missing = [refs[i] for i, name in enumerate(file_names[:num_images])
+             if name not in present and ("/" not in name or
+                                         not fs.isfile(refs[i]))]
   if missing:
     raise FileNotFoundError(f"{len(missing)} of {num_images} images referenced by "
                             f"{captions_json} are not in {image_dir}, e.g. {missing[:3]}.")
-  images = paths if image_size is None else np.stack(
-      [preprocess.resize(preprocess.load_image(p), image_size) for p in paths])
+  images = refs if image_size is None else np.stack(
+      [preprocess.resize(preprocess.load_image(p), image_size) for p in refs])
   image_of_text = np.repeat(np.arange(num_images), [len(cs) for cs in captions_of])
   return UnalignedPool(
       items={"image": images, "text": texts},

@@ -8,24 +8,32 @@ Pairing file: the ground-truth pairs, one `(image_idx, text_idx)` per row,
 either `.npy` with an int `(P, 2)` array or `.csv` with the header line
 `image,text` followed by one `i,j` line per pair. Items in no row have no
 partner; a pair may not repeat.
+
+Held-out split (optional, `load_eval_pairs`): which rows of the pairing file
+belong to the dataset's own evaluation split, as `.npy` (a bool `(P,)` flag
+per row, or int row indices) or `.txt` (one row index per line).
+
+Every file may be local or `gs://` (read through `mmal_jax.fs`).
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 
+from mmal_jax import fs
 from mmal_jax.data.pool import UnalignedPool, as_index_rows
 
 
 def _load_array(path: str, what: str) -> np.ndarray:
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f"{what} file not found: {path}")
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".npy", ".npz"):
     raise ValueError(f"{what} file {path} must be .npy or .npz, not {ext or 'extensionless'}.")
   try:
-    loaded = np.load(path, allow_pickle=False)
+    loaded = np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False)
     if ext == ".npy":
       return loaded
     with loaded:
@@ -54,12 +62,13 @@ def _load_features(path: str, modality: str) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def _load_pairs(path: str) -> np.ndarray:
+def load_pairs(path: str | os.PathLike) -> np.ndarray:
+  """The pairing file's rows, in file order, as int64 `(P, 2)`."""
+  path = os.fspath(path)
   if path.lower().endswith(".csv"):
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
       raise FileNotFoundError(f"pairs file not found: {path}")
-    with open(path) as f:
-      lines = f.read().splitlines()
+    lines = fs.read_text(path).splitlines()
     if not lines or lines[0].replace(" ", "") != "image,text":
       raise ValueError(f"{path}:1: a pairs CSV must start with the header 'image,text'.")
     rows = []
@@ -90,9 +99,65 @@ def load_features(image_path: str | os.PathLike, text_path: str | os.PathLike,
   image_path, text_path, pairs_path = map(os.fspath, (image_path, text_path, pairs_path))
   images = _load_features(image_path, "image")
   texts = _load_features(text_path, "text")
-  pairs = _load_pairs(pairs_path)
+  pairs = load_pairs(pairs_path)
   try:
     return UnalignedPool(items={"image": images, "text": texts},
                          links={("image", "text"): pairs})
   except ValueError as e:
     raise ValueError(f"{pairs_path}: {e}") from e
+
+
+def load_eval_pairs(path: str | os.PathLike, num_pairs: int) -> np.ndarray:
+  """Bool `(num_pairs,)`: the pairing-file rows in the held-out split.
+
+  `.npy`: a bool flag per row or int row indices; `.txt`: one row index per
+  line. Raises FileNotFoundError / ValueError naming the file for a missing
+  file, a wrong length or dtype, or indices outside [0, num_pairs).
+  """
+  path = os.fspath(path)
+  if path.lower().endswith(".txt"):
+    if not fs.isfile(path):
+      raise FileNotFoundError(f"eval pairs file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(fs.read_text(path).splitlines(), 1):
+      if line.strip():
+        try:
+          rows.append(int(line))
+        except ValueError:
+          raise ValueError(f"{path}:{lineno}: expected a pair row index, got "
+                           f"{line!r}.") from None
+    value = np.array(rows, np.int64)
+  else:
+    value = _load_array(path, "eval pairs")
+  if value.dtype == bool:
+    if value.shape != (num_pairs,):
+      raise ValueError(f"eval pairs flags in {path} have shape {value.shape}; "
+                       f"the pairs file has {num_pairs} rows.")
+    return value
+  if value.ndim != 1 or (value.size and value.dtype.kind not in "iu"):
+    raise ValueError(f"eval pairs in {path} must be bool flags or int row "
+                     f"indices, got {value.dtype} {value.shape}.")
+  if value.size and (value.min() < 0 or value.max() >= num_pairs):
+    raise ValueError(f"eval pairs in {path} hold row indices outside "
+                     f"[0, {num_pairs}).")
+  flags = np.zeros(num_pairs, bool)
+  flags[value] = True
+  return flags
+
+
+def split_by_pairs(pool: UnalignedPool, pairs: np.ndarray, held_out: np.ndarray
+                   ) -> tuple[UnalignedPool, UnalignedPool]:
+  """(train pool, eval pool): the items of the `held_out` rows of `pairs`
+  (`(P, 2)` image, text) form the eval pool, every other item the train pool.
+
+  A train pair sharing an item with a held-out pair loses that link. Raises
+  ValueError when either side would hold no pair. Cost: O(N + P).
+  """
+  if not held_out.any() or held_out.all():
+    raise ValueError(f"The held-out split takes {int(held_out.sum())} of the "
+                     f"{len(pairs)} pairs; both sides need at least one.")
+  in_eval = {m: np.zeros(pool.num_items(m), bool) for m in pool.modalities}
+  in_eval["image"][pairs[held_out, 0]] = True
+  in_eval["text"][pairs[held_out, 1]] = True
+  return (pool.subset({m: ~k for m, k in in_eval.items()}),
+          pool.subset(in_eval))

@@ -7,22 +7,208 @@ of `(index in a, index in b)` rows, one per ground-truth pair. It covers
 one-to-one matchings (ColorSwap), one-to-many (COCO: an image and its ~5
 captions) and items without any partner (missing data).
 
-Items of one modality are either one numpy array whose leading axis indexes the
-items (rendered uint8 images `(N, H, W, 3)`, float feature rows `(N, D)`) or a
-tuple (captions as `str`, image paths as `str`, or images of varying size as
-uint8 `(H, W, 3)` arrays). Everything the learner keeps about a pool (the
-annotated set, stream buffers) refers to items by `(modality, index)`, so it
-can be saved as JSON and restored against a pool rebuilt from the same source.
+Items of one modality are one of:
+* a numpy array whose leading axis indexes the items (rendered uint8 images
+  `(N, H, W, 3)`, float feature rows `(N, D)`): held in memory;
+* a tuple (captions as `str`, image paths as `str`, or images of varying size
+  as uint8 `(H, W, 3)` arrays);
+* `ItemRefs`: references to encoded items stored elsewhere, not pixels, so
+  that a pool of millions of images fits in host memory. `FileRefs` (one file
+  per item: a root and `(N,)` names, ~1 byte per character), `RangeRefs`
+  (byte ranges of shard files, e.g. the members of webdataset `.tar` shards:
+  20 bytes per item plus the key) and `BytesRefs` (encoded bytes held in
+  memory, for small sets such as ColorSwap). `data.pipeline` decodes them.
+Everything the learner keeps about a pool (the annotated set, stream buffers)
+refers to items by `(modality, index)`, so it can be saved as JSON and
+restored against a pool rebuilt from the same source.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import threading
 from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-Items = Union[np.ndarray, tuple]
+from mmal_jax import fs
+
+
+class ItemRefs:
+  """References to `len(self)` encoded items stored outside the pool.
+
+  `refs[i]` is a one-line description of item i (a path, `shard.tar#key`),
+  `read(i)` its encoded bytes (e.g. a JPEG), `take(indices)` the references of
+  a subset in that order. Subclasses hold flat numpy arrays only.
+  """
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def __getitem__(self, i) -> str:
+    raise NotImplementedError
+
+  def __iter__(self) -> Iterator[str]:
+    return (self[i] for i in range(len(self)))
+
+  def read(self, i: int) -> bytes:
+    raise NotImplementedError
+
+  def take(self, indices) -> ItemRefs:
+    raise NotImplementedError
+
+
+def _as_bytes_array(name: str, values) -> np.ndarray:
+  values = np.asarray(values)
+  if values.ndim != 1:
+    raise ValueError(f"{name} must be 1-D, got shape {values.shape}.")
+  if values.dtype.kind == "U" or values.dtype.kind == "O":
+    values = np.array([str(v).encode("utf-8") for v in values], np.bytes_)
+  if values.dtype.kind != "S":
+    raise ValueError(f"{name} must hold strings, got {values.dtype}.")
+  return values
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FileRefs(ItemRefs):
+  """One file per item: item i is `os.path.join(root, names[i])`.
+
+  `names` is stored as a bytes array (UTF-8), about one byte per character.
+  `root` may be a local folder or a `gs://` URL (read through `mmal_jax.fs`).
+  """
+  root: str
+  names: np.ndarray
+
+  def __post_init__(self):
+    object.__setattr__(self, "root", os.fspath(self.root))
+    object.__setattr__(self, "names", _as_bytes_array("FileRefs.names",
+                                                      self.names))
+
+  def __len__(self):
+    return len(self.names)
+
+  def __getitem__(self, i):
+    return os.path.join(self.root, self.names[i].decode("utf-8"))
+
+  def read(self, i):
+    return fs.read_bytes(self[i])
+
+  def take(self, indices):
+    return FileRefs(self.root, self.names[np.asarray(indices, np.int64)])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BytesRefs(ItemRefs):
+  """Encoded items held in memory: `data[i]` is item i's bytes.
+
+  For small sets (ColorSwap's 2000 images, a stream buffer); `names[i]`
+  (optional) describes item i.
+  """
+  data: np.ndarray
+  names: np.ndarray | None = None
+
+  def __post_init__(self):
+    data = np.asarray(self.data, object)
+    if data.ndim != 1 or not all(isinstance(x, bytes) for x in data):
+      raise ValueError("BytesRefs.data must be a 1-D sequence of bytes.")
+    object.__setattr__(self, "data", data)
+    if self.names is not None:
+      names = _as_bytes_array("BytesRefs.names", self.names)
+      if names.shape != data.shape:
+        raise ValueError(f"BytesRefs.names has {names.size} entries for "
+                         f"{data.size} items.")
+      object.__setattr__(self, "names", names)
+
+  def __len__(self):
+    return len(self.data)
+
+  def __getitem__(self, i):
+    if self.names is not None:
+      return self.names[i].decode("utf-8")
+    return f"<{len(self.data[i])} bytes>"
+
+  def read(self, i):
+    return self.data[i]
+
+  def take(self, indices):
+    indices = np.asarray(indices, np.int64)
+    return BytesRefs(self.data[indices],
+                     None if self.names is None else self.names[indices])
+
+
+_open_files = threading.local()
+
+
+def _open_cached(path: str):
+  """An open binary file per (thread, path), kept for the next range read."""
+  cache = getattr(_open_files, "cache", None)
+  if cache is None:
+    cache = _open_files.cache = {}
+  if path not in cache:
+    if len(cache) >= 8:
+      cache.pop(next(iter(cache))).close()
+    cache[path] = fs.open(path, "rb")
+  return cache[path]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RangeRefs(ItemRefs):
+  """Items stored as byte ranges of shard files (e.g. `.tar` members).
+
+  Item i is `length[i]` bytes at `offset[i]` of `files[file_index[i]]`;
+  `keys[i]` names it (`files[...]#key`). Reads go through `mmal_jax.fs`
+  (local or `gs://`), one open file per thread and shard.
+  """
+  files: tuple[str, ...]
+  file_index: np.ndarray
+  offset: np.ndarray
+  length: np.ndarray
+  keys: np.ndarray
+
+  def __post_init__(self):
+    object.__setattr__(self, "files", tuple(os.fspath(f) for f in self.files))
+    n = None
+    for name, dtype in (("file_index", np.int32), ("offset", np.int64),
+                        ("length", np.int64)):
+      value = np.asarray(getattr(self, name))
+      if value.ndim != 1 or (value.size and value.dtype.kind not in "iu"):
+        raise ValueError(f"RangeRefs.{name} must be a 1-D int array.")
+      if n is not None and value.size != n:
+        raise ValueError("RangeRefs arrays differ in length.")
+      n = value.size
+      object.__setattr__(self, name, value.astype(dtype))
+    keys = _as_bytes_array("RangeRefs.keys", self.keys)
+    if keys.size != n:
+      raise ValueError("RangeRefs arrays differ in length.")
+    object.__setattr__(self, "keys", keys)
+    if n and not 0 <= self.file_index.min() <= self.file_index.max() < len(
+        self.files):
+      raise ValueError("RangeRefs.file_index points outside files.")
+
+  def __len__(self):
+    return len(self.keys)
+
+  def __getitem__(self, i):
+    return f"{self.files[self.file_index[i]]}#{self.keys[i].decode('utf-8')}"
+
+  def read(self, i):
+    f = _open_cached(self.files[self.file_index[i]])
+    f.seek(int(self.offset[i]))
+    data = f.read(int(self.length[i]))
+    if len(data) != self.length[i]:
+      raise ValueError(f"{self[i]}: file ends after {len(data)} of "
+                       f"{int(self.length[i])} bytes.")
+    return data
+
+  def take(self, indices):
+    indices = np.asarray(indices, np.int64)
+    return RangeRefs(self.files, self.file_index[indices],
+                     self.offset[indices], self.length[indices],
+                     self.keys[indices])
+
+
+Items = Union[np.ndarray, tuple, ItemRefs]
 ItemRef = tuple[str, int]
 
 
@@ -55,6 +241,8 @@ def check_ref(num_items: Mapping[str, int], modality, index, what: str) -> int:
 
 
 def _as_items(modality: str, items) -> Items:
+  if isinstance(items, ItemRefs):
+    return items
   if isinstance(items, np.ndarray):
     if items.ndim == 0:
       raise ValueError(f"items[{modality!r}] is a 0-d array; the leading axis must index items.")
@@ -84,7 +272,8 @@ class UnalignedPool:
   """Items per modality plus the hidden matching between them.
 
   Attributes:
-    items: modality name -> items (numpy array with items on axis 0, or tuple).
+    items: modality name -> items (numpy array with items on axis 0, tuple,
+      or `ItemRefs`).
       The mapping's order is the modality order used everywhere (links, JSON).
     links: `(a, b)` modality pair -> `(P, 2)` int64 rows `(i_a, i_b)`: the
       ground-truth pairs. Keys are stored in modality order (`a` before `b`);
@@ -229,10 +418,13 @@ class UnalignedPool:
     return out
 
   def take(self, modality: str, indices) -> Items:
-    """Items of `modality` at `indices` (an array slice, or a tuple for tuple items)."""
+    """Items of `modality` at `indices`: an array slice, a tuple for tuple
+    items, `ItemRefs` of the same kind for references."""
     check_modality(self.items, modality, "take")
     x = self.items[modality]
     indices = np.asarray(indices, np.int64)
+    if isinstance(x, ItemRefs):
+      return x.take(indices)
     if isinstance(x, np.ndarray):
       return x[indices]
     return tuple(x[int(i)] for i in indices)

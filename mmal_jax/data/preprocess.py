@@ -7,17 +7,23 @@ antialiasing where big_vision uses `tf.image.resize`), captions become int32
 rows pass through as float32. Batches come from numpy iterators: shuffled pair
 batches for training and padded item batches for embedding a whole modality,
 optionally placed on a device mesh (split over every device).
+
+This is the single-process reference path (PIL, one thread);
+`data.pipeline` is the tf.data pipeline with the same batches.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
+from mmal_jax import fs
 from mmal_jax import sharding
-from mmal_jax.data.pool import UnalignedPool, as_index_rows, check_int
+from mmal_jax.data.pool import (ItemRefs, UnalignedPool, as_index_rows,
+                                check_int)
 
 PrepareFn = Callable[[str, np.ndarray], np.ndarray]
 
@@ -28,16 +34,26 @@ class Tokenizer(Protocol):
     """int32 `(len(texts), length)` token ids, padded / truncated to `length`."""
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-  """Decodes an image file to uint8 `(H, W, 3)` RGB. Raises naming the file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Image file not found: {path}")
+def decode_image(data: bytes, what: str = "image") -> np.ndarray:
+  """Decodes encoded image bytes to uint8 `(H, W, 3)` RGB. Raises naming `what`."""
   try:
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data)) as im:
       return np.asarray(im.convert("RGB"))
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"Cannot decode image {path}: {e}") from e
+    raise ValueError(f"Cannot decode image {what}: {e}") from e
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+  """Decodes an image file (local or `gs://`) to uint8 `(H, W, 3)` RGB.
+
+  Raises FileNotFoundError / ValueError naming the file.
+  """
+  path = os.fspath(path)
+  try:
+    data = fs.read_bytes(path)
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    raise FileNotFoundError(f"Image file not found: {path}") from None
+  return decode_image(data, path)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -77,9 +93,9 @@ def prepare_items(pool: UnalignedPool, modality: str, indices, *,
   """Model inputs for items `indices` of `modality`, stacked on axis 0.
 
   - float rows (features): float32 `(B, D)` as they are;
-  - uint8 images (an array, or a tuple of arrays / paths of `"image"` items):
-    resized to `image_size` (required unless all share one size), float32 in
-    [-1, 1];
+  - uint8 images (an array, a tuple of arrays / paths of `"image"` items, or
+    `ItemRefs` to encoded images): resized to `image_size` (required unless
+    all share one size), float32 in [-1, 1];
   - strings of any other modality (captions): `tokenizer.encode(..., text_length)`.
 
   Bind the options with `functools.partial(prepare_items, pool, image_size=...)`
@@ -97,7 +113,9 @@ def prepare_items(pool: UnalignedPool, modality: str, indices, *,
       raise ValueError(f"{modality} items are strings: prepare_items needs tokenizer and "
                        "text_length.")
     return tokenize(tokenizer, items, text_length)
-  if isinstance(items, tuple):
+  if isinstance(items, ItemRefs):
+    images = [decode_image(items.read(i), items[i]) for i in range(len(items))]
+  elif isinstance(items, tuple):
     images = [load_image(x) if isinstance(x, (str, os.PathLike)) else np.asarray(x)
               for x in items]
   else:
@@ -177,15 +195,35 @@ def _pair_batches(pairs, batch_size, prepare, seed, modalities, num_epochs, drop
     epoch, skip = epoch + 1, 0
 
 
+def bucket_size(num_rows: int, batch_size: int, num_devices: int = 1) -> int:
+  """Rows to pad a batch of `num_rows` real rows to.
+
+  The smallest power of two >= `num_rows`, rounded up to a multiple of
+  `num_devices`, at most `batch_size` (itself a multiple of `num_devices`).
+  A jitted tower compiles once per bucket: at most log2(batch_size) + 1
+  shapes, and a small call pads to less than twice its rows instead of to
+  `batch_size`.
+  """
+  check_int("num_rows", num_rows, 1)
+  check_int("batch_size", batch_size, 1)
+  check_int("num_devices", num_devices, 1)
+  if batch_size % num_devices:
+    raise ValueError(f"batch_size {batch_size} is not a multiple of the "
+                     f"{num_devices} devices.")
+  bucket = 1 << (num_rows - 1).bit_length()
+  return min(batch_size, -(-bucket // num_devices) * num_devices)
+
+
 def item_batches(modality: str, indices, batch_size: int, prepare: PrepareFn, *,
                  mesh=None) -> Iterator[tuple[np.ndarray, int]]:
   """Batches for embedding items `indices` of one modality, in order.
 
-  Yields `(inputs, num_valid)`: every batch has exactly `batch_size` rows (so a
-  jitted tower compiles once); the last is padded by repeating its last item
-  and only its first `num_valid` rows are real. With `mesh`, `inputs` is a
-  global array split over every device. Cost per batch: `prepare` on
-  `num_valid` items.
+  Yields `(inputs, num_valid)`: batches of `batch_size` rows, the last one
+  padded (by repeating its last item) to `bucket_size(rows, batch_size,
+  devices)` rows, so a jitted tower compiles for a few shapes only and a
+  small call is not padded to `batch_size`; only the first `num_valid` rows
+  are real. With `mesh`, `inputs` is a global array split over every device.
+  Cost per batch: `prepare` on `num_valid` items.
   """
   _check_batch_size(batch_size, mesh)
   indices = np.asarray(indices, np.int64)
@@ -195,10 +233,11 @@ def item_batches(modality: str, indices, batch_size: int, prepare: PrepareFn, *,
 
 
 def _item_batches(modality, indices, batch_size, prepare, mesh):
+  devices = 1 if mesh is None else mesh.devices.size
   for lo in range(0, len(indices), batch_size):
     chunk = indices[lo:lo + batch_size]
     inputs = prepare(modality, chunk)
-    pad = batch_size - len(chunk)
+    pad = bucket_size(len(chunk), batch_size, devices) - len(chunk)
     if pad:
       inputs = np.concatenate([inputs, np.repeat(inputs[-1:], pad, axis=0)])
     yield _place(inputs, mesh), len(chunk)
