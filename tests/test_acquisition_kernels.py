@@ -262,6 +262,9 @@ def test_shape_dtype_and_argument_errors():
     min_distance(x.astype(np.int32), x)
   with pytest.raises(ValueError, match="Unknown metric 'manhattan'"):
     min_distance(x, x, metric="manhattan")
+  with pytest.raises(ValueError, match="k must be a non-negative integer, "
+                     "got True"):
+    kcenter_greedy(x, True)
   with pytest.raises(ValueError, match="k=11 is larger than the 10"):
     kcenter_greedy(x, 11)
   selected = np.zeros(10, bool)
