@@ -253,6 +253,7 @@ def _put_host_rows(x: np.ndarray, pool: PoolLayout, dtype) -> jax.Array:
     rows = _write_chunk(rows, sharding.put_global(piece, replicated),
                         sharding.put_global(np.int32(start), replicated),
                         shape=pool.shape, dtype=dtype)
+    rows.block_until_ready()  # One piece in flight at a time.
   return rows
 
 
