@@ -344,24 +344,21 @@ def _mark_picked(dist, picked, row_offset):
   return flat.at[local].set(-jnp.inf, mode="drop").reshape(dist.shape)
 
 
-def _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq, valid,
-                    metric):
-  """(blocks, rb) distance of each row to its nearest of `vecs` (valid ones)."""
-  vecs = vecs.astype(blocks.dtype)
+def _pool_distances(blocks, scale, sq_norms, vecs, vec_sq, valid, metric):
+  """(blocks, rb) distance of each row to its nearest of `vecs` (valid ones).
 
-  def one_block(x, x_scale, x_sq):
-    dots = jnp.einsum("rd,pd->rp", x, vecs,
-                      preferred_element_type=jnp.float32) * x_scale[:, None]
-    dist = _distances(dots, x_sq[:, None], vec_sq[None, :], metric)
-    return jnp.min(jnp.where(valid[None, :], dist, jnp.inf), axis=1)
-
-  return _over_real_blocks(one_block, num_real, jnp.inf, blocks, scale,
-                           sq_norms)
+  One product over all local blocks: a matrix-vector-like pass whose speed is
+  memory bandwidth, which a loop over blocks would lose to per-step overhead.
+  """
+  dots = jnp.einsum("brd,pd->brp", blocks, vecs.astype(blocks.dtype),
+                    preferred_element_type=jnp.float32) * scale[..., None]
+  dist = _distances(dots, sq_norms[..., None], vec_sq, metric)
+  return jnp.min(jnp.where(valid, dist, jnp.inf), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "metric", "capacity",
                                              "first_replaces", "batch"))
-def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
+def _greedy_kernel(rows, scale, sq_norms, dist, k, *, shape, metric,
                    capacity, first_replaces, batch):
   """k greedy farthest-point picks, up to `batch` per pass over the pool.
 
@@ -381,16 +378,15 @@ def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
   num_candidates = 1 if batch == 1 else min(4 * batch,
                                             shape.rows_per_block - 1)
 
-  def local(rows, scale, sq_norms, num_rows, dist, k):
+  def local(rows, scale, sq_norms, dist, k):
     row_offset = layout_lib.first_global_row(rows.shape[0])
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
-    num_real = _num_local_blocks(num_rows, shape)
     picks = jnp.full((capacity,), -1, jnp.int32)
     count = jnp.int32(0)
 
     def fold_in(dist, vecs, vec_sq, valid, picked):
-      new = _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq,
-                            valid, metric)
+      new = _pool_distances(blocks, scale, sq_norms, vecs, vec_sq, valid,
+                            metric)
       return _mark_picked(jnp.where(dist == -jnp.inf, -jnp.inf,
                                     jnp.minimum(dist, new)), picked,
                           row_offset)
@@ -446,8 +442,8 @@ def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
     return picks
 
   return _shard_map(local, shape.mesh,
-                    (_ROWS, _ROWS, _ROWS, _REPLICATED, _ROWS, _REPLICATED),
-                    _REPLICATED)(rows, scale, sq_norms, num_rows, dist, k)
+                    (_ROWS, _ROWS, _ROWS, _ROWS, _REPLICATED),
+                    _REPLICATED)(rows, scale, sq_norms, dist, k)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "metric"))
@@ -530,7 +526,7 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
   else:
     dist = _masked(init_dist, eligible)
   picks = _greedy_kernel(
-      pool.rows, pool.scale, pool.sq_norms, pool.num_rows, dist,
+      pool.rows, pool.scale, pool.sq_norms, dist,
       sharding.put_global(np.int32(k), sharding.replicated(shape.mesh)),
       shape=shape, metric=metric, capacity=capacity,
       first_replaces=init_dist is None, batch=min(picks_per_pass, capacity))

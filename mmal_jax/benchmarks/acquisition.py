@@ -26,8 +26,9 @@ Part 3, one greedy k-center step at N = 200k, D = 512, float32: the kernel
 step (`||x||^2 + ||c||^2 - 2 x c` + `np.minimum` + `argmax`: what
 google/active-learning and LabelBench do, minus their float64 upcast), the
 sklearn `pairwise_distances` step (which upcasts to float64), and the
-memory-bandwidth floor: the pool's bytes over the rate of a read-only pass
-measured in the same repeat.
+memory-bandwidth floor: the pool's bytes over the rate of the fastest
+read-only pass (jitted max, numpy max, BLAS product with ones) measured in the
+same repeat.
 
 Part 4, peak host memory of one `mmal` call at N = `--memory_n`, D = 256, in a
 fresh subprocess (VmHWM reset before the call), for laid-out `jax.Array`
@@ -286,6 +287,7 @@ def greedy_step(n: int, dim: int, mesh, repeats: int) -> dict:
   init = kernels.min_distance_sharded(
       pool, kernels.gather_rows(pool, [0]))
   sq = np.einsum("nd,nd->n", x, x)
+  ones = np.ones(dim, np.float32)
   dist32 = np.full(n, np.inf, np.float32)
   dist64 = np.full(n, np.inf, np.float64)
   state = {"j": 1}
@@ -313,13 +315,16 @@ def greedy_step(n: int, dim: int, mesh, repeats: int) -> dict:
       "batched_many": picks(batch_many, kernels.DEFAULT_PICKS_PER_PASS),
       "numpy_f32_step": numpy_f32_step, "sklearn_step": sklearn_step,
       "read_pass_jax": lambda: _read_pass(pool.rows),
-      "read_pass_numpy": lambda: np.max(x)}, repeats)
+      "read_pass_numpy": lambda: np.max(x),
+      "read_pass_blas": lambda: x @ ones}, repeats)
   per_pick = [(b - a) / (many - few) for a, b in
               zip(times["one_pass_few"], times["one_pass_many"])]
   batched = [(b - a) / (batch_many - batch_few) for a, b in
              zip(times["batched_few"], times["batched_many"])]
-  floor = [min(a, b) for a, b in zip(times["read_pass_jax"],
-                                     times["read_pass_numpy"])]
+  # The fastest of three read-only passes over the pool: a jitted max, numpy's
+  # max (one thread) and BLAS's matrix-vector product with ones (threaded).
+  floor = [min(t) for t in zip(times["read_pass_jax"], times["read_pass_numpy"],
+                               times["read_pass_blas"])]
   return {
       "n": n, "dim": dim, "bytes_per_pass": x.nbytes,
       "picks_per_pass": kernels.DEFAULT_PICKS_PER_PASS,
