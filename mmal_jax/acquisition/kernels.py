@@ -344,21 +344,46 @@ def _mark_picked(dist, picked, row_offset):
   return flat.at[local].set(-jnp.inf, mode="drop").reshape(dist.shape)
 
 
-def _pool_distances(blocks, scale, sq_norms, vecs, vec_sq, valid, metric):
+def _segments(num_blocks: int, min_blocks: int = 8) -> list[tuple[int, int]]:
+  """Static block ranges: the first half, then halving pieces down to
+  `min_blocks`, so that skipping pieces past the real rows leaves at most
+  `min_blocks` padding blocks computed."""
+  segments, start, size = [], 0, max(1, num_blocks // 2)
+  while start < num_blocks:
+    size = min(max(size, min_blocks), num_blocks - start)
+    segments.append((start, start + size))
+    start, size = start + size, size // 2
+  return segments
+
+
+def _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq, valid,
+                    metric):
   """(blocks, rb) distance of each row to its nearest of `vecs` (valid ones).
 
-  One product over all local blocks: a matrix-vector-like pass whose speed is
-  memory bandwidth, which a loop over blocks would lose to per-step overhead.
+  A few large products over runs of blocks (the pass is bound by memory
+  bandwidth, which a loop over single blocks would lose to per-step
+  overhead); runs wholly past the real rows are skipped (+inf).
   """
-  dots = jnp.einsum("brd,pd->brp", blocks, vecs.astype(blocks.dtype),
-                    preferred_element_type=jnp.float32) * scale[..., None]
-  dist = _distances(dots, sq_norms[..., None], vec_sq, metric)
-  return jnp.min(jnp.where(valid, dist, jnp.inf), axis=-1)
+  vecs = vecs.astype(blocks.dtype)
+
+  def run(x, x_scale, x_sq):
+    dots = jnp.einsum("brd,pd->brp", x, vecs,
+                      preferred_element_type=jnp.float32) * x_scale[..., None]
+    dist = _distances(dots, x_sq[..., None], vec_sq, metric)
+    return jnp.min(jnp.where(valid, dist, jnp.inf), axis=-1)
+
+  out = []
+  for start, stop in _segments(blocks.shape[0]):
+    piece = tuple(a[start:stop] for a in (blocks, scale, sq_norms))
+    out.append(jax.lax.cond(
+        num_real > start, lambda p: run(*p),
+        lambda p: jnp.full(p[1].shape, jnp.inf, jnp.float32), piece))
+  return jnp.concatenate(out)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "metric", "capacity",
                                              "first_replaces", "batch"))
-def _greedy_kernel(rows, scale, sq_norms, dist, k, *, shape, metric,
+def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
                    capacity, first_replaces, batch):
   """k greedy farthest-point picks, up to `batch` per pass over the pool.
 
@@ -378,15 +403,16 @@ def _greedy_kernel(rows, scale, sq_norms, dist, k, *, shape, metric,
   num_candidates = 1 if batch == 1 else min(4 * batch,
                                             shape.rows_per_block - 1)
 
-  def local(rows, scale, sq_norms, dist, k):
+  def local(rows, scale, sq_norms, num_rows, dist, k):
     row_offset = layout_lib.first_global_row(rows.shape[0])
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    num_real = _num_local_blocks(num_rows, shape)
     picks = jnp.full((capacity,), -1, jnp.int32)
     count = jnp.int32(0)
 
     def fold_in(dist, vecs, vec_sq, valid, picked):
-      new = _pool_distances(blocks, scale, sq_norms, vecs, vec_sq, valid,
-                            metric)
+      new = _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq,
+                            valid, metric)
       return _mark_picked(jnp.where(dist == -jnp.inf, -jnp.inf,
                                     jnp.minimum(dist, new)), picked,
                           row_offset)
@@ -442,8 +468,8 @@ def _greedy_kernel(rows, scale, sq_norms, dist, k, *, shape, metric,
     return picks
 
   return _shard_map(local, shape.mesh,
-                    (_ROWS, _ROWS, _ROWS, _ROWS, _REPLICATED),
-                    _REPLICATED)(rows, scale, sq_norms, dist, k)
+                    (_ROWS, _ROWS, _ROWS, _REPLICATED, _ROWS, _REPLICATED),
+                    _REPLICATED)(rows, scale, sq_norms, num_rows, dist, k)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "metric"))
@@ -526,7 +552,7 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
   else:
     dist = _masked(init_dist, eligible)
   picks = _greedy_kernel(
-      pool.rows, pool.scale, pool.sq_norms, dist,
+      pool.rows, pool.scale, pool.sq_norms, pool.num_rows, dist,
       sharding.put_global(np.int32(k), sharding.replicated(shape.mesh)),
       shape=shape, metric=metric, capacity=capacity,
       first_replaces=init_dist is None, batch=min(picks_per_pass, capacity))
