@@ -70,8 +70,9 @@ _DIM = flags.DEFINE_integer("dim", 256, "Embedding dimension, parts 1, 2, 4.")
 _BUDGET = flags.DEFINE_integer("budget", 256, "Queries per round.")
 _CORESET = flags.DEFINE_integer("coreset_size", 1024, "MMAL coreset size.")
 _ANNOTATED = flags.DEFINE_float("annotated", 0.01, "Annotated fraction.")
-_UNC_CAP = flags.DEFINE_float("uncertainty_cap", 60.0,
-                              "Stop uncertainty after a round this long (s).")
+_UNC_CAP = flags.DEFINE_float(
+    "uncertainty_cap", 120.0, "Skip uncertainty at sizes where its round is "
+    "predicted (quadratic growth from the last size) to take longer (s).")
 _STEP_N = flags.DEFINE_integer("step_n", None, "Pool size, part 3.")
 _STEP_DIM = flags.DEFINE_integer("step_dim", 512, "Dimension, part 3.")
 _MEMORY_N = flags.DEFINE_integer("memory_n", None, "Pool size, part 4.")
@@ -247,7 +248,9 @@ def round_costs(sizes, *, dim, budget, coreset_size, annotated_fraction,
         "coreset": cached("coreset"),
     }
     last = rows["uncertainty"]
-    if not last or max(s["median"] for s in last.values()) <= uncertainty_cap:
+    last_n = max(last, default=None)
+    if (not last or last[last_n]["median"] * (n / last_n) ** 2 <=
+        uncertainty_cap) and len(last) == len(rows["mmal"]):
       contenders["uncertainty"] = lambda: strategies.uncertainty(
           embeddings, annotated, **common)
     times = _interleaved(contenders, repeats)
