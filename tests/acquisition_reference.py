@@ -5,8 +5,8 @@ import numpy as np
 def distances(x, c, metric="euclidean"):
   x = np.asarray(x, np.float64)
   c = np.asarray(c, np.float64)
-  if metric == "cosine":
-    return 1.0 - x @ c.T
+  if metric == "cosine":  # sklearn's cosine_distances.
+    return 1.0 - normalize(x) @ normalize(c).T
   return np.sqrt(((x[:, None, :] - c[None, :, :]) ** 2).sum(-1))
 
 

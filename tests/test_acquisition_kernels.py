@@ -5,6 +5,7 @@ from hypothesis.extra import numpy as hnp
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn.metrics.pairwise import cosine_distances
 
 import acquisition_reference as ref
 from mmal_jax.acquisition import covering_radius
@@ -47,10 +48,35 @@ def test_min_distance_duplicates_are_exactly_zero():
 
 def test_min_distance_exact_on_integer_points():
   x, centers = _integers(90, 5, 4), _integers(30, 5, 5)
-  for metric in ("euclidean", "cosine"):
-    got = np.asarray(min_distance(x, centers, metric=metric, block=BLOCK))
-    np.testing.assert_array_equal(
-        got, ref.min_distance(x, centers, metric).astype(np.float32))
+  got = np.asarray(min_distance(x, centers, block=BLOCK))
+  np.testing.assert_array_equal(
+      got, ref.min_distance(x, centers).astype(np.float32))
+
+
+def test_cosine_is_sklearns_cosine_distances_on_unnormalised_input():
+  rng = np.random.default_rng(3)
+  x = (rng.standard_normal((120, 16)) * rng.uniform(0.1, 30, (120, 1))
+       ).astype(np.float32)
+  centers = 7 * _gaussian(25, 16, 4)
+  want = cosine_distances(x, centers).min(axis=1)
+  got = min_distance(x, centers, metric="cosine", block=BLOCK)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert got.max() <= 2 + 1e-6
+  np.testing.assert_allclose(
+      covering_radius(x, centers, metric="cosine", block=BLOCK), want.max(),
+      atol=2e-6)
+  # Greedy k-center under cosine picks as it would on the normalised rows.
+  picks = kcenter_greedy(x, 15, metric="cosine", block=BLOCK)
+  np.testing.assert_array_equal(
+      picks, kcenter_greedy(ref.normalize(x).astype(np.float32), 15,
+                            metric="cosine", block=BLOCK))
+  selected = np.zeros(120, bool)
+  selected[:5] = True
+  picks = kcenter_greedy(x, 10, selected=selected, metric="cosine",
+                         block=BLOCK)
+  dist = cosine_distances(x, x[selected]).min(axis=1)
+  dist[selected] = -np.inf
+  assert dist[picks[0]] >= dist.max() - 1e-6
 
 
 def test_min_distance_empty_centers_is_inf():
@@ -236,6 +262,9 @@ def test_shape_dtype_and_argument_errors():
     min_distance(x.astype(np.int32), x)
   with pytest.raises(ValueError, match="Unknown metric 'manhattan'"):
     min_distance(x, x, metric="manhattan")
+  with pytest.raises(ValueError, match="k must be a non-negative integer, "
+                     "got True"):
+    kcenter_greedy(x, True)
   with pytest.raises(ValueError, match="k=11 is larger than the 10"):
     kcenter_greedy(x, 11)
   selected = np.zeros(10, bool)

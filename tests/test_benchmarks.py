@@ -12,18 +12,40 @@ def _run(module, *args):
 
 
 def test_acquisition_benchmark(tmp_path):
-  out = _run("mmal_jax.benchmarks.acquisition", "--sizes=600,1200",
-             "--dim=16", "--budget=8", "--coreset_size=32",
-             "--step_n=2000", "--step_dim=16", f"--out={tmp_path}")
-  assert "slope" in out and "numpy reference" in out
+  # Pool sizes in one shape bucket (one compile); part 4's subprocesses are
+  # tested on their own below.
+  out = _run("mmal_jax.benchmarks.acquisition", "--quick", "--rate_sizes=256",
+             "--sizes=600,1000", "--dim=16", "--budget=8",
+             "--coreset_size=32", "--step_n=2100", "--step_dim=16",
+             "--parts=rates,rounds,greedy,compiles", f"--out={tmp_path}")
+  for line in ("Kernel rates", "slope", "numpy float32 step",
+               "sklearn pairwise_distances", "bandwidth floor",
+               "Compiles per mmal call", "Targets:"):
+    assert line in out, line
   results = json.loads((tmp_path / "results.json").read_text())
-  for name in ("mmal", "coreset", "uncertainty", "cache_rebuild"):
-    assert set(results["seconds_per_round"][name]) == {"600", "1200"}
+  assert results["repeats"] >= 5 and results["machine"]["loadavg_after"]
+  for name in ("mmal", "mmal_with_rebuild", "coreset", "uncertainty",
+               "cache_rebuild"):
+    assert set(results["seconds_per_round"][name]) == {"600", "1000"}
     assert results["loglog_slope"][name] is not None
-  step = results["greedy_step"]
-  assert step["kernel_step_s"] > 0 and step["numpy_reference_step_s"] > 0
-  assert 0 < step["fraction_of_floor"]
+  rates = results["kernel_rates"][0]
+  for name in ("top2_margin", "min_distance", "jnp.dot", "jnp.dot+max"):
+    assert rates["gflops"][name]["median"] > 0
+  step = results["greedy_step"]["seconds"]
+  assert step["kernel_one_pass_per_pick"]["median"] > 0
+  assert step["numpy_float32_step"]["median"] > 0
+  assert results["compile_counts"]["after_first"] == 0
+  verdicts = [t["verdict"] for t in results["targets"]]
+  assert set(verdicts) <= {"PASS", "MISS", "SKIP"} and len(verdicts) == 5
   assert (tmp_path / "acquisition_scaling.png").stat().st_size > 0
+
+
+def test_acquisition_benchmark_memory_probe():
+  probe = json.loads(_run("mmal_jax.benchmarks.acquisition",
+                          "--memory_probe=numpy", "--memory_n=3000",
+                          "--dim=16").strip().splitlines()[-1])
+  assert probe["feature_mb"] == 2 * 3000 * 16 * 4 / 2**20
+  assert probe["peak_mb"] >= probe["before_call_mb"] > probe["runtime_mb"] > 0
 
 
 def test_train_step_benchmark(tmp_path):

@@ -1,6 +1,12 @@
 """Strategy invariants, numpy references, the min-distance cache, and errors."""
+import os
+import re
+import subprocess
+import sys
+
 import hypothesis
 from hypothesis import strategies as st
+from jax import monitoring
 import numpy as np
 import pytest
 
@@ -221,3 +227,122 @@ def test_errors_name_the_problem():
   with pytest.raises(ValueError, match=r"min_dist\['image'\] must have shape"):
     mmal(embeddings, annotated, budget=2, seed=0,
          min_dist={"image": np.zeros(3), "text": np.zeros(90)})
+
+
+def test_unknown_strategy_is_a_value_error():
+  with pytest.raises(ValueError, match="Unknown acquisition strategy 'nope'; "
+                     "expected one of"):
+    STRATEGIES["nope"]  # pylint: disable=pointless-statement
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_bools_are_not_counts(name):
+  embeddings, annotated = _round()
+  with pytest.raises(ValueError, match="budget must be a positive integer, "
+                     "got True"):
+    STRATEGIES[name](embeddings, annotated, budget=True, seed=0, block=BLOCK)
+  with pytest.raises(ValueError, match="block must be an integer >= 8"):
+    STRATEGIES[name](embeddings, annotated, budget=3, seed=0, block=True)
+  if name in ("mmal", "coreset"):  # The others take it and ignore it.
+    with pytest.raises(ValueError, match="picks_per_pass must be a positive"):
+      STRATEGIES[name](embeddings, annotated, budget=3, seed=0,
+                       picks_per_pass=True)
+
+
+def test_mmal_coreset_size_bool_is_rejected():
+  embeddings, annotated = _round()
+  with pytest.raises(ValueError, match="coreset_size must be an integer"):
+    STRATEGIES["mmal"](embeddings, annotated, budget=1, seed=0,
+                       coreset_size=True)
+
+
+_NAN_CACHE = r"""
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import test_strategies as t
+from mmal_jax import sharding
+from mmal_jax.acquisition import kernels, layout, STRATEGIES
+embeddings, annotated = t._round()
+for bad in (np.nan, -np.inf):
+  for name in ("mmal", "coreset"):
+    cache = {{m: np.full(len(z), bad, np.float32)
+             for m, z in embeddings.items()}}
+    try:
+      STRATEGIES[name](embeddings, annotated, budget=5, seed=0,
+                       min_dist=cache, block=t.BLOCK)
+    except ValueError as e:
+      print("ValueError:", e)
+# The greedy loop itself ends on NaN distances that bypass validation.
+x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+pool = layout.shard_rows(x, block=t.BLOCK)
+eligible = layout.shard_mask(np.ones(50, bool), pool.layout)
+nan = layout.row_vector(np.full(50, np.nan), pool.layout, np.nan)
+for per_pass in (1, 4):
+  try:
+    kernels.kcenter_greedy_sharded(pool, 7, eligible=eligible, init_dist=nan,
+                                   picks_per_pass=per_pass)
+  except ValueError as e:
+    print("ValueError:", e)
+"""
+
+
+def test_nan_or_neg_inf_cache_is_rejected_and_greedy_always_ends():
+  # Before the fix an all-NaN cache made mmal and coreset loop forever: run
+  # in a subprocess under a timeout.
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  run = subprocess.run([sys.executable, "-c", _NAN_CACHE.format(tests=tests)],
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.splitlines()
+  assert len(lines) == 6, run.stdout
+  for line, bad in zip(lines[:4], ("NaN", "NaN", "-inf", "-inf")):
+    assert re.match(r"ValueError: min_dist\['image'\] holds 120 NaN or -inf "
+                    r"value\(s\), first at item 0", line), line
+  for line in lines[4:]:
+    assert "greedy k-center made only 0 of 7 picks" in line, line
+
+
+def _compiles(fn):
+  """Number of programs jax lowers (compiles or loads) while fn runs."""
+  seen = []
+
+  def listen(name, *_, **__):
+    if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      seen.append(name)
+
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    fn()
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  return len(seen)
+
+
+def _bucketed_round(n, num_annotated, seed):
+  rng = np.random.default_rng(seed)
+  embeddings = {m: rng.standard_normal((n, 8)).astype(np.float32)
+                for m in ("image", "text")}
+  annotated = {}
+  for m in embeddings:
+    annotated[m] = np.zeros(n, bool)
+    annotated[m][rng.choice(n, num_annotated, replace=False)] = True
+  return embeddings, annotated
+
+
+@pytest.mark.parametrize("name", ["mmal", "coreset"])
+def test_no_recompilation_within_a_size_bucket(name):
+  # N in (512, 1024], annotated items in (16, 32], budget in (8, 16] (coreset
+  # 4 x budget in (32, 64]): one set of programs.
+  def run(n, num_annotated, budget, seed):
+    embeddings, annotated = _bucketed_round(n, num_annotated, seed)
+    return _compiles(lambda: STRATEGIES[name](
+        embeddings, annotated, budget=budget, seed=0, block=BLOCK))
+
+  run(600, 20, 9, 0)
+  for n, num_annotated, budget in ((1000, 32, 16), (513, 17, 12),
+                                   (777, 25, 10)):
+    assert run(n, num_annotated, budget, n) == 0, (n, num_annotated, budget)
+  # The counter does see compilations: a pool of another bucket compiles.
+  assert run(1100, 20, 9, 1) > 0

@@ -1,25 +1,34 @@
 """Sharded acquisition kernels: nearest-center distances, greedy k-center, top-2 margins.
 
-Each kernel runs under `shard_map` over the 1-D mesh of `mmal_jax.sharding`:
-pool rows are split into fixed-size blocks over the devices (see `layout`),
-small operands (centers, queries) are replicated, and every pairwise quantity
-is computed one `(block, block)` tile at a time, so no `(N, N)` or `(Q, N)`
-array ever exists. Cross-device steps are max / min / selections, and sums in
+Each kernel runs under `shard_map` over the 2-D mesh of `mmal_jax.sharding`,
+pool rows split over every device (see `layout`). Small operands (centers,
+queries) are replicated, and every pairwise quantity is computed one
+`(rows_per_block, chunk)` tile at a time, so no `(N, N)` or `(Q, N)` array
+ever exists. Each tile is one matrix product followed by max/min reductions
+that XLA fuses with it (no per-tile argmax: it runs at a third of the rate of
+the product on CPU); cross-device steps are max / min / selections, and sums in
 which every device but one adds exact zeros, so results are bit-identical on
-any number of devices.
+any number of devices and any mesh shape.
 
-Distances (`metric`), on vectors used as given:
-  euclidean: ||x - c||, via ||x||^2 + ||c||^2 - 2<x, c> on the matrix units;
-  cosine:    1 - <x, c>.
-Features may be stored in float32, bfloat16 or float16; products accumulate in
-float32.
+Shapes are bucketed (see `layout`): pool blocks, center chunks, query chunks
+and pick buffers are powers of two, and the real counts (`N`, `C`, `Q`, `k`)
+are traced scalars bounding the loops, so a new size within a power-of-two
+bucket reuses the compiled kernels and padding costs no compute.
 
-The public functions here take plain `(N, D)` arrays; the `*_sharded` forms
-take already laid-out `ShardedRows` so that strategies lay a pool out once per
-round.
+Distances (`metric`):
+  euclidean: ||x - c||, via ||x||^2 + ||c||^2 - 2<x, c> on the matrix units,
+    then recomputed exactly for the nearest center;
+  cosine: 1 - <x, c> / (||x|| ||c||), sklearn's `cosine_distances`.
+Features may be stored in float32, bfloat16 or float16 (the products' operand
+dtype); products accumulate in float32.
+
+The public functions here take plain `(N, D)` arrays and return numpy arrays;
+the `*_sharded` forms take already laid-out `ShardedRows` so that strategies
+lay a pool out once per round.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,7 +38,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mmal_jax import sharding
 from mmal_jax.acquisition import layout as layout_lib
-from mmal_jax.acquisition.layout import DEFAULT_BLOCK, ShardedRows
+from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
 
 METRICS = ("euclidean", "cosine")
 _AXIS = sharding.ROW_AXES
@@ -45,146 +54,232 @@ def check_metric(metric: str) -> str:
 
 
 def _distances(dots, x_sq, c_sq, metric):
-  """Distances from inner products (float32), broadcasting x_sq against c_sq."""
+  """Distances from inner products of (scaled) vectors, broadcasting norms."""
   if metric == "cosine":
     return 1.0 - dots
   return jnp.sqrt(jnp.maximum(x_sq + c_sq - 2.0 * dots, 0.0))
 
 
-def _replicated_operand(x, pool: ShardedRows, block: int, name: str,
-                        pool_has: str) -> tuple[jax.Array, int, int]:
-  """A small `(n, D)` operand (centers, queries) for the kernels.
+def _shard_map(fn, mesh, in_specs, out_specs):
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)
 
-  Checks it against `pool` (dimension, finite values), zero-pads it to whole
-  chunks of min(block, next_pow2(n)) rows and replicates it over the mesh.
-  Returns (padded array, n, chunk).
+
+def _num_local_blocks(num_rows, shape: PoolLayout):
+  """How many of this device's blocks hold real rows (inside shard_map)."""
+  first_block = (jax.lax.axis_index(_AXIS).astype(jnp.int32) *
+                 shape.blocks_per_device)
+  real_blocks = (num_rows + shape.rows_per_block - 1) // shape.rows_per_block
+  return jnp.clip(real_blocks - first_block, 0, shape.blocks_per_device)
+
+
+def _over_real_blocks(fn, num_real, fill, *blocked):
+  """Stacks fn(block...) over the first `num_real` local blocks; `fill` after.
+
+  The blocks past the real rows (size bucketing) cost nothing.
+  """
+  out = jnp.full(blocked[0].shape[:2], fill, jnp.float32)
+
+  def body(b, out):
+    args = [jax.lax.dynamic_index_in_dim(x, b, keepdims=False)
+            for x in blocked]
+    return jax.lax.dynamic_update_index_in_dim(out, fn(*args), b, 0)
+
+  return jax.lax.fori_loop(0, num_real, body, out)
+
+
+# --------------------------------------------------------------------------
+# Small replicated operands (centers, queries).
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+  """A small `(n, D)` operand, padded to a power-of-two bucket and replicated.
+
+  Attributes:
+    values: `(chunk * num_chunks, D)` float32 (already scaled), zero past n.
+    count: replicated int32 scalar n (traced by the kernels).
+    size: n on the host.
+    chunk: rows per tile.
+  """
+  values: jax.Array
+  count: jax.Array
+  size: int
+  chunk: int
+
+
+def host_operand(x, pool: ShardedRows, *, block: int, name: str,
+                 pool_has: str, normalize: bool) -> Operand:
+  """A user's `(n, D)` array as an `Operand` for kernels over `pool`.
+
+  Checks the dimension and finite values; normalises rows when asked.
+  Cost: one host pass over `x`.
   """
   x = layout_lib.as_feature_array(x, name)
   if x.shape[1] != pool.dim:
     raise ValueError(f"{name} have dimension {x.shape[1]}, {pool_has} "
                      f"{pool.dim}.")
+  x = np.asarray(x, np.float32)
+  bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+  if bad.size:
+    raise ValueError(f"{name} has NaN or inf values in {bad.size} row(s), "
+                     f"first at row {bad[0]}.")
+  if normalize:
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True),
+                       np.float32(1e-12))
   n = x.shape[0]
-  chunk = min(layout_lib.check_block(block), max(8, layout_lib.next_pow2(n)))
-  padded = jnp.pad(jnp.asarray(x, jnp.float32),
-                   ((0, -(-max(n, 1) // chunk) * chunk - n), (0, 0)))
-  if not bool(jnp.isfinite(padded).all()):
-    layout_lib.raise_non_finite(x, name)
-  return (jax.device_put(padded.astype(pool.rows.dtype),
-                         sharding.replicated(pool.layout.mesh)), n, chunk)
+  chunk, num_chunks = layout_lib.pow2_capacity(n, block)
+  padded = np.zeros((chunk * num_chunks, x.shape[1]), np.float32)
+  padded[:n] = x
+  replicated = sharding.replicated(pool.layout.mesh)
+  return Operand(sharding.put_global(padded, replicated),
+                 sharding.put_global(np.int32(n), replicated), n, chunk)
+
+
+def gather_rows(pool: ShardedRows, indices, *, block: int = DEFAULT_BLOCK
+                ) -> Operand:
+  """Rows `indices` of a laid-out pool (scaled), as an `Operand`."""
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  n = indices.size
+  chunk, num_chunks = layout_lib.pow2_capacity(n, block)
+  padded = np.zeros(chunk * num_chunks, np.int32)
+  padded[:n] = indices
+  replicated = sharding.replicated(pool.layout.mesh)
+  count = sharding.put_global(np.int32(n), replicated)
+  values = _gather(pool.rows, pool.scale, sharding.put_global(padded,
+                                                              replicated),
+                   count, shape=pool.layout.shape)
+  return Operand(values, count, n, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _gather(rows, scale, indices, count, *, shape: PoolLayout):
+  taken = rows[indices].astype(jnp.float32) * scale.reshape(-1)[indices, None]
+  taken = jnp.where((jnp.arange(indices.shape[0]) < count)[:, None], taken, 0.)
+  return jax.lax.with_sharding_constraint(taken,
+                                          sharding.replicated(shape.mesh))
+
+
+def to_host(blocked: jax.Array, pool_layout: PoolLayout) -> np.ndarray:
+  """`(num_blocks, rows_per_block)` sharded -> the first `num_rows` on the host."""
+  full = _replicate(blocked, shape=pool_layout.shape)
+  return np.asarray(full).reshape(-1)[:pool_layout.num_rows]
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _replicate(blocked, *, shape: PoolLayout):
+  return jax.lax.with_sharding_constraint(blocked,
+                                          sharding.replicated(shape.mesh))
 
 
 # --------------------------------------------------------------------------
 # Nearest-center distances.
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "metric", "center_chunk"))
-def _min_distance_kernel(rows, sq_norms, centers, center_valid, *, mesh, metric,
-                         center_chunk):
-  """(blocks, rb) distance of every row to its nearest valid center (+inf if none)."""
+@functools.partial(jax.jit,
+                   static_argnames=("shape", "metric", "center_chunk"))
+def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
+                         shape, metric, center_chunk):
+  """(blocks, rb) distance of every row to its nearest center (+inf if none)."""
   dim = rows.shape[-1]
-  stored = centers.astype(jnp.float32)
-  center_sq = jnp.einsum("cd,cd->c", stored, stored)
-  num_chunks = centers.shape[0] // center_chunk
-  chunks = (centers.reshape(num_chunks, center_chunk, dim),
-            center_sq.reshape(num_chunks, center_chunk),
-            center_valid.reshape(num_chunks, center_chunk),
-            jnp.arange(num_chunks, dtype=jnp.int32) * center_chunk)
+  dtype = rows.dtype
+  c_sq = jnp.einsum("cd,cd->c", centers, centers)
+  valid = jnp.arange(centers.shape[0]) < num_centers
+  # The tile's score is a * <x, c> - bias, largest for the nearest center:
+  # 2<x^, c> - ||c||^2 (euclidean) or <x, c> (cosine); -inf when invalid.
+  bias = jnp.where(valid, c_sq if metric == "euclidean" else 0., jnp.inf)
+  num_chunks = (num_centers + center_chunk - 1) // center_chunk
+  chunks = (centers.astype(dtype).reshape(-1, center_chunk, dim),
+            bias.reshape(-1, center_chunk))
 
-  def local(rows, sq_norms, centers, chunks):
-    def one_block(x, x_sq):
-      def one_chunk(carry, chunk):
+  def local(rows, scale, num_rows, centers, chunks):
+    def one_block(x, x_scale):
+      factor = (2. * x_scale if metric == "euclidean"
+                else jnp.ones_like(x_scale))[:, None]
+
+      def one_chunk(j, carry):
         best, best_idx = carry
-        c, c_sq, c_valid, offset = chunk
-        dots = jnp.einsum("rd,cd->rc", x, c, preferred_element_type=jnp.float32)
-        dist = jnp.where(c_valid[None, :],
-                         _distances(dots, x_sq[:, None], c_sq[None, :], metric),
-                         jnp.inf)
-        idx = jnp.argmin(dist, axis=1)
-        val = jnp.take_along_axis(dist, idx[:, None], axis=1)[:, 0]
-        better = val < best  # Strict: the earlier center wins ties.
-        return (jnp.where(better, val, best),
-                jnp.where(better, idx.astype(jnp.int32) + offset, best_idx)), None
+        c, c_bias = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
+                     for a in chunks)
+        dots = jnp.einsum("rd,cd->rc", x, c,
+                          preferred_element_type=jnp.float32)
+        score = factor * dots - c_bias[None, :]
+        top = jnp.max(score, axis=1)
+        idx = jnp.min(jnp.where(score == top[:, None],
+                                jnp.arange(center_chunk, dtype=jnp.int32),
+                                _INT_MAX), axis=1)
+        better = top > best  # Strict: the earlier center wins ties.
+        return (jnp.where(better, top, best),
+                jnp.where(better, idx + j * center_chunk, best_idx))
 
-      init = (jnp.full(x.shape[:1], jnp.inf, jnp.float32),
-              jnp.zeros(x.shape[:1], jnp.int32))
-      (best, best_idx), _ = jax.lax.scan(one_chunk, init, chunks)
+      best, best_idx = jax.lax.fori_loop(
+          0, num_chunks, one_chunk,
+          (jnp.full(x.shape[:1], -jnp.inf, jnp.float32),
+           jnp.zeros(x.shape[:1], jnp.int32)))
       if metric == "euclidean":
         # ||x||^2 + ||c||^2 - 2<x,c> cancels badly for close pairs: recompute
         # the distance to the chosen center directly (exact 0 for duplicates).
-        diff = x.astype(jnp.float32) - centers[best_idx].astype(jnp.float32)
-        exact = jnp.sqrt(jnp.sum(diff * diff, axis=1))
-        best = jnp.where(jnp.isfinite(best), exact, jnp.inf)
-      return best
+        diff = x.astype(jnp.float32) * x_scale[:, None] - centers[best_idx]
+        dist = jnp.sqrt(jnp.sum(diff * diff, axis=1))
+      else:
+        dist = 1. - x_scale * best
+      return jnp.where(best > -jnp.inf, dist, jnp.inf)
 
-    return layout_lib.map_blocks(one_block, rows, sq_norms)
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    return _over_real_blocks(one_block, _num_local_blocks(num_rows, shape),
+                             jnp.inf, blocks, scale)
 
-  return jax.shard_map(
-      local, mesh=mesh, in_specs=(_ROWS, _ROWS, _REPLICATED, _REPLICATED),
-      out_specs=_ROWS, check_vma=False)(rows, sq_norms, centers, chunks)
+  return _shard_map(local, shape.mesh,
+                    (_ROWS, _ROWS, _REPLICATED, _REPLICATED, _REPLICATED),
+                    _ROWS)(rows, scale, num_rows, centers, chunks)
 
 
-def min_distance_sharded(pool: ShardedRows, centers, center_valid=None, *,
-                         metric: str = "euclidean",
-                         block: int = DEFAULT_BLOCK) -> jax.Array:
+def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
+                         metric: str = "euclidean") -> jax.Array:
   """Distance of each pool row to its nearest center, in the pool's layout.
 
   Args:
     pool: the laid-out pool, `N` rows.
-    centers: `(C, D)` centers (array or replicated jax array), C may be 0.
-    center_valid: optional `(C,)` bool; invalid centers are ignored.
+    centers: the centers (`host_operand` / `gather_rows`), C may be 0; scaled
+      like the pool (normalised for a normalised pool).
     metric: "euclidean" or "cosine".
-    block: tile edge; at most `rows_per_block x block` distances exist at once.
 
   Returns:
     `(num_blocks, rows_per_block)` float32, sharded like the pool; +inf where
-    no valid center exists, padding rows included. Cost: `O(N C D)` flops,
-    one pass over the pool per chunk of `block` centers.
+    no center exists and on padding rows. Cost: `2 N C D` flops, one pass
+    over the pool per chunk of centers; tiles `rows_per_block x chunk`.
   """
   check_metric(metric)
-  mesh = pool.layout.mesh
-  centers, num_centers, chunk = _replicated_operand(centers, pool, block,
-                                                    "centers", "the pool has")
-  valid = np.zeros(centers.shape[0], np.bool_)
-  valid[:num_centers] = True if center_valid is None else np.asarray(
-      center_valid, np.bool_)
   return _min_distance_kernel(
-      pool.rows, pool.sq_norms, centers,
-      jax.device_put(valid, sharding.replicated(mesh)),
-      mesh=mesh, metric=metric, center_chunk=chunk)
-
-
-def unpad(blocked: jax.Array, pool_layout) -> jax.Array:
-  """`(num_blocks, rows_per_block, ...)` -> the first `num_rows` rows, replicated."""
-  return _unpad(blocked, num_rows=pool_layout.num_rows, mesh=pool_layout.mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("num_rows", "mesh"))
-def _unpad(blocked, *, num_rows, mesh):
-  flat = blocked.reshape((-1,) + blocked.shape[2:])[:num_rows]
-  return jax.lax.with_sharding_constraint(flat, sharding.replicated(mesh))
+      pool.rows, pool.scale, pool.num_rows, centers.values, centers.count,
+      shape=pool.layout.shape, metric=metric,
+      center_chunk=centers.chunk)
 
 
 def min_distance(x, centers, *, metric: str = "euclidean",
                  mesh: Mesh | None = None,
-                 block: int = DEFAULT_BLOCK) -> jax.Array:
+                 block: int = DEFAULT_BLOCK) -> np.ndarray:
   """Distance of each row of `x` to its nearest row of `centers`.
 
   Args:
-    x: `(N, D)` floating array (numpy or jax; float32/bfloat16/float16 kept,
-      float64 stored as float32).
+    x: `(N, D)` floating array (numpy, or jax; see `layout.shard_rows`).
     centers: `(C, D)` floating array; C may be 0.
-    metric: "euclidean" (||x - c||) or "cosine" (1 - <x, c>); vectors are used
-      as given.
-    mesh: 1-D mesh (default: all devices); rows of `x` are split over it.
+    metric: "euclidean" (||x - c||) or "cosine" (sklearn's
+      `cosine_distances`: rows are normalised first).
+    mesh: the device mesh (default: all devices); rows of `x` are split over it.
     block: tile edge; no more than `block x block` distances exist at once.
 
   Returns:
-    `(N,)` float32, +inf everywhere if `centers` is empty. Cost: `O(N C D)`
-    flops, memory `O((N + C) D / devices + block^2)`.
+    `(N,)` float32 numpy, +inf everywhere if `centers` is empty. Cost:
+    `2 N C D` flops, memory `O((N + C) D / devices + block^2)`.
   """
-  pool = layout_lib.shard_rows(x, mesh, block=block)
-  return unpad(min_distance_sharded(pool, centers, metric=metric, block=block),
-               pool.layout)
+  check_metric(metric)
+  cosine = metric == "cosine"
+  pool = layout_lib.shard_rows(x, mesh, block=block, normalize=cosine)
+  centers = host_operand(centers, pool, block=block, name="centers",
+                         pool_has="the pool has", normalize=cosine)
+  return to_host(min_distance_sharded(pool, centers, metric=metric),
+                 pool.layout)
 
 
 def covering_radius(x, centers, *, metric: str = "euclidean",
@@ -196,7 +291,7 @@ def covering_radius(x, centers, *, metric: str = "euclidean",
   -inf if `x` is empty.
   """
   dist = min_distance(x, centers, metric=metric, mesh=mesh, block=block)
-  return float(jnp.max(dist, initial=-jnp.inf))
+  return float(np.max(dist, initial=-np.inf))
 
 
 # --------------------------------------------------------------------------
@@ -217,17 +312,16 @@ def _global_argmax(values, row_offset):
   return best_val, best_idx
 
 
-def _fetch_rows(rows, sq_norms, global_idx, row_offset):
-  """Rows `global_idx` (C,) and their squared norms, on every device."""
-  flat_rows = rows.reshape(-1, rows.shape[-1])
+def _fetch_rows(rows, scale, sq_norms, global_idx, row_offset):
+  """Scaled rows `global_idx` (C,) in float32 and their squared norms, on
+  every device."""
   local = global_idx - row_offset
-  owner = (local >= 0) & (local < flat_rows.shape[0])
-  local = jnp.clip(local, 0, flat_rows.shape[0] - 1)
-  vecs = jax.lax.psum(jnp.where(owner[:, None],
-                                flat_rows[local].astype(jnp.float32), 0.),
-                      _AXIS)
+  owner = (local >= 0) & (local < rows.shape[0])
+  local = jnp.clip(local, 0, rows.shape[0] - 1)
+  vecs = rows[local].astype(jnp.float32) * scale.reshape(-1)[local, None]
+  vecs = jax.lax.psum(jnp.where(owner[:, None], vecs, 0.), _AXIS)
   sq = jax.lax.psum(jnp.where(owner, sq_norms.reshape(-1)[local], 0.), _AXIS)
-  return vecs.astype(rows.dtype), sq
+  return vecs, sq
 
 
 def _top_candidates(dist, row_offset, count: int):
@@ -250,10 +344,47 @@ def _mark_picked(dist, picked, row_offset):
   return flat.at[local].set(-jnp.inf, mode="drop").reshape(dist.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "metric", "k",
+def _segments(num_blocks: int, min_blocks: int = 8) -> list[tuple[int, int]]:
+  """Static block ranges: the first half, then halving pieces down to
+  `min_blocks`, so that skipping pieces past the real rows leaves at most
+  `min_blocks` padding blocks computed."""
+  segments, start, size = [], 0, max(1, num_blocks // 2)
+  while start < num_blocks:
+    size = min(max(size, min_blocks), num_blocks - start)
+    segments.append((start, start + size))
+    start, size = start + size, size // 2
+  return segments
+
+
+def _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq, valid,
+                    metric):
+  """(blocks, rb) distance of each row to its nearest of `vecs` (valid ones).
+
+  A few large products over runs of blocks (the pass is bound by memory
+  bandwidth, which a loop over single blocks would lose to per-step
+  overhead); runs wholly past the real rows are skipped (+inf).
+  """
+  vecs = vecs.astype(blocks.dtype)
+
+  def run(x, x_scale, x_sq):
+    dots = jnp.einsum("brd,pd->brp", x, vecs,
+                      preferred_element_type=jnp.float32) * x_scale[..., None]
+    dist = _distances(dots, x_sq[..., None], vec_sq, metric)
+    return jnp.min(jnp.where(valid, dist, jnp.inf), axis=-1)
+
+  out = []
+  for start, stop in _segments(blocks.shape[0]):
+    piece = tuple(a[start:stop] for a in (blocks, scale, sq_norms))
+    out.append(jax.lax.cond(
+        num_real > start, lambda p: run(*p),
+        lambda p: jnp.full(p[1].shape, jnp.inf, jnp.float32), piece))
+  return jnp.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "metric", "capacity",
                                              "first_replaces", "batch"))
-def _greedy_kernel(rows, sq_norms, dist, *, mesh, metric, k, first_replaces,
-                   batch):
+def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
+                   capacity, first_replaces, batch):
   """k greedy farthest-point picks, up to `batch` per pass over the pool.
 
   dist = -inf marks rows never to pick. A pass takes the rows with the
@@ -264,27 +395,40 @@ def _greedy_kernel(rows, sq_norms, dist, *, mesh, metric, k, first_replaces,
   still beats the bound: each such pick is the pool's farthest row, i.e.
   exactly the pick of one-pass-per-pick greedy. One pass over the pool then
   folds every new center in. batch=1 is the plain one-pass-per-pick loop.
-  """
-  num_candidates = 1 if batch == 1 else min(4 * batch, rows.shape[1] - 1)
 
-  def local(rows, sq_norms, dist):
-    row_offset = (jax.lax.axis_index(_AXIS).astype(jnp.int32) *
-                  rows.shape[0] * rows.shape[1])
-    picks = jnp.zeros((k,), jnp.int32)
-    count = 0
+  Every pass with a finite farthest distance makes at least one pick, and
+  there are at most k passes, so the loop ends on any input; slots left
+  unpicked (NaN distances) hold -1. Returns `(capacity,)` int32.
+  """
+  num_candidates = 1 if batch == 1 else min(4 * batch,
+                                            shape.rows_per_block - 1)
+
+  def local(rows, scale, sq_norms, num_rows, dist, k):
+    row_offset = layout_lib.first_global_row(rows.shape[0])
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    num_real = _num_local_blocks(num_rows, shape)
+    picks = jnp.full((capacity,), -1, jnp.int32)
+    count = jnp.int32(0)
+
+    def fold_in(dist, vecs, vec_sq, valid, picked):
+      new = _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq,
+                            valid, metric)
+      return _mark_picked(jnp.where(dist == -jnp.inf, -jnp.inf,
+                                    jnp.minimum(dist, new)), picked,
+                          row_offset)
+
     if first_replaces:  # The first center replaces the distances to the mean.
-      _, first = _global_argmax(dist, row_offset)
-      center, center_sq = _fetch_rows(rows, sq_norms, first[None], row_offset)
-      new = _distances(
-          jnp.einsum("brd,d->br", rows, center[0],
-                     preferred_element_type=jnp.float32),
-          sq_norms, center_sq[0], metric)
-      dist = _mark_picked(jnp.where(dist == -jnp.inf, -jnp.inf, new),
-                          first[None], row_offset)
-      picks, count = picks.at[0].set(first), 1
+      value, first = _global_argmax(dist, row_offset)
+      vec, vec_sq = _fetch_rows(rows, scale, sq_norms, first[None],
+                                row_offset)
+      ok = value > -jnp.inf
+      dist = fold_in(jnp.where(dist == -jnp.inf, -jnp.inf, jnp.inf), vec,
+                     vec_sq, ok[None], jnp.where(ok, first, -1)[None])
+      picks = picks.at[0].set(jnp.where(ok & (k > 0), first, -1))
+      count = (ok & (k > 0)).astype(jnp.int32)
 
     def one_pass(carry):
-      dist, picks, count = carry
+      dist, picks, count, passes = carry
       if batch == 1:
         values, idx = _global_argmax(dist, row_offset)
         values, idx = values[None], idx[None]
@@ -293,7 +437,7 @@ def _greedy_kernel(rows, sq_norms, dist, *, mesh, metric, k, first_replaces,
         values, idx = _top_candidates(dist, row_offset, num_candidates + 1)
         bound_val, bound_idx = values[-1], idx[-1]
         values, idx = values[:-1], idx[:-1]
-      vecs, vec_sq = _fetch_rows(rows, sq_norms, idx, row_offset)
+      vecs, vec_sq = _fetch_rows(rows, scale, sq_norms, idx, row_offset)
 
       def pick(j, state):
         current, chosen, going = state
@@ -302,9 +446,8 @@ def _greedy_kernel(rows, sq_norms, dist, *, mesh, metric, k, first_replaces,
         beats = (top > bound_val) | ((top == bound_val) & (idx[b] < bound_idx))
         accept = (going & (top > -jnp.inf) & (count + j < k) &
                   ((j == 0) | beats))
-        to_b = _distances(jnp.einsum("cd,d->c", vecs, vecs[b],
-                                     preferred_element_type=jnp.float32),
-                          vec_sq, vec_sq[b], metric)
+        to_b = _distances(jnp.einsum("cd,d->c", vecs, vecs[b]), vec_sq,
+                          vec_sq[b], metric)
         current = jnp.where(accept, jnp.minimum(current, to_b).at[b].set(
             -jnp.inf), current)
         return current, chosen.at[j].set(jnp.where(accept, b, -1)), accept
@@ -313,28 +456,25 @@ def _greedy_kernel(rows, sq_norms, dist, *, mesh, metric, k, first_replaces,
           0, batch, pick, (values, jnp.full((batch,), -1, jnp.int32), True))
       valid = chosen >= 0
       slot = jnp.maximum(chosen, 0)
-      dots = jnp.einsum("brd,pd->brp", rows, vecs[slot],
-                        preferred_element_type=jnp.float32)
-      new = jnp.min(jnp.where(valid, _distances(
-          dots, sq_norms[..., None], vec_sq[slot], metric), jnp.inf), axis=-1)
       picked = jnp.where(valid, idx[slot], -1)
-      dist = _mark_picked(jnp.where(dist == -jnp.inf, -jnp.inf,
-                                    jnp.minimum(dist, new)), picked,
-                          row_offset)
-      at = jnp.where(valid, count + jnp.arange(batch), k)
-      return dist, picks.at[at].set(picked, mode="drop"), count + valid.sum()
+      dist = fold_in(dist, vecs[slot], vec_sq[slot], valid, picked)
+      at = jnp.where(valid, count + jnp.arange(batch), capacity)
+      return (dist, picks.at[at].set(picked, mode="drop"),
+              count + valid.sum(dtype=jnp.int32), passes + 1)
 
-    _, picks, _ = jax.lax.while_loop(lambda c: c[2] < k, one_pass,
-                                     (dist, picks, jnp.int32(count)))
+    _, picks, _, _ = jax.lax.while_loop(
+        lambda c: (c[2] < k) & (c[3] < k), one_pass,
+        (dist, picks, count, jnp.int32(0)))
     return picks
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(_ROWS, _ROWS, _ROWS),
-                       out_specs=_REPLICATED, check_vma=False)(
-                           rows, sq_norms, dist)
+  return _shard_map(local, shape.mesh,
+                    (_ROWS, _ROWS, _ROWS, _REPLICATED, _ROWS, _REPLICATED),
+                    _REPLICATED)(rows, scale, sq_norms, num_rows, dist, k)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "metric"))
-def _distance_to_mean_kernel(rows, sq_norms, eligible, *, mesh, metric):
+@functools.partial(jax.jit, static_argnames=("shape", "metric"))
+def _distance_to_mean_kernel(rows, scale, sq_norms, eligible, *, shape,
+                             metric):
   """Distance of each eligible row to the mean of the eligible rows (-inf elsewhere).
 
   The mean is summed block by block in a fixed order (block sums are
@@ -342,41 +482,38 @@ def _distance_to_mean_kernel(rows, sq_norms, eligible, *, mesh, metric):
   it is the same on every mesh.
   """
 
-  def local(rows, sq_norms, eligible):
+  def local(rows, scale, sq_norms, eligible):
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
     local_sums = layout_lib.map_blocks(
-        lambda x, keep: jnp.where(keep[:, None], x.astype(jnp.float32),
-                                  0.).sum(axis=0), rows, eligible)
+        lambda x, s, keep: jnp.where(keep[:, None],
+                                     x.astype(jnp.float32) * s[:, None],
+                                     0.).sum(axis=0), blocks, scale, eligible)
     block_sums = jax.lax.all_gather(local_sums, _AXIS, tiled=True)
     total = jax.lax.fori_loop(0, block_sums.shape[0],
                               lambda b, acc: acc + block_sums[b],
                               jnp.zeros(rows.shape[-1], jnp.float32))
     count = jax.lax.psum(eligible.sum(), _AXIS)
     mean = total / jnp.maximum(count, 1).astype(jnp.float32)
-    dots = jnp.einsum("brd,d->br", rows.astype(jnp.float32), mean)
+    dots = jnp.einsum("brd,d->br", blocks.astype(jnp.float32), mean) * scale
     dist = _distances(dots, sq_norms, jnp.sum(mean * mean), metric)
     return jnp.where(eligible, dist, -jnp.inf)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(_ROWS, _ROWS, _ROWS),
-                       out_specs=_ROWS, check_vma=False)(
-                           rows, sq_norms, eligible)
+  return _shard_map(local, shape.mesh, (_ROWS, _ROWS, _ROWS, _ROWS), _ROWS)(
+      rows, scale, sq_norms, eligible)
 
 
 DEFAULT_PICKS_PER_PASS = 16
 
 
-def _check_picks_per_pass(picks_per_pass) -> int:
-  if (not isinstance(picks_per_pass, (int, np.integer)) or
-      picks_per_pass < 1):
-    raise ValueError(f"picks_per_pass must be a positive integer, got "
-                     f"{picks_per_pass!r}.")
-  return int(picks_per_pass)
+def check_picks_per_pass(picks_per_pass) -> int:
+  return layout_lib.check_count(picks_per_pass, "picks_per_pass", 1)
 
 
 def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
                            init_dist: jax.Array | None,
                            metric: str = "euclidean",
                            picks_per_pass: int = DEFAULT_PICKS_PER_PASS
-                           ) -> jax.Array:
+                           ) -> np.ndarray:
   """Greedy k-center (Algorithm 2) on a laid-out pool.
 
   Args:
@@ -393,28 +530,45 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
       pass per pick.
 
   Returns:
-    `(k,)` int32 global row indices in pick order (ties: smallest index).
-    Cost: between k / picks_per_pass and k passes over the pool, each
-    `O(N D picks_per_pass)` flops: memory-bandwidth bound for small
-    picks_per_pass, compute bound for large.
+    `(k,)` int32 numpy global row indices in pick order (ties: smallest
+    index). Compiled once per power-of-two bucket of k. Cost: between
+    k / picks_per_pass and k passes over the pool, each `2 N D
+    picks_per_pass` flops: memory-bandwidth bound for small picks_per_pass,
+    compute bound for large.
+
+  Raises:
+    ValueError: the distances hold NaN (a corrupt `init_dist`), so fewer
+      than k rows could be picked.
   """
   check_metric(metric)
-  picks_per_pass = _check_picks_per_pass(picks_per_pass)
-  mesh = pool.layout.mesh
+  picks_per_pass = check_picks_per_pass(picks_per_pass)
   if k == 0:
-    return jnp.zeros((0,), jnp.int32)
+    return np.zeros((0,), np.int32)
+  capacity = layout_lib.next_pow2(k)
+  shape = pool.layout.shape
   if init_dist is None:
-    dist = _distance_to_mean_kernel(pool.rows, pool.sq_norms, eligible,
-                                    mesh=mesh, metric=metric)
+    dist = _distance_to_mean_kernel(pool.rows, pool.scale, pool.sq_norms,
+                                    eligible, shape=shape, metric=metric)
   else:
-    dist = jnp.where(eligible, init_dist, -jnp.inf)
-  return _greedy_kernel(pool.rows, pool.sq_norms, dist, mesh=mesh,
-                        metric=metric, k=int(k),
-                        first_replaces=init_dist is None,
-                        batch=min(picks_per_pass, int(k)))
+    dist = _masked(init_dist, eligible)
+  picks = _greedy_kernel(
+      pool.rows, pool.scale, pool.sq_norms, pool.num_rows, dist,
+      sharding.put_global(np.int32(k), sharding.replicated(shape.mesh)),
+      shape=shape, metric=metric, capacity=capacity,
+      first_replaces=init_dist is None, batch=min(picks_per_pass, capacity))
+  picks = np.asarray(picks)[:k]
+  if (picks < 0).any():
+    raise ValueError(f"greedy k-center made only {int((picks >= 0).sum())} "
+                     f"of {k} picks: the distances hold NaN.")
+  return picks
 
 
-def _check_mask(mask, n: int, name: str) -> np.ndarray:
+@jax.jit
+def _masked(dist, eligible):
+  return jnp.where(eligible, dist, -jnp.inf)
+
+
+def check_mask(mask, n: int, name: str) -> np.ndarray:
   mask = np.asarray(mask)
   if mask.shape != (n,):
     raise ValueError(f"{name} must have shape ({n},), got {mask.shape}.")
@@ -425,14 +579,16 @@ def _check_mask(mask, n: int, name: str) -> np.ndarray:
 
 def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
                    mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
-                   picks_per_pass: int = DEFAULT_PICKS_PER_PASS) -> jax.Array:
+                   picks_per_pass: int = DEFAULT_PICKS_PER_PASS
+                   ) -> np.ndarray:
   """Greedy k-center (Sener & Savarese 2018), Algorithm 2 of the spec.
 
   Repeats k times: pick the row farthest from its nearest center (ties: the
   smallest index), make it a center.
 
   Args:
-    x: `(N, D)` floating features, used as given.
+    x: `(N, D)` floating features (euclidean: used as given; cosine: rows
+      normalised, as sklearn's `cosine_distances`).
     k: number of picks, at most the number of unselected rows.
     selected: optional `(N,)` bool mask of rows that already count as centers;
       they are never returned. With none selected, the first pick is the row
@@ -443,75 +599,82 @@ def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
       the one-pass-per-pick algorithm makes (1: that algorithm).
 
   Returns:
-    `(k,)` int32 picks in order. Cost: `O(N |selected| D)` for the initial
-    distances plus `O(k N D)` for the picks, in as few as
+    `(k,)` int32 numpy picks in order. Cost: `2 N |selected| D` for the
+    initial distances plus `2 k N D` for the picks, in as few as
     k / picks_per_pass passes over `x`.
   """
   check_metric(metric)
-  pool = layout_lib.shard_rows(x, mesh, block=block)
+  k = layout_lib.check_count(k, "k")
+  picks_per_pass = check_picks_per_pass(picks_per_pass)
+  pool = layout_lib.shard_rows(x, mesh, block=block,
+                               normalize=metric == "cosine")
   n = pool.layout.num_rows
   selected = (np.zeros(n, np.bool_) if selected is None
-              else _check_mask(selected, n, "selected"))
+              else check_mask(selected, n, "selected"))
   available = n - int(selected.sum())
-  if not isinstance(k, (int, np.integer)) or k < 0:
-    raise ValueError(f"k must be a non-negative integer, got {k!r}.")
   if k > available:
     raise ValueError(f"k={k} is larger than the {available} unselected rows "
                      f"of x.")
   eligible = layout_lib.shard_mask(~selected, pool.layout)
   init_dist = None
   if selected.any():
-    centers = np.flatnonzero(selected)
     init_dist = min_distance_sharded(
-        pool, gather_rows(pool, centers), metric=metric, block=block)
+        pool, gather_rows(pool, np.flatnonzero(selected), block=block),
+        metric=metric)
   return kcenter_greedy_sharded(pool, k, eligible=eligible, init_dist=init_dist,
                                 metric=metric, picks_per_pass=picks_per_pass)
-
-
-def gather_rows(pool: ShardedRows, indices) -> jax.Array:
-  """Rows `indices` of a laid-out pool, as a replicated `(len(indices), D)` array."""
-  indices = np.asarray(indices, np.int32)
-  return _gather(pool.rows, jax.device_put(indices,
-                                           sharding.replicated(pool.layout.mesh)),
-                 mesh=pool.layout.mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _gather(rows, indices, *, mesh):
-  taken = rows.reshape(-1, rows.shape[-1])[indices]
-  return jax.lax.with_sharding_constraint(taken, sharding.replicated(mesh))
 
 
 # --------------------------------------------------------------------------
 # Top-2 similarity margins.
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "query_chunk"))
-def _top2_kernel(queries, keys, key_valid, *, mesh, query_chunk):
+def _top2_update(t1, t2, sims):
+  """Folds a `(q, r)` tile into the running top-2 `(q,)` of each row.
+
+  Three reductions XLA fuses with the product (no argmax): the tile's best,
+  how many keys reach it, and its best below it; a tied best is its own
+  runner-up. Exact: max/min and comparisons only.
+  """
+  best = jnp.max(sims, axis=1)
+  is_best = sims == best[:, None]
+  ties = jnp.sum(is_best, axis=1, dtype=jnp.int32)
+  second = jnp.where(ties >= 2, best,
+                     jnp.max(jnp.where(is_best, -jnp.inf, sims), axis=1))
+  return (jnp.maximum(t1, best),
+          jnp.maximum(jnp.minimum(t1, best), jnp.maximum(t2, second)))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "query_chunk"))
+def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
+                 shape, query_chunk):
   """(Qp,) top-1 and top-2 inner products of each query over the valid keys."""
   dim = queries.shape[-1]
+  chunks = queries.astype(rows.dtype).reshape(-1, query_chunk, dim)
+  num_chunks = (num_queries + query_chunk - 1) // query_chunk
 
-  def local(queries, keys, key_valid):
-    def one_query_chunk(q):
-      def one_key_block(carry, block):
-        top1, top2 = carry
-        k, k_valid = block
-        sims = jnp.einsum("qd,rd->qr", q, k, preferred_element_type=jnp.float32)
-        sims = jnp.where(k_valid[None, :], sims, -jnp.inf)
-        first = jnp.argmax(sims, axis=1)
-        block1 = jnp.take_along_axis(sims, first[:, None], axis=1)[:, 0]
-        is_first = jnp.arange(sims.shape[1])[None, :] == first[:, None]
-        block2 = jnp.max(jnp.where(is_first, -jnp.inf, sims), axis=1)
-        return (jnp.maximum(top1, block1),
-                jnp.maximum(jnp.minimum(top1, block1),
-                            jnp.maximum(top2, block2))), None
+  def local(chunks, rows, scale, key_valid, num_rows):
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    num_real = _num_local_blocks(num_rows, shape)
 
-      init = (jnp.full(q.shape[:1], -jnp.inf), jnp.full(q.shape[:1], -jnp.inf))
-      (top1, top2), _ = jax.lax.scan(one_key_block, init, (keys, key_valid))
-      return top1, top2
+    def one_query_chunk(i, out):
+      q = jax.lax.dynamic_index_in_dim(chunks, i, keepdims=False)
 
-    top1, top2 = jax.lax.map(one_query_chunk,
-                             queries.reshape(-1, query_chunk, dim))
+      def one_key_block(b, carry):
+        k, k_scale, k_valid = (jax.lax.dynamic_index_in_dim(a, b,
+                                                            keepdims=False)
+                               for a in (blocks, scale, key_valid))
+        sims = jnp.einsum("qd,rd->qr", q, k,
+                          preferred_element_type=jnp.float32)
+        sims = jnp.where(k_valid[None, :], sims * k_scale[None, :], -jnp.inf)
+        return _top2_update(*carry, sims)
+
+      init = jnp.full((2, query_chunk), -jnp.inf, jnp.float32)
+      top = jax.lax.fori_loop(0, num_real, one_key_block, (init[0], init[1]))
+      return jax.lax.dynamic_update_index_in_dim(out, jnp.stack(top), i, 1)
+
+    out = jnp.full((2, chunks.shape[0], query_chunk), -jnp.inf, jnp.float32)
+    top1, top2 = jax.lax.fori_loop(0, num_chunks, one_query_chunk, out)
     top1, top2 = top1.reshape(-1), top2.reshape(-1)
     # Merge over devices with max/min only: the global second best is the
     # global best again if two devices hold it, else the best of the others'
@@ -521,35 +684,39 @@ def _top2_kernel(queries, keys, key_valid, *, mesh, query_chunk):
     runner_up = jax.lax.pmax(jnp.where(top1 == best, top2, top1), _AXIS)
     return best, jnp.where(holders >= 2, best, runner_up)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(_REPLICATED, _ROWS, _ROWS),
-                       out_specs=(_REPLICATED, _REPLICATED), check_vma=False)(
-                           queries, keys, key_valid)
+  return _shard_map(local, shape.mesh,
+                    (_REPLICATED, _ROWS, _ROWS, _ROWS, _REPLICATED),
+                    (_REPLICATED, _REPLICATED))(
+                        chunks, rows, scale, key_valid, num_rows)
 
 
-def top2_margin_sharded(queries, keys: ShardedRows, key_valid: jax.Array, *,
-                        block: int = DEFAULT_BLOCK) -> jax.Array:
+def top2_margin_sharded(queries: Operand, keys: ShardedRows,
+                        key_valid: jax.Array) -> jax.Array:
   """Top-1 minus top-2 inner product of each query over the valid keys.
 
   Args:
-    queries: `(Q, D)` array (replicated on every device).
+    queries: the queries (`host_operand` / `gather_rows`), scaled like keys.
     keys: the laid-out keys, `N` rows.
     key_valid: `(num_blocks, rows_per_block)` bool, keys that count.
-    block: tile edge; at most `block x rows_per_block` similarities at once.
 
   Returns:
-    `(Q,)` float32 margins >= 0, +inf where fewer than two keys are valid.
-    Cost: `O(Q N D)` flops.
+    `(Qp,)` float32 replicated, Qp >= Q the padded query count; margins >= 0
+    (0 for tied best keys), +inf where fewer than two keys are valid. Cost:
+    `2 Q N D` flops; tiles `chunk x rows_per_block`.
   """
-  queries, num_queries, chunk = _replicated_operand(queries, keys, block,
-                                                    "queries", "keys have")
-  top1, top2 = _top2_kernel(queries, keys.rows, key_valid,
-                            mesh=keys.layout.mesh, query_chunk=chunk)
-  margin = jnp.where(top2 == -jnp.inf, jnp.inf, top1 - top2)
-  return margin[:num_queries]
+  top1, top2 = _top2_kernel(
+      queries.values, queries.count, keys.rows, keys.scale, key_valid,
+      keys.num_rows, shape=keys.layout.shape, query_chunk=queries.chunk)
+  return _margins(top1, top2)
+
+
+@jax.jit
+def _margins(top1, top2):
+  return jnp.where(top2 == -jnp.inf, jnp.inf, top1 - top2)
 
 
 def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
-                block: int = DEFAULT_BLOCK) -> jax.Array:
+                block: int = DEFAULT_BLOCK) -> np.ndarray:
   """For each query, top-1 minus top-2 of its inner products with the keys.
 
   Args:
@@ -559,13 +726,16 @@ def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
     mesh, block: as in `min_distance`.
 
   Returns:
-    `(Q,)` float32 margins (>= 0; 0 for tied best keys), +inf where fewer than
-    two keys are valid. Cost: `O(Q N D)` flops, memory
+    `(Q,)` float32 numpy margins (>= 0; 0 for tied best keys), +inf where
+    fewer than two keys are valid. Cost: `2 Q N D` flops, memory
     `O((Q + N / devices) D + block^2)`.
   """
   keys = layout_lib.shard_rows(keys, mesh, block=block, name="keys")
   n = keys.layout.num_rows
   key_mask = (np.ones(n, np.bool_) if key_mask is None
-              else _check_mask(key_mask, n, "key_mask"))
-  return top2_margin_sharded(
-      queries, keys, layout_lib.shard_mask(key_mask, keys.layout), block=block)
+              else check_mask(key_mask, n, "key_mask"))
+  queries = host_operand(queries, keys, block=block, name="queries",
+                         pool_has="keys have", normalize=False)
+  margins = top2_margin_sharded(
+      queries, keys, layout_lib.shard_mask(key_mask, keys.layout))
+  return np.asarray(margins)[:queries.size]

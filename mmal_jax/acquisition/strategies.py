@@ -8,7 +8,11 @@ Every strategy has one signature:
 
 and returns exactly `budget` distinct queries `(modality, index)`, each
 unannotated and, when `candidates` is given (the stream buffer), inside it.
-Embeddings are L2-normalised first. Any number (>= 2) of modalities.
+Embeddings are L2-normalised (by the kernels, without a normalised copy). Any
+number (>= 2) of modalities. An embedding is a host array `(N_m, D)` or a
+`jax.Array`; a row-sharded `jax.Array` laid out as `layout.shard_rows`
+describes (`N_m = len(annotated[m])` real rows first, then padding) is used
+where it lies, never gathered to a host.
 
 Hyper-parameters shared by all strategies:
   metric: "euclidean" (default) or "cosine" distance for coverage.
@@ -16,9 +20,10 @@ Hyper-parameters shared by all strategies:
     nearest annotated item of m, for these embeddings and annotations (see
     `build_min_distance_cache` / `update_min_distance_cache`). Without it,
     strategies that need it build it, `O(N_m |S_m| D)`.
-  feature_dtype: storage dtype of the normalised features ("float32" or
-    "bfloat16"; products accumulate in float32).
-  mesh: the 1-D mesh (default: all devices); block: tile edge.
+  feature_dtype: storage dtype of the features and operand dtype of the
+    products ("float32", "bfloat16"; default: the embeddings' own, float64 as
+    float32); products accumulate in float32.
+  mesh: the device mesh (default: all devices); block: tile edge.
   picks_per_pass: greedy k-center picks per pass over the pool (see
     `kernels.kcenter_greedy_sharded`; the picks do not depend on it).
 
@@ -28,7 +33,6 @@ rest is taken from the next modality in the strategy's order of preference.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Mapping
 
 import jax
@@ -36,10 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mmal_jax import sharding
 from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import layout as layout_lib
-from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
+from mmal_jax.acquisition.layout import DEFAULT_BLOCK, ShardedRows
 
 Query = tuple[str, int]
 MODALITY_CHOICES = ("auto", "random")
@@ -49,7 +52,7 @@ MODALITY_CHOICES = ("auto", "random")
 class _Round:
   """One acquisition round's inputs, validated and laid out on the mesh."""
   modalities: tuple[str, ...]
-  pools: dict[str, ShardedRows]      # L2-normalised embeddings.
+  pools: dict[str, ShardedRows]      # Embeddings, normalised by the kernels.
   annotated: dict[str, np.ndarray]   # (N_m,) bool
   available: dict[str, np.ndarray]   # (N_m,) bool: unannotated and candidate.
   metric: str
@@ -62,23 +65,29 @@ class _Round:
     return int(self.available[m].sum())
 
 
-def _check_masks(masks, embeddings, name: str) -> dict[str, np.ndarray]:
-  if not isinstance(masks, Mapping) or set(masks) != set(embeddings):
+def _num_items(embeddings, annotated) -> dict[str, int]:
+  """N_m: a host array's rows; a jax.Array may carry padding rows after the
+  N_m = len(annotated[m]) items (a laid-out pool, see `layout.shard_rows`)."""
+  if not isinstance(annotated, Mapping) or set(annotated) != set(embeddings):
+    got = (sorted(annotated) if isinstance(annotated, Mapping)
+           else type(annotated).__name__)
+    raise ValueError(f"annotated must be a dict over the embeddings' "
+                     f"modalities {sorted(embeddings)}, got {got}.")
+  sizes = {}
+  for m, z in embeddings.items():
+    sizes[m] = z.shape[0]
+    if isinstance(z, jax.Array) and np.ndim(annotated[m]) == 1:
+      sizes[m] = min(z.shape[0], np.shape(annotated[m])[0])
+  return sizes
+
+
+def _check_masks(masks, sizes, name: str) -> dict[str, np.ndarray]:
+  if not isinstance(masks, Mapping) or set(masks) != set(sizes):
     got = sorted(masks) if isinstance(masks, Mapping) else type(masks).__name__
     raise ValueError(f"{name} must be a dict over the embeddings' modalities "
-                     f"{sorted(embeddings)}, got {got}.")
-  out = {}
-  for m in embeddings:
-    mask = np.asarray(masks[m])
-    n = embeddings[m].shape[0]
-    if mask.shape != (n,):
-      raise ValueError(f"{name}[{m!r}] must have shape ({n},), got "
-                       f"{mask.shape}.")
-    if mask.dtype != np.bool_:
-      raise TypeError(f"{name}[{m!r}] must be a bool array, got dtype "
-                      f"{mask.dtype}.")
-    out[m] = mask
-  return out
+                     f"{sorted(sizes)}, got {got}.")
+  return {m: kernels.check_mask(masks[m], n, f"{name}[{m!r}]")
+          for m, n in sizes.items()}
 
 
 def _check_embeddings(embeddings) -> dict:
@@ -86,13 +95,8 @@ def _check_embeddings(embeddings) -> dict:
     got = sorted(embeddings) if isinstance(embeddings, Mapping) else embeddings
     raise ValueError(f"Acquisition needs embeddings for at least two "
                      f"modalities, got {got!r}.")
-  checked = {}
-  for m, z in embeddings.items():
-    z = layout_lib.as_feature_array(z, f"embeddings[{m!r}]")
-    if z.shape[0] == 0:
-      raise ValueError(f"Modality {m!r} is empty: no items to acquire from or "
-                       f"to match against.")
-    checked[m] = z
+  checked = {m: layout_lib.as_feature_array(z, f"embeddings[{m!r}]")
+             for m, z in embeddings.items()}
   dims = {m: z.shape[1] for m, z in checked.items()}
   if len(set(dims.values())) != 1:
     raise ValueError(f"Embedding dimensions differ across modalities: {dims}; "
@@ -104,34 +108,42 @@ def _lay_out(embeddings, annotated, candidates=None, *, metric="euclidean",
              mesh=None, block=DEFAULT_BLOCK, feature_dtype=None) -> _Round:
   """Validates a round's inputs and lays each modality out on the mesh.
 
-  Cost: one pass over every embedding (normalise, check finite, shard).
+  Embeddings are host arrays `(N_m, D)` or `jax.Array`s; a row-sharded one
+  in the layout of `layout.shard_rows` (`N_m = len(annotated[m])` real rows
+  first) is used without a copy. Cost: one pass over every embedding (norms,
+  finite check), plus the copy of those not already laid out.
   """
   kernels.check_metric(metric)
   block = layout_lib.check_block(block)
   embeddings = _check_embeddings(embeddings)
-  annotated = _check_masks(annotated, embeddings, "annotated")
+  sizes = _num_items(embeddings, annotated)
+  annotated = _check_masks(annotated, sizes, "annotated")
+  for m, n in sizes.items():
+    if n == 0:
+      raise ValueError(f"Modality {m!r} is empty: no items to acquire from or "
+                       f"to match against.")
   candidates = (None if candidates is None
-                else _check_masks(candidates, embeddings, "candidates"))
+                else _check_masks(candidates, sizes, "candidates"))
   available = {m: ~annotated[m] & (True if candidates is None
                                    else candidates[m]) for m in embeddings}
   mesh = layout_lib.resolve_mesh(mesh)
   pools = {
-      m: layout_lib.shard_rows(z, mesh, block=block, normalize=True,
-                               dtype=feature_dtype or jnp.float32,
-                               name=f"embeddings[{m!r}]")
+      m: layout_lib.shard_rows(
+          z, mesh, block=block, normalize=True, dtype=feature_dtype,
+          name=f"embeddings[{m!r}]",
+          num_rows=sizes[m] if isinstance(z, jax.Array) else None)
       for m, z in embeddings.items()}
   return _Round(tuple(embeddings), pools, annotated, available, metric, block)
 
 
 def _check_budget(rnd: _Round, budget, candidates_given: bool) -> int:
-  if not isinstance(budget, (int, np.integer)) or budget < 1:
-    raise ValueError(f"budget must be a positive integer, got {budget!r}.")
+  budget = layout_lib.check_count(budget, "budget", 1)
   total = sum(rnd.num_available(m) for m in rnd.modalities)
   if budget > total:
     where = "unannotated" + (" candidate" if candidates_given else "")
     raise ValueError(f"budget={budget} is larger than the {total} {where} "
                      f"items left to query.")
-  return int(budget)
+  return budget
 
 
 def _start(embeddings, annotated, candidates, *, budget, metric, mesh, block,
@@ -160,16 +172,6 @@ def _random_order(rnd: _Round, rng: np.random.Generator) -> list[str]:
 # The min-distance cache (Step 1, and the starting distances of Step 2).
 
 
-@functools.partial(jax.jit, static_argnames=("pool_layout",))
-def _to_blocks(vector, *, pool_layout: PoolLayout):
-  padded = jnp.pad(vector.astype(jnp.float32),
-                   (0, pool_layout.padded_rows - vector.shape[0]),
-                   constant_values=jnp.inf)
-  return jax.lax.with_sharding_constraint(
-      padded.reshape(pool_layout.num_blocks, pool_layout.rows_per_block),
-      sharding.row_sharding(pool_layout.mesh))
-
-
 @jax.jit
 def _masked_max(values, mask):
   return jnp.max(jnp.where(mask, values, -jnp.inf))
@@ -179,8 +181,31 @@ def _distance_to_annotated(rnd: _Round, m: str, indices) -> jax.Array:
   """Blocked distance of every item of m to items `indices` of m."""
   pool = rnd.pools[m]
   return kernels.min_distance_sharded(
-      pool, kernels.gather_rows(pool, indices), metric=rnd.metric,
-      block=rnd.block)
+      pool, kernels.gather_rows(pool, indices, block=rnd.block),
+      metric=rnd.metric)
+
+
+def _check_cache(min_dist, rnd: _Round) -> dict[str, np.ndarray]:
+  """A passed min-distance cache as host float32 vectors, validated."""
+  if not isinstance(min_dist, Mapping) or set(min_dist) != set(rnd.modalities):
+    raise ValueError(f"min_dist must be a dict over the modalities "
+                     f"{sorted(rnd.modalities)}.")
+  checked = {}
+  for m in rnd.modalities:
+    n = rnd.pools[m].layout.num_rows
+    if tuple(np.shape(min_dist[m])) != (n,):
+      raise ValueError(f"min_dist[{m!r}] must have shape ({n},), got "
+                       f"{tuple(np.shape(min_dist[m]))}.")
+    values = np.asarray(min_dist[m], np.float32)
+    bad = np.isnan(values) | (values == -np.inf)
+    if bad.any():
+      raise ValueError(f"min_dist[{m!r}] holds {int(bad.sum())} NaN or -inf "
+                       f"value(s), first at item {int(np.argmax(bad))}: a "
+                       f"cache holds distances (finite, or +inf with no "
+                       f"annotated item); rebuild it with "
+                       f"build_min_distance_cache.")
+    checked[m] = values
+  return checked
 
 
 def _cache_blocks(rnd: _Round, min_dist) -> dict[str, jax.Array]:
@@ -188,25 +213,15 @@ def _cache_blocks(rnd: _Round, min_dist) -> dict[str, jax.Array]:
   if min_dist is None:
     return {m: _distance_to_annotated(rnd, m, np.flatnonzero(rnd.annotated[m]))
             for m in rnd.modalities}
-  if not isinstance(min_dist, Mapping) or set(min_dist) != set(rnd.modalities):
-    raise ValueError(f"min_dist must be a dict over the modalities "
-                     f"{sorted(rnd.modalities)}.")
-  blocks = {}
-  for m in rnd.modalities:
-    pool_layout = rnd.pools[m].layout
-    if tuple(np.shape(min_dist[m])) != (pool_layout.num_rows,):
-      raise ValueError(f"min_dist[{m!r}] must have shape "
-                       f"({pool_layout.num_rows},), got "
-                       f"{tuple(np.shape(min_dist[m]))}.")
-    blocks[m] = _to_blocks(jnp.asarray(min_dist[m]), pool_layout=pool_layout)
-  return blocks
+  return {m: layout_lib.row_vector(values, rnd.pools[m].layout, np.inf)
+          for m, values in _check_cache(min_dist, rnd).items()}
 
 
 def build_min_distance_cache(embeddings, annotated, *,
                              metric: str = "euclidean",
                              mesh: Mesh | None = None,
                              block: int = DEFAULT_BLOCK,
-                             feature_dtype=None) -> dict[str, jax.Array]:
+                             feature_dtype=None) -> dict[str, np.ndarray]:
   """Distance of every item to its nearest annotated item of its modality.
 
   Args:
@@ -215,13 +230,13 @@ def build_min_distance_cache(embeddings, annotated, *,
     metric, mesh, block, feature_dtype: as for the strategies.
 
   Returns:
-    `{m: (N_m,) float32}`, +inf where modality m has no annotated item.
-    Cost: `O(sum_m N_m |S_m| D)`: the honest per-round cost whenever the
-    embeddings change (every round after retraining).
+    `{m: (N_m,) float32 numpy}`, +inf where modality m has no annotated
+    item. Cost: `2 sum_m N_m |S_m| D` flops: the honest per-round cost
+    whenever the embeddings change (every round after retraining).
   """
   rnd = _lay_out(embeddings, annotated, metric=metric, mesh=mesh, block=block,
                  feature_dtype=feature_dtype)
-  return {m: kernels.unpad(d, rnd.pools[m].layout)
+  return {m: kernels.to_host(d, rnd.pools[m].layout)
           for m, d in _cache_blocks(rnd, None).items()}
 
 
@@ -229,7 +244,7 @@ def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
                               metric: str = "euclidean",
                               mesh: Mesh | None = None,
                               block: int = DEFAULT_BLOCK,
-                              feature_dtype=None) -> dict[str, jax.Array]:
+                              feature_dtype=None) -> dict[str, np.ndarray]:
   """Folds newly annotated items into a min-distance cache.
 
   Valid while the embeddings stay the same (no retraining in between, e.g.
@@ -243,9 +258,13 @@ def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
     metric, mesh, block, feature_dtype: as the cache was built with.
 
   Returns:
-    The updated cache. Cost: `O(sum_m N_m |new_m| D)`.
+    The updated cache (numpy). Cost: `2 sum_m N_m |new_m| D` flops.
   """
-  none = {m: np.zeros(np.shape(z)[0], np.bool_) for m, z in embeddings.items()}
+  sizes = {m: np.shape(z)[0] for m, z in embeddings.items()}
+  if isinstance(min_dist, Mapping) and set(min_dist) == set(embeddings):
+    sizes = {m: np.shape(min_dist[m])[0] if np.ndim(min_dist[m]) == 1 else n
+             for m, n in sizes.items()}
+  none = {m: np.zeros(n, np.bool_) for m, n in sizes.items()}
   rnd = _lay_out(embeddings, none, metric=metric, mesh=mesh, block=block,
                  feature_dtype=feature_dtype)
   unknown = set(newly_annotated) - set(rnd.modalities)
@@ -260,9 +279,14 @@ def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
       raise ValueError(f"newly_annotated[{m!r}] has indices outside "
                        f"[0, {none[m].size}).")
     if indices.size:
-      blocks[m] = jnp.minimum(blocks[m],
-                              _distance_to_annotated(rnd, m, indices))
-  return {m: kernels.unpad(d, rnd.pools[m].layout) for m, d in blocks.items()}
+      blocks[m] = _minimum(blocks[m], _distance_to_annotated(rnd, m, indices))
+  return {m: kernels.to_host(d, rnd.pools[m].layout)
+          for m, d in blocks.items()}
+
+
+@jax.jit
+def _minimum(a, b):
+  return jnp.minimum(a, b)
 
 
 # --------------------------------------------------------------------------
@@ -273,23 +297,27 @@ def _coreset(rnd: _Round, m: str, size: int, cache: dict,
              picks_per_pass: int) -> np.ndarray:
   """Greedy k-center picks among m's available items, annotated items as centers."""
   has_centers = bool(rnd.annotated[m].any())
-  picks = kernels.kcenter_greedy_sharded(
+  return kernels.kcenter_greedy_sharded(
       rnd.pools[m], size, eligible=rnd.available_mask(m),
       init_dist=cache[m] if has_centers else None, metric=rnd.metric,
       picks_per_pass=picks_per_pass)
-  return np.asarray(picks)
 
 
 def _summed_margins(rnd: _Round, m: str, items: np.ndarray) -> np.ndarray:
   """sum over m' != m of top1 - top2 similarity of items of m to m' (Step 3)."""
-  queries = kernels.gather_rows(rnd.pools[m], items)
-  total = jnp.zeros(items.shape[0], jnp.float32)
+  queries = kernels.gather_rows(rnd.pools[m], items, block=rnd.block)
+  total = None
   for other in rnd.modalities:
     if other != m:
-      total = total + kernels.top2_margin_sharded(
-          queries, rnd.pools[other], rnd.available_mask(other),
-          block=rnd.block)
-  return np.asarray(total)
+      margins = kernels.top2_margin_sharded(
+          queries, rnd.pools[other], rnd.available_mask(other))
+      total = margins if total is None else _add(total, margins)
+  return np.asarray(total)[:items.shape[0]]
+
+
+@jax.jit
+def _add(a, b):
+  return a + b
 
 
 # --------------------------------------------------------------------------
@@ -321,7 +349,9 @@ def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
                        metric=metric, mesh=mesh, block=block,
                        feature_dtype=feature_dtype)
   coreset_size = 4 * budget if coreset_size is None else coreset_size
-  if not isinstance(coreset_size, (int, np.integer)) or coreset_size < budget:
+  if (isinstance(coreset_size, bool) or
+      not isinstance(coreset_size, (int, np.integer)) or
+      coreset_size < budget):
     raise ValueError(f"coreset_size must be an integer >= budget ({budget}), "
                      f"got {coreset_size!r}.")
   rng = np.random.default_rng(seed)
@@ -425,12 +455,20 @@ def random_strategy(embeddings, annotated, *, budget: int, seed: int,
   return queries
 
 
+class UnknownStrategyError(ValueError, KeyError):
+  """An unknown strategy name: a ValueError (as all bad input), and a
+  KeyError for code that treats `STRATEGIES` as the dict it is."""
+
+  def __str__(self):
+    return str(self.args[0])
+
+
 class _Registry(dict):
   """A dict whose missing keys raise an error listing the known ones."""
 
   def __missing__(self, name):
-    raise KeyError(f"Unknown acquisition strategy {name!r}; expected one of "
-                   f"{sorted(self)}.")
+    raise UnknownStrategyError(f"Unknown acquisition strategy {name!r}; "
+                               f"expected one of {sorted(self)}.")
 
 
 STRATEGIES: dict[str, Callable[..., list[Query]]] = _Registry(

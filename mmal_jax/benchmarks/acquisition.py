@@ -1,26 +1,44 @@
-r"""Acquisition cost vs pool size, and one greedy k-center step vs its floor.
+r"""Acquisition at the hardware's limit: kernel rates, round cost, memory, compiles.
 
   python -m mmal_jax.benchmarks.acquisition [--quick] --out DIR
 
-Part 1: per-round acquisition seconds of `mmal`, `coreset` and `uncertainty`
+Every timed comparison interleaves its contenders (A B C A B C ...), repeats
+`--repeats` (>= 5) times, reports the median and min-max spread, and takes
+ratios within each repeat (their median is reported).
+
+Part 1, kernel rates (Q = N in `--rate_sizes`, D = 256, float32,
+L2-normalised): `top2_margin` and the min-distance kernel (the cache build:
+distance to the nearest of C = Q centers) in GFLOP/s, against a large
+`jnp.dot` and a fused `jnp.dot` + row max in the same repeat, and against
+FAISS (`faiss-cpu`, optional: `IndexFlatIP.search(k=2)` for top-2,
+`IndexFlatL2.search(k=1)` for the nearest center) on the same inputs.
+
+Part 2, seconds per acquisition round of `mmal`, `coreset` and `uncertainty`
 for N items per modality (two modalities, D = 256, budget 256, coreset 1024,
-1% of items annotated). `mmal` and `coreset` keep the min-distance cache
-across rounds: a round's time is the cache update with the previous round's
-newly annotated items (`O(N B D)`) plus the strategy call. Rebuilding the cache
-from scratch (`O(N |S| D)`, what retraining forces every round) is timed
-separately and reported as its own row. `uncertainty` runs until one round
-passes `--uncertainty_cap` seconds.
+1% annotated), embeddings handed over laid out (`layout.shard_rows`'s
+contract). `mmal` and `coreset` with the min-distance cache kept across
+rounds (update with the previous round's purchases + the strategy), `mmal`
+with the cache rebuilt (what retraining forces every round: the honest
+figure), and the rebuild alone; log-log slopes over N.
 
-Part 2: one step of greedy k-center at N = 200k, D = 512, float32, against
-(a) the numpy reference that active-learning libraries use
-(`sklearn.metrics.pairwise_distances` to the new center + `np.minimum`), and
-(b) the memory-bandwidth floor: the bytes a step must read (the pool once)
-divided by the bandwidth of a large numpy copy (bytes read + written / s),
-measured in the same run. Both for the one-pass-per-pick kernel
-(`picks_per_pass=1`) and, per pick, for the default that makes up to 16
-exact picks per pass (which is not bound by that floor).
+Part 3, one greedy k-center step at N = 200k, D = 512, float32: the kernel
+(one pass per pick, and up to 16 exact picks per pass) against a float32 numpy
+step (`||x||^2 + ||c||^2 - 2 x c` + `np.minimum` + `argmax`: what
+google/active-learning and LabelBench do, minus their float64 upcast), the
+sklearn `pairwise_distances` step (which upcasts to float64), and the
+memory-bandwidth floor: the pool's bytes over the rate of the fastest
+read-only pass (jitted max, numpy max, BLAS product with ones) measured in the
+same repeat.
 
-Writes DIR/results.json and DIR/acquisition_scaling.png and prints a table.
+Part 4, peak host memory of one `mmal` call at N = `--memory_n`, D = 256, in a
+fresh subprocess (VmHWM reset before the call), for laid-out `jax.Array`
+embeddings and for host numpy embeddings.
+
+Part 5, compile counts: programs lowered by `mmal` calls whose N, budget and
+annotated count change within a power-of-two bucket (target 0).
+
+Prints each target with its measured value and PASS / MISS, writes
+DIR/results.json and DIR/acquisition_scaling.png.
 """
 from __future__ import annotations
 
@@ -28,6 +46,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -41,173 +61,397 @@ from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
 
-_QUICK = flags.DEFINE_bool("quick", False, "Small pools, for a fast check.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_SIZES = flags.DEFINE_list("sizes", None, "Pool sizes N (default: by mode).")
-_DIM = flags.DEFINE_integer("dim", 256, "Embedding dimension, part 1.")
+_QUICK = flags.DEFINE_bool("quick", False, "Small sizes, for a fast check.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved repeats (>= 5).")
+_RATE_SIZES = flags.DEFINE_list("rate_sizes", None, "Q = N for part 1.")
+_SIZES = flags.DEFINE_list("sizes", None, "Pool sizes N for part 2.")
+_DIM = flags.DEFINE_integer("dim", 256, "Embedding dimension, parts 1, 2, 4.")
 _BUDGET = flags.DEFINE_integer("budget", 256, "Queries per round.")
 _CORESET = flags.DEFINE_integer("coreset_size", 1024, "MMAL coreset size.")
 _ANNOTATED = flags.DEFINE_float("annotated", 0.01, "Annotated fraction.")
-_UNC_CAP = flags.DEFINE_float("uncertainty_cap", 120.0,
-                              "Stop uncertainty after a round this long (s).")
-_REBUILD_CAP = flags.DEFINE_float("rebuild_cap", 120.0,
-                                  "Stop cache rebuilds after one this long (s).")
-_STEP_N = flags.DEFINE_integer("step_n", None, "Pool size, part 2.")
-_STEP_DIM = flags.DEFINE_integer("step_dim", 512, "Dimension, part 2.")
+_UNC_CAP = flags.DEFINE_float(
+    "uncertainty_cap", 120.0, "Skip uncertainty at sizes where its round is "
+    "predicted (quadratic growth from the last size) to take longer (s).")
+_STEP_N = flags.DEFINE_integer("step_n", None, "Pool size, part 3.")
+_STEP_DIM = flags.DEFINE_integer("step_dim", 512, "Dimension, part 3.")
+_MEMORY_N = flags.DEFINE_integer("memory_n", None, "Pool size, part 4.")
+PARTS = ("rates", "rounds", "greedy", "memory", "compiles")
+_PARTS = flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
+_MEMORY_PROBE = flags.DEFINE_string(
+    "memory_probe", None, "Internal: 'jax' or 'numpy'; run one mmal call and "
+    "print its peak memory as JSON.")
 
-FULL_SIZES = (10_000, 30_000, 100_000, 300_000, 1_000_000)
-QUICK_SIZES = (2_000, 5_000, 10_000, 20_000)
+FULL = dict(rate_sizes=(20_000, 50_000),
+            sizes=(10_000, 30_000, 100_000, 300_000, 1_000_000),
+            step_n=200_000, memory_n=1_000_000)
+QUICK = dict(rate_sizes=(4_096,), sizes=(2_000, 5_000, 20_000),
+             step_n=50_000, memory_n=100_000)
+
+TARGET_RATE_VS_DOT = 0.8
+TARGET_TIME_VS_FAISS = 1.25
+TARGET_MEMORY = 1.5
 
 
-def _timed(fn, repeats: int, warm_up: bool = True) -> float:
-  """Median seconds of `repeats` calls of fn, after one untimed warm-up call
-  (without it the one timed call includes compiling: for minute-long calls)."""
-  if warm_up:
+def _interleaved(contenders: dict, repeats: int) -> dict[str, list[float]]:
+  """Seconds of each contender per repeat, run A B C A B C ... after one
+  untimed warm-up call each (compilation)."""
+  for fn in contenders.values():
     jax.block_until_ready(fn())
-  times = []
+  times = {name: [] for name in contenders}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, fn in contenders.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
 
 
-def _pool(n: int, dim: int, budget: int, annotated_fraction: float, seed: int):
-  """Two modalities of n random embeddings; a fraction annotated as pairs."""
+def _stats(values) -> dict:
+  return {"median": statistics.median(values), "min": min(values),
+          "max": max(values)}
+
+
+def _ratios(a, b) -> dict:
+  """a / b within each repeat."""
+  return _stats([x / y for x, y in zip(a, b)])
+
+
+def _fmt(s: dict, scale=1.0, digits=1) -> str:
+  return (f"{s['median'] * scale:.{digits}f} "
+          f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]")
+
+
+def _faiss():
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("FAISS comparison skipped: faiss-cpu is not installed (an optional "
+          "dependency of this benchmark only: pip install faiss-cpu).")
+    return None
+  return faiss
+
+
+def _normalised(n, dim, seed) -> np.ndarray:
+  x = np.random.default_rng(seed).standard_normal((n, dim), np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@jax.jit
+def _dot(a, b):
+  return a @ b.T
+
+
+@jax.jit
+def _dot_max(a, b):
+  return jnp.max(a @ b.T, axis=1)
+
+
+def kernel_rates(n: int, dim: int, mesh, repeats: int) -> dict:
+  """Part 1 at Q = N = n."""
+  keys_host = _normalised(n, dim, 0)
+  queries_host = _normalised(n, dim, 1)
+  keys = layout_lib.shard_rows(keys_host, mesh)
+  valid = layout_lib.shard_mask(np.ones(n, np.bool_), keys.layout)
+  block = layout_lib.DEFAULT_BLOCK
+  queries = kernels.host_operand(queries_host, keys, block=block,
+                                 name="queries", pool_has="keys have",
+                                 normalize=False)
+  dot_n = min(n, 8192)
+  a, b = jnp.asarray(queries_host[:dot_n]), jnp.asarray(keys_host[:dot_n])
+  flops = {"top2_margin": 2. * n * n * dim, "min_distance": 2. * n * n * dim,
+           "jnp.dot": 2. * dot_n * dot_n * dim,
+           "jnp.dot+max": 2. * dot_n * dot_n * dim}
+  contenders = {
+      "top2_margin": lambda: kernels.top2_margin_sharded(queries, keys, valid),
+      "min_distance": lambda: kernels.min_distance_sharded(keys, queries),
+      "jnp.dot": lambda: _dot(a, b),
+      "jnp.dot+max": lambda: _dot_max(a, b),
+  }
+  faiss = _faiss()
+  if faiss is not None:
+    inner, l2 = faiss.IndexFlatIP(dim), faiss.IndexFlatL2(dim)
+    inner.add(keys_host)
+    l2.add(queries_host)  # Centers = the queries, as in min_distance above.
+    contenders["faiss_top2"] = lambda: inner.search(queries_host, 2)
+    contenders["faiss_nearest"] = lambda: l2.search(keys_host, 1)
+    flops["faiss_top2"] = flops["faiss_nearest"] = 2. * n * n * dim
+    sims, _ = inner.search(queries_host, 2)
+    ours = np.asarray(kernels.top2_margin_sharded(queries, keys, valid))[:n]
+    agreement = float(np.abs(ours - (sims[:, 0] - sims[:, 1])).max())
+  times = _interleaved(contenders, repeats)
+  rate = {k: [flops[k] / t / 1e9 for t in v] for k, v in times.items()}
+  out = {"n": n, "dim": dim, "seconds": {k: _stats(v) for k, v in
+                                         times.items()},
+         "gflops": {k: _stats(v) for k, v in rate.items()}}
+  for name, ref in (("top2_margin", "faiss_top2"),
+                    ("min_distance", "faiss_nearest")):
+    out[f"{name}_rate_vs_dot"] = _ratios(rate[name], rate["jnp.dot"])
+    out[f"{name}_rate_vs_dot_max"] = _ratios(rate[name], rate["jnp.dot+max"])
+    if ref in times:
+      out[f"{name}_time_vs_faiss"] = _ratios(times[name], times[ref])
+  if faiss is not None:
+    out["top2_max_abs_diff_vs_faiss"] = agreement
+  return out
+
+
+# --------------------------------------------------------------------------
+# Part 2.
+
+
+def _laid_out_pool(n, dim, mesh, seed, annotated_fraction, budget):
+  """Two modalities of n embeddings, laid out on the mesh (host copy freed)."""
   rng = np.random.default_rng(seed)
-  embeddings = {m: jnp.asarray(rng.standard_normal((n, dim), np.float32))
-                for m in ("image", "text")}
-  num_annotated = max(1, int(round(annotated_fraction * n)))
-  annotated = {}
-  for m in embeddings:
-    mask = np.zeros(n, np.bool_)
-    mask[rng.choice(n, num_annotated, replace=False)] = True
-    annotated[m] = mask
-  # The previous round's purchases: `budget` pairs among the annotated items.
+  embeddings, annotated = {}, {}
+  for m in ("image", "text"):
+    x = rng.standard_normal((n, dim), np.float32)
+    embeddings[m] = layout_lib.shard_rows(x, mesh).rows
+    del x
+    annotated[m] = np.zeros(n, np.bool_)
+    annotated[m][rng.choice(n, max(1, int(round(annotated_fraction * n))),
+                            replace=False)] = True
+  # The previous round's purchases: `budget` items among the annotated.
   newly = {m: np.flatnonzero(annotated[m])[:budget] for m in embeddings}
   return embeddings, annotated, newly
 
 
-def _fit_slope(sizes, seconds) -> float | None:
-  if len(sizes) < 2:
-    return None
-  return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
-
-
-def scaling(sizes, *, dim, budget, coreset_size, annotated_fraction,
-            uncertainty_cap, rebuild_cap, mesh) -> dict:
-  """Part 1: per-round seconds of each strategy for each pool size."""
-  rows = {"mmal": {}, "coreset": {}, "uncertainty": {}, "cache_rebuild": {}}
+def round_costs(sizes, *, dim, budget, coreset_size, annotated_fraction,
+                uncertainty_cap, mesh, repeats) -> dict:
+  """Part 2: per-round seconds of each strategy for each pool size."""
+  names = ("mmal", "mmal_with_rebuild", "cache_rebuild", "coreset",
+           "uncertainty")
+  rows = {name: {} for name in names}
   for n in sizes:
-    embeddings, annotated, newly = _pool(n, dim, budget, annotated_fraction, n)
-    repeats = 3 if n <= 100_000 else 1
+    embeddings, annotated, newly = _laid_out_pool(n, dim, mesh, n,
+                                                  annotated_fraction, budget)
     before = {m: annotated[m].copy() for m in annotated}
     for m in before:
       before[m][newly[m]] = False
     cache = strategies.build_min_distance_cache(embeddings, before, mesh=mesh)
+    common = dict(budget=budget, seed=0, mesh=mesh)
 
-    def incremental_round(name):
+    def cached(name):
       def run():
-        updated = strategies.update_min_distance_cache(cache, embeddings, newly,
-                                                       mesh=mesh)
-        hparams = {"coreset_size": coreset_size} if name == "mmal" else {}
-        return strategies.STRATEGIES[name](
-            embeddings, annotated, budget=budget, seed=0, min_dist=updated,
-            mesh=mesh, **hparams)
+        updated = strategies.update_min_distance_cache(cache, embeddings,
+                                                       newly, mesh=mesh)
+        extra = {"coreset_size": coreset_size} if name == "mmal" else {}
+        return strategies.STRATEGIES[name](embeddings, annotated,
+                                           min_dist=updated, **common, **extra)
       return run
 
-    for name in ("mmal", "coreset"):
-      rows[name][n] = _timed(incremental_round(name), repeats)
-    if _below_cap(rows["cache_rebuild"], rebuild_cap):
-      rows["cache_rebuild"][n] = _timed(
-          lambda: strategies.build_min_distance_cache(embeddings, annotated,
-                                                      mesh=mesh), repeats)
-    if _below_cap(rows["uncertainty"], uncertainty_cap):
-      rows["uncertainty"][n] = _timed(
-          lambda: strategies.STRATEGIES["uncertainty"](
-              embeddings, annotated, budget=budget, seed=0, mesh=mesh),
-          1 if n > 30_000 else repeats, warm_up=n <= 30_000)
+    contenders = {
+        "mmal": cached("mmal"),
+        "mmal_with_rebuild": lambda: strategies.mmal(
+            embeddings, annotated, coreset_size=coreset_size, **common),
+        "cache_rebuild": lambda: strategies.build_min_distance_cache(
+            embeddings, annotated, mesh=mesh),
+        "coreset": cached("coreset"),
+    }
+    last = rows["uncertainty"]
+    last_n = max(last, default=None)
+    if (not last or last[last_n]["median"] * (n / last_n) ** 2 <=
+        uncertainty_cap) and len(last) == len(rows["mmal"]):
+      contenders["uncertainty"] = lambda: strategies.uncertainty(
+          embeddings, annotated, **common)
+    times = _interleaved(contenders, repeats)
+    for name, t in times.items():
+      rows[name][n] = _stats(t)
     print(f"N={n:>9,}  " + "  ".join(
-        f"{k}={v[n]:.3f}s" for k, v in rows.items() if n in v), flush=True)
+        f"{k}={v[n]['median']:.3f}s" for k, v in rows.items() if n in v),
+          flush=True)
   return rows
 
 
-def _below_cap(row: dict, cap: float) -> bool:
-  return not row or max(row.values()) <= cap
+def _fit_slope(row: dict) -> float | None:
+  sizes = sorted(row)
+  if len(sizes) < 2:
+    return None
+  return float(np.polyfit(np.log(sizes),
+                          np.log([row[s]["median"] for s in sizes]), 1)[0])
 
 
-def copy_bandwidth(num_bytes: int) -> float:
-  """Bytes read + written per second by np.copyto on a large float32 array."""
-  src = np.ones(num_bytes // 4, np.float32)
-  dst = np.empty_like(src)
-  best = min(_seconds(lambda: np.copyto(dst, src)) for _ in range(5))
-  return 2 * src.nbytes / best
+# --------------------------------------------------------------------------
+# Part 3.
 
 
-def _seconds(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
+@jax.jit
+def _read_pass(rows):
+  return jnp.max(rows)
 
 
-def greedy_step(n: int, dim: int, mesh) -> dict:
-  """Part 2: seconds per greedy k-center step: kernel, numpy reference, floor."""
+def greedy_step(n: int, dim: int, mesh, repeats: int) -> dict:
+  """Part 3: seconds per greedy k-center pick, kernel vs references vs floor."""
   from sklearn.metrics import pairwise_distances  # Only this benchmark needs it.
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((n, dim), np.float32)
   pool = layout_lib.shard_rows(x, mesh)
   eligible = layout_lib.shard_mask(np.ones(n, np.bool_), pool.layout)
-  init = kernels.min_distance_sharded(pool, x[:1])
+  init = kernels.min_distance_sharded(
+      pool, kernels.gather_rows(pool, [0]))
+  sq = np.einsum("nd,nd->n", x, x)
+  ones = np.ones(dim, np.float32)
+  dist32 = np.full(n, np.inf, np.float32)
+  dist64 = np.full(n, np.inf, np.float64)
+  state = {"j": 1}
 
-  def seconds_per_pick(picks_per_pass, few, many):
-    def run(k):
-      return lambda: kernels.kcenter_greedy_sharded(
-          pool, k, eligible=eligible, init_dist=init,
-          picks_per_pass=picks_per_pass)
-    return (_timed(run(many), 3) - _timed(run(few), 3)) / (many - few)
+  def picks(k, per_pass):
+    return lambda: kernels.kcenter_greedy_sharded(
+        pool, k, eligible=eligible, init_dist=init, picks_per_pass=per_pass)
 
-  kernel_step = seconds_per_pick(1, 4, 68)
-  batched = seconds_per_pick(kernels.DEFAULT_PICKS_PER_PASS, 64, 1088)
+  def numpy_f32_step():  # One greedy step: new center's distances, min, argmax.
+    c = x[state["j"]]
+    d = np.sqrt(np.maximum(sq + sq[state["j"]] - 2 * (x @ c), 0))
+    np.minimum(dist32, d, out=dist32)
+    state["j"] = int(np.argmax(dist32))
 
-  dist = np.full(n, np.inf, np.float32)
+  def sklearn_step():
+    d = pairwise_distances(x, x[state["j"]:state["j"] + 1]).ravel()
+    np.minimum(dist64, d, out=dist64)
+    return int(np.argmax(dist64))
 
-  def reference_step(j):
-    d = pairwise_distances(x, x[j:j + 1]).ravel()
-    np.minimum(dist, d, out=dist)
-    return int(np.argmax(dist))
+  # Pick counts in one power-of-two bucket: the same compiled programs.
+  few, many, batch_few, batch_many = 33, 64, 1040, 2048
+  times = _interleaved({
+      "one_pass_few": picks(few, 1), "one_pass_many": picks(many, 1),
+      "batched_few": picks(batch_few, kernels.DEFAULT_PICKS_PER_PASS),
+      "batched_many": picks(batch_many, kernels.DEFAULT_PICKS_PER_PASS),
+      "numpy_f32_step": numpy_f32_step, "sklearn_step": sklearn_step,
+      "read_pass_jax": lambda: _read_pass(pool.rows),
+      "read_pass_numpy": lambda: np.max(x),
+      "read_pass_blas": lambda: x @ ones}, repeats)
+  per_pick = [(b - a) / (many - few) for a, b in
+              zip(times["one_pass_few"], times["one_pass_many"])]
+  batched = [(b - a) / (batch_many - batch_few) for a, b in
+             zip(times["batched_few"], times["batched_many"])]
+  # The fastest of three read-only passes over the pool: a jitted max, numpy's
+  # max (one thread) and BLAS's matrix-vector product with ones (threaded).
+  floor = [min(t) for t in zip(times["read_pass_jax"], times["read_pass_numpy"],
+                               times["read_pass_blas"])]
+  return {
+      "n": n, "dim": dim, "bytes_per_pass": x.nbytes,
+      "picks_per_pass": kernels.DEFAULT_PICKS_PER_PASS,
+      "seconds": {"kernel_one_pass_per_pick": _stats(per_pick),
+                  "kernel_batched_per_pick": _stats(batched),
+                  "numpy_float32_step": _stats(times["numpy_f32_step"]),
+                  "sklearn_float64_step": _stats(times["sklearn_step"]),
+                  "bandwidth_floor": _stats(floor)},
+      "read_bandwidth_gb_s": _stats([x.nbytes / f / 1e9 for f in floor]),
+      "numpy_f32_over_kernel": _ratios(times["numpy_f32_step"], per_pick),
+      "sklearn_over_kernel": _ratios(times["sklearn_step"], per_pick),
+      "floor_over_kernel": _ratios(floor, per_pick),
+      "numpy_f32_over_batched": _ratios(times["numpy_f32_step"], batched)}
 
-  reference = statistics.median(_seconds(lambda: reference_step(j))
-                                for j in range(5))
-  bandwidth = copy_bandwidth(x.nbytes)
-  floor = x.nbytes / bandwidth
-  return {"n": n, "dim": dim, "kernel_step_s": kernel_step,
-          "numpy_reference_step_s": reference,
-          "speedup_vs_reference": reference / kernel_step,
-          "copy_bandwidth_gb_s": bandwidth / 1e9,
-          "bytes_read_per_step": x.nbytes, "floor_step_s": floor,
-          "fraction_of_floor": floor / kernel_step,
-          "picks_per_pass": kernels.DEFAULT_PICKS_PER_PASS,
-          "batched_pick_s": batched,
-          "batched_speedup_vs_reference": reference / batched}
+
+# --------------------------------------------------------------------------
+# Part 4.
+
+
+def _status_mb(field: str) -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(kind: str, n: int, dim: int) -> dict:
+  """One mmal call in this (fresh) process; its peak resident memory."""
+  mesh = sharding.make_mesh()
+  runtime_mb = _status_mb("VmRSS")
+  if kind == "jax":
+    embeddings, annotated, _ = _laid_out_pool(n, dim, mesh, 0, 0.01, 0)
+    jax.block_until_ready(embeddings)
+  else:
+    rng = np.random.default_rng(0)
+    embeddings = {m: rng.standard_normal((n, dim), np.float32)
+                  for m in ("image", "text")}
+    annotated = {m: rng.random(n) < 0.01 for m in embeddings}
+  before_mb = _status_mb("VmRSS")
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Resets VmHWM, the peak resident set, to the current one.
+  strategies.mmal(embeddings, annotated, budget=256, seed=0,
+                  coreset_size=1024, mesh=mesh)
+  feature_mb = 2 * n * dim * 4 / 2**20
+  peak_mb = _status_mb("VmHWM")
+  return {"kind": kind, "n": n, "dim": dim, "feature_mb": feature_mb,
+          "runtime_mb": runtime_mb, "before_call_mb": before_mb,
+          "peak_mb": peak_mb, "peak_over_features": peak_mb / feature_mb,
+          "call_over_features": (peak_mb - before_mb) / feature_mb}
+
+
+def peak_memory(n: int, dim: int) -> dict:
+  """Part 4, each input kind in its own subprocess."""
+  out = {}
+  for kind in ("jax", "numpy"):
+    if not os.path.exists("/proc/self/clear_refs"):
+      print("Memory probe skipped: needs Linux /proc.")
+      return out
+    run = subprocess.run(
+        [sys.executable, "-m", "mmal_jax.benchmarks.acquisition",
+         f"--memory_probe={kind}", f"--memory_n={n}", f"--dim={dim}"],
+        capture_output=True, text=True, check=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    out[kind] = json.loads(run.stdout.strip().splitlines()[-1])
+  return out
+
+
+# --------------------------------------------------------------------------
+# Part 5.
+
+
+def compile_counts(mesh, dim: int, scale: int) -> dict:
+  """Programs lowered per mmal call as N, budget, annotated count vary in a
+  bucket: N in (4096, 8192] / scale, budget in (16, 32] / scale, annotated
+  in (64, 128] / scale."""
+  from jax import monitoring  # pylint: disable=g-import-not-at-top
+
+  seen = []
+
+  def listen(name, *_, **__):
+    if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      seen.append(name)
+
+  calls = [(5000, 20, 70), (8192, 32, 128), (4097, 17, 65), (6500, 25, 100)]
+  calls = [(-(-n // scale), -(-b // scale), -(-a // scale))
+           for n, b, a in calls]
+  counts = []
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for n, budget, num_annotated in calls:
+      embeddings, annotated, _ = _laid_out_pool(
+          n, dim, mesh, n, num_annotated / n, 0)
+      start = len(seen)
+      strategies.mmal(embeddings, annotated, budget=budget, seed=0, mesh=mesh)
+      counts.append(len(seen) - start)
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  return {"calls": [dict(n=n, budget=b, annotated=a, compiles=c)
+                    for (n, b, a), c in zip(calls, counts)],
+          "after_first": int(sum(counts[1:]))}
+
+
+# --------------------------------------------------------------------------
+# Report.
 
 
 def _plot(rows, slopes, path):
-  import matplotlib
+  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(6.4, 4.6))
-  styles = {"mmal": "o-", "coreset": "s-", "uncertainty": "^-",
-            "cache_rebuild": "x--"}
+  styles = {"mmal": "o-", "mmal_with_rebuild": "o--", "coreset": "s-",
+            "uncertainty": "^-", "cache_rebuild": "x:"}
   for name, row in rows.items():
     if row:
       sizes = sorted(row)
       slope = slopes.get(name)
       label = name if slope is None else f"{name} (slope {slope:.2f})"
-      ax.loglog(sizes, [row[s] for s in sizes], styles[name], label=label)
+      ax.loglog(sizes, [row[s]["median"] for s in sizes], styles[name],
+                label=label)
   ax.set_xlabel("pool size N per modality")
-  ax.set_ylabel("seconds per acquisition round")
+  ax.set_ylabel("seconds per acquisition round (median)")
   ax.set_title(f"Acquisition cost ({jax.devices()[0].platform}, "
                f"{jax.device_count()} device(s))")
   ax.grid(True, which="both", alpha=0.3)
@@ -218,74 +462,176 @@ def _plot(rows, slopes, path):
 
 
 def _machine() -> dict:
+  with open("/proc/loadavg") as f:
+    load = f.read().split()[:3]
   return {"platform": platform.platform(), "processor": platform.processor(),
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "devices": [str(d) for d in jax.devices()],
-          "device_kind": jax.devices()[0].device_kind}
+          "device_kind": jax.devices()[0].device_kind, "loadavg": load}
+
+
+def _target(name: str, value: float | None, ok: bool | None, unit=""):
+  verdict = "SKIP" if ok is None else "PASS" if ok else "MISS"
+  shown = "-" if value is None else f"{value:.3g}{unit}"
+  print(f"  [{verdict}] {name}: {shown}")
+  return {"target": name, "value": value, "verdict": verdict}
+
+
+def _print_rates(rates, repeats):
+  print(f"\nKernel rates, GFLOP/s median [min, max] of {repeats} interleaved "
+        f"repeats (D={_DIM.value}, float32, Q = N):")
+  for r in rates:
+    print(f"  Q = N = {r['n']:,}: " + "; ".join(
+        f"{k} {_fmt(v, digits=0)}" for k, v in r["gflops"].items()))
+    for k in ("top2_margin", "min_distance"):
+      faiss_ratio = r.get(f"{k}_time_vs_faiss")
+      print(f"    {k}: {_fmt(r[f'{k}_rate_vs_dot'], digits=2)} x jnp.dot's "
+            f"rate, {_fmt(r[f'{k}_rate_vs_dot_max'], digits=2)} x fused "
+            f"dot+max's" + ("" if faiss_ratio is None else
+                            f"; time {_fmt(faiss_ratio, digits=2)} x FAISS's"))
+
+
+def _print_rounds(rows, slopes, sizes, repeats):
+  names = list(rows)
+  print(f"\nSeconds per acquisition round, median [min, max] of {repeats} "
+        f"(D={_DIM.value}, budget {_BUDGET.value}, coreset {_CORESET.value}, "
+        f"{_ANNOTATED.value:.0%} annotated):")
+  print(f"{'N':>10} " + " ".join(f"{k:>24}" for k in names))
+  for n in sizes:
+    print(f"{n:>10,} " + " ".join(
+        f"{_fmt(rows[k][n], digits=3):>24}" if n in rows[k] else f"{'-':>24}"
+        for k in names))
+  print(f"{'slope':>10} " + " ".join(
+      f"{slopes[k]:>24.2f}" if slopes[k] is not None else f"{'-':>24}"
+      for k in names))
+
+
+def _print_step(step):
+  s = step["seconds"]
+  print(f"\nGreedy k-center, ms per pick, N={step['n']:,}, D={step['dim']}, "
+        f"float32:\n"
+        f"  kernel, one pass per pick        "
+        f"{_fmt(s['kernel_one_pass_per_pick'], 1e3, 2)}\n"
+        f"  kernel, up to {step['picks_per_pass']} picks per pass   "
+        f"{_fmt(s['kernel_batched_per_pick'], 1e3, 2)}\n"
+        f"  numpy float32 step               "
+        f"{_fmt(s['numpy_float32_step'], 1e3, 2)}"
+        f" ({_fmt(step['numpy_f32_over_kernel'], digits=2)} x one-pass)\n"
+        f"  sklearn pairwise_distances step  "
+        f"{_fmt(s['sklearn_float64_step'], 1e3, 2)}"
+        f" (upcasts to float64; {_fmt(step['sklearn_over_kernel'], digits=2)}"
+        f" x)\n"
+        f"  bandwidth floor (read-only pass) "
+        f"{_fmt(s['bandwidth_floor'], 1e3, 2)}"
+        f" ({step['bytes_per_pass'] / 1e6:.0f} MB at "
+        f"{_fmt(step['read_bandwidth_gb_s'])} GB/s); one-pass kernel at "
+        f"{_fmt(step['floor_over_kernel'], digits=2)} of it")
+
+
+def _print_memory(memory):
+  for kind, m in memory.items():
+    print(f"\nPeak memory, mmal, {kind} embeddings, N={m['n']:,}: peak RSS "
+          f"{m['peak_mb']:.0f} MB for {m['feature_mb']:.0f} MB of features "
+          f"({m['peak_over_features']:.2f}x; runtime alone "
+          f"{m['runtime_mb']:.0f} MB, before the call {m['before_call_mb']:.0f}"
+          f" MB, the call itself +{m['call_over_features']:.2f}x)")
+
+
+def _targets(results) -> list[dict]:
+  print("\nTargets:")
+  verdicts = []
+  for r in results.get("kernel_rates", []):
+    for k in ("top2_margin", "min_distance"):
+      v = r[f"{k}_rate_vs_dot"]["median"]
+      verdicts.append(_target(f"{k} rate / jnp.dot rate, N={r['n']:,} "
+                              f"(>= {TARGET_RATE_VS_DOT})", v,
+                              v >= TARGET_RATE_VS_DOT, "x"))
+      f = r.get(f"{k}_time_vs_faiss")
+      verdicts.append(_target(
+          f"{k} time / FAISS time, N={r['n']:,} (<= {TARGET_TIME_VS_FAISS})",
+          None if f is None else f["median"],
+          None if f is None else f["median"] <= TARGET_TIME_VS_FAISS, "x"))
+  for kind, m in results.get("peak_memory", {}).items():
+    verdicts.append(_target(
+        f"mmal peak memory / feature bytes, {kind} embeddings, "
+        f"N={m['n']:,} (<= {TARGET_MEMORY})", m["peak_over_features"],
+        m["peak_over_features"] <= TARGET_MEMORY, "x"))
+  if "compile_counts" in results:
+    after = results["compile_counts"]["after_first"]
+    verdicts.append(_target("compiles after the first mmal call within a "
+                            "bucket (== 0)", after, after == 0))
+  slopes = results.get("loglog_slope", {})
+  for name in ("mmal_with_rebuild", "mmal"):
+    if slopes.get(name) is not None:
+      print(f"  [info] {name} log-log slope over N: {slopes[name]:.2f}")
+  return verdicts
 
 
 def main(argv):
   del argv
+  if _MEMORY_PROBE.value:
+    print(json.dumps(memory_probe(_MEMORY_PROBE.value, _MEMORY_N.value,
+                                  _DIM.value)))
+    return
+  if not _OUT.value:
+    raise app.UsageError("--out is required.")
+  if _REPEATS.value < 5:
+    raise app.UsageError("--repeats must be >= 5.")
+  unknown = set(_PARTS.value) - set(PARTS)
+  if unknown:
+    raise app.UsageError(f"Unknown --parts {sorted(unknown)}; know {PARTS}.")
   os.makedirs(_OUT.value, exist_ok=True)
+  mode = QUICK if _QUICK.value else FULL
+  ints = lambda values: [int(v) for v in values]  # noqa: E731
+  sizes = ints(_SIZES.value or mode["sizes"])
+  repeats = _REPEATS.value
   mesh = sharding.make_mesh()
-  sizes = ([int(s) for s in _SIZES.value] if _SIZES.value
-           else QUICK_SIZES if _QUICK.value else FULL_SIZES)
-  step_n = _STEP_N.value or (50_000 if _QUICK.value else 200_000)
-  print(f"Machine: {_machine()}")
-  rows = scaling(sizes, dim=_DIM.value, budget=_BUDGET.value,
-                 coreset_size=_CORESET.value,
-                 annotated_fraction=_ANNOTATED.value,
-                 uncertainty_cap=_UNC_CAP.value,
-                 rebuild_cap=_REBUILD_CAP.value, mesh=mesh)
-  slopes = {name: _fit_slope(sorted(row), [row[s] for s in sorted(row)])
-            for name, row in rows.items()}
-  step = greedy_step(step_n, _STEP_DIM.value, mesh)
-
-  print("\nSeconds per acquisition round (D={}, budget {}, coreset {}, "
-        "{:.0%} annotated):".format(_DIM.value, _BUDGET.value, _CORESET.value,
-                                    _ANNOTATED.value))
-  names = list(rows)
-  print(f"{'N':>10} " + " ".join(f"{k:>14}" for k in names))
-  for n in sizes:
-    print(f"{n:>10,} " + " ".join(
-        f"{rows[k][n]:>14.3f}" if n in rows[k] else f"{'-':>14}"
-        for k in names))
-  print(f"{'slope':>10} " + " ".join(
-      f"{slopes[k]:>14.2f}" if slopes[k] is not None else f"{'-':>14}"
-      for k in names))
-  common = [n for n in sizes if n in rows["uncertainty"]]
-  ratio_n = 100_000 if 100_000 in common else (common[-1] if common else None)
-  ratio = (rows["uncertainty"][ratio_n] / rows["mmal"][ratio_n]
-           if ratio_n else None)
-  if ratio:
-    print(f"uncertainty / mmal at N={ratio_n:,}: {ratio:.1f}x")
-  print(f"\nGreedy k-center step, N={step['n']:,}, D={step['dim']}, float32:\n"
-        f"  kernel, one pass per pick   {step['kernel_step_s'] * 1e3:8.2f} ms\n"
-        f"  numpy reference             "
-        f"{step['numpy_reference_step_s'] * 1e3:8.2f} ms "
-        f"({step['speedup_vs_reference']:.1f}x the kernel's time)\n"
-        f"  bandwidth floor             {step['floor_step_s'] * 1e3:8.2f} ms "
-        f"({step['bytes_read_per_step'] / 1e6:.0f} MB at "
-        f"{step['copy_bandwidth_gb_s']:.1f} GB/s numpy copy bandwidth); "
-        f"the kernel reaches {step['fraction_of_floor']:.0%} of it\n"
-        f"  kernel, up to {step['picks_per_pass']} picks per pass "
-        f"{step['batched_pick_s'] * 1e3:8.2f} ms per pick "
-        f"({step['batched_speedup_vs_reference']:.1f}x faster than the "
-        f"reference)")
-  results = {
-      "machine": _machine(), "quick": _QUICK.value, "dim": _DIM.value,
-      "budget": _BUDGET.value, "coreset_size": _CORESET.value,
-      "annotated_fraction": _ANNOTATED.value,
-      "seconds_per_round": {k: {str(n): t for n, t in v.items()}
-                            for k, v in rows.items()},
-      "loglog_slope": slopes,
-      "uncertainty_over_mmal": {"n": ratio_n, "ratio": ratio},
-      "greedy_step": step}
+  machine = _machine()
+  print(f"Machine: {machine}", flush=True)
+  results = {"machine": machine, "quick": _QUICK.value, "repeats": repeats,
+             "dim": _DIM.value, "budget": _BUDGET.value,
+             "coreset_size": _CORESET.value,
+             "annotated_fraction": _ANNOTATED.value}
+  if "rates" in _PARTS.value:
+    rates = [kernel_rates(n, _DIM.value, mesh, repeats)
+             for n in ints(_RATE_SIZES.value or mode["rate_sizes"])]
+    _print_rates(rates, repeats)
+    results["kernel_rates"] = rates
+  rows = None
+  if "rounds" in _PARTS.value:
+    rows = round_costs(sizes, dim=_DIM.value, budget=_BUDGET.value,
+                       coreset_size=_CORESET.value,
+                       annotated_fraction=_ANNOTATED.value,
+                       uncertainty_cap=_UNC_CAP.value, mesh=mesh,
+                       repeats=repeats)
+    slopes = {name: _fit_slope(row) for name, row in rows.items()}
+    _print_rounds(rows, slopes, sizes, repeats)
+    results["seconds_per_round"] = {k: {str(n): t for n, t in v.items()}
+                                    for k, v in rows.items()}
+    results["loglog_slope"] = slopes
+  if "greedy" in _PARTS.value:
+    step = greedy_step(_STEP_N.value or mode["step_n"], _STEP_DIM.value, mesh,
+                       repeats)
+    _print_step(step)
+    results["greedy_step"] = step
+  if "memory" in _PARTS.value:
+    memory = peak_memory(_MEMORY_N.value or mode["memory_n"], _DIM.value)
+    _print_memory(memory)
+    results["peak_memory"] = memory
+  if "compiles" in _PARTS.value:
+    compiles = compile_counts(mesh, _DIM.value, 8 if _QUICK.value else 1)
+    print(f"\nCompiles per mmal call, N/budget/annotated within one bucket: "
+          f"{[c['compiles'] for c in compiles['calls']]}")
+    results["compile_counts"] = compiles
+  results["targets"] = _targets(results)
+  machine["loadavg_after"] = _machine()["loadavg"]
   with open(os.path.join(_OUT.value, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  _plot(rows, slopes, os.path.join(_OUT.value, "acquisition_scaling.png"))
-  print(f"\nWrote {_OUT.value}/results.json and "
-        f"{_OUT.value}/acquisition_scaling.png")
+  print(f"\nWrote {_OUT.value}/results.json")
+  if rows is not None:
+    _plot(rows, results["loglog_slope"],
+          os.path.join(_OUT.value, "acquisition_scaling.png"))
+    print(f"Wrote {_OUT.value}/acquisition_scaling.png")
 
 
 if __name__ == "__main__":
