@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from mmal_jax import config_lib
 from mmal_jax import loop
+from mmal_jax import mmcsal
 from mmal_jax.data.oracle import AwaitingAnnotations
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -74,8 +75,12 @@ def main(argv):
   logging.info("%d process(es), %d device(s): %s", jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   try:
-    config = config_lib.validate(_CONFIG.value)
-    text = loop.run_experiment(config, _WORKDIR.value)
+    if _CONFIG.value.get("kind", None) == mmcsal.KIND:
+      text = mmcsal.run_cold_start(mmcsal.validate(_CONFIG.value),
+                                   _WORKDIR.value)
+    else:
+      config = config_lib.validate(_CONFIG.value)
+      text = loop.run_experiment(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
   except AwaitingAnnotations as e:
