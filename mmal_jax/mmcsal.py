@@ -132,7 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
       features="inputs", hidden_dims=(), steps=300, lr=1e-2, wd=1e-4))
   c.report = ml_collections.ConfigDict(dict(
       main_metric="accuracy", metrics=("accuracy", "classes_covered"),
-      embedding_plot=False, embedding_plot_percent=5.))
+      embedding_plot=False, embedding_plot_percent=5.,
+      embedding_plot_points=1000))
   return c
 
 
@@ -708,8 +709,9 @@ class ColdStartExperiment:
 
   def embedding_plot(self) -> str:
     """embedding.png: t-SNE of modality 0's Stage-1 (w/o prototypes)
-    representations, the pairs each strategy bought at the budget nearest
-    `report.embedding_plot_percent` (first seed) highlighted."""
+    representations (`report.embedding_plot_points` of them, the bought
+    ones always among them), the pairs each strategy bought at the budget
+    nearest `report.embedding_plot_percent` (first seed) highlighted."""
     seed = self.config.seeds[0]
     target = self.config.report.embedding_plot_percent
     round_index = 1 + int(np.argmin([abs(p - target)
@@ -725,6 +727,7 @@ class ColdStartExperiment:
     plots.embedding_plot(
         self.representations(False, seed).pool[m0], picked, path,
         labels=self.data.labels, seed=seed,
+        max_points=self.config.report.embedding_plot_points,
         title=f"{m0} Stage-1 representations, "
               f"{self.budgets[round_index - 1]} pairs bought")
     return path
@@ -756,7 +759,8 @@ def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
   text += "\n" + experiment.modality_gap_markdown()
   if main:
     fs.write_text(os.path.join(workdir, "results.md"), text)
-    if config.report.embedding_plot:
+    if config.report.embedding_plot and not fs.exists(
+        os.path.join(workdir, "embedding.png")):
       experiment.embedding_plot()
   logging.info("Finished in %.0fs; results in %s/results.md",
                time.perf_counter() - start, workdir)
