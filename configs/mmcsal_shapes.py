@@ -28,7 +28,9 @@ def get_config():
       image_model="vit", text_model="text_transformer",
       image=dict(variant="mu/8", pool_type="map", **tower),
       text=dict(variant="mu", vocab_size=259, **tower),
-      out_dim=64, temperature_init=1 / 0.07, bias_init=None))
+      # No image head (MAP output, width 64): a zero-initialised head would
+      # give ||z|| = 0 at the start.
+      out_dim=(None, 64), temperature_init=1 / 0.07, bias_init=None))
   config.res = 32
   config.text_len = 56
   config.tokenizer = "bytes"

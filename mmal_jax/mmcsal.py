@@ -668,6 +668,8 @@ class ColdStartExperiment:
     if fs.exists(path):
       picks = np.asarray(json.loads(fs.read_text(path))["picks"], np.int64)
     else:
+      # Stage 1 first (once per variant and seed): acquire_s times selection.
+      self.representations(selector_of(self.config, strategy)[1], seed)
       start = time.perf_counter()
       picks = self.select(strategy, budget, seed)
       timing["acquire_s"] = time.perf_counter() - start
