@@ -1,9 +1,5 @@
 """Cold-start selectors against plain numpy references; same picks on any mesh."""
 import itertools
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,6 +7,7 @@ import pytest
 from sklearn.cluster import KMeans
 
 import acquisition_reference as ref
+import device_counts
 from mmal_jax import sharding
 from mmal_jax.acquisition import cold_start as cs
 from mmal_jax.acquisition import kmeans as km
@@ -239,19 +236,4 @@ def fingerprint(num_devices: int) -> dict:
 
 @pytest.mark.slow
 def test_results_do_not_depend_on_the_device_count():
-  here = fingerprint(1)
-  if jax.device_count() >= 8:
-    others = {n: fingerprint(n) for n in (3, 8)}
-  else:
-    env = dict(os.environ,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join(sys.path))
-    code = ("import json, test_cold_start as t; "
-            "print(json.dumps(t.fingerprint(8)))")
-    run = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                         capture_output=True, text=True,
-                         cwd=os.path.dirname(__file__))
-    others = {8: json.loads(run.stdout.strip().splitlines()[-1])}
-  for n, other in others.items():
-    for key, value in here.items():
-      assert other[key] == value, f"{key} differs between 1 and {n} devices"
+  device_counts.assert_same_on_every_device_count("test_cold_start", fingerprint)
