@@ -1,6 +1,7 @@
 r"""Paper 1, Fig. 4 right: missing data, at the demo's CPU scale.
 
-  python -m mmal_jax.main --config configs/demo_missing_data.py --workdir /tmp/missing
+  python -m mmal_jax.main --config configs/demo_missing_data.py \
+      --workdir /tmp/missing
 
 `configs/demo.py` with half of the pool's images removed (their captions
 stay, partner-less: `data.missing_image_fraction`), and queries only from

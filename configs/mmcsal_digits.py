@@ -1,6 +1,7 @@
 r"""MMCSAL cold start on scikit-learn's digits (no download), CPU scale.
 
-  python -m mmal_jax.main --config configs/mmcsal_digits.py --workdir /tmp/mmcsal_digits
+  python -m mmal_jax.main --config configs/mmcsal_digits.py \
+      --workdir /tmp/mmcsal_digits
 
 Pairs: the left and right 8x4 halves of each 8x8 digit (1797 images; 20%
 held out for testing, 1438 pairs in the pool), labels 0-9. Stage 1: MLP

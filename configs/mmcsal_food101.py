@@ -1,4 +1,4 @@
-r"""MMCSAL on Food101 (image-text), the paper's protocol on precomputed features.
+r"""MMCSAL on Food101 (image-text): the paper's protocol on features.
 
   python -m mmal_jax.main --config configs/mmcsal_food101.py --workdir DIR \
       --config.data.train_features=img_train.npy,txt_train.npy \

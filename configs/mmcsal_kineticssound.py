@@ -1,6 +1,7 @@
 r"""MMCSAL on KineticsSound (audio-video), the paper's protocol on features.
 
-  python -m mmal_jax.main --config configs/mmcsal_kineticssound.py --workdir DIR \
+  python -m mmal_jax.main --config configs/mmcsal_kineticssound.py \
+      --workdir DIR \
       --config.data.train_features=audio_train.npy,video_train.npy \
       --config.data.train_labels=labels_train.npy \
       --config.data.test_features=audio_test.npy,video_test.npy \

@@ -1,6 +1,7 @@
 r"""MMCSAL cold start on generated `shapes` scenes (image, caption), CPU scale.
 
-  python -m mmal_jax.main --config configs/mmcsal_shapes.py --workdir /tmp/mmcsal_shapes
+  python -m mmal_jax.main --config configs/mmcsal_shapes.py \
+      --workdir /tmp/mmcsal_shapes
 
 Pairs: 700 ColorSwap-like groups (1400 image-caption pairs, no files; 20%
 held out), labelled by the shape of the first object (6 classes,

@@ -1,4 +1,4 @@
-"""BADGE against a reference that builds the gradient embeddings on a tiny pool."""
+"""BADGE against a reference that builds the gradient embeddings (tiny pool)."""
 import jax
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Cold-start selectors against plain numpy references; same picks on any mesh."""
+"""Cold-start selectors against numpy references; same picks on any mesh."""
 import itertools
 
 import jax
@@ -236,4 +236,5 @@ def fingerprint(num_devices: int) -> dict:
 
 @pytest.mark.slow
 def test_results_do_not_depend_on_the_device_count():
-  device_counts.assert_same_on_every_device_count("test_cold_start", fingerprint)
+  device_counts.assert_same_on_every_device_count("test_cold_start",
+                                                 fingerprint)

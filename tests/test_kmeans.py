@@ -1,6 +1,4 @@
-"""Sharded K-means / k-means++ against scikit-learn and numpy; the fixed-tree sum."""
-import functools
-
+"""Sharded K-means and k-means++ against scikit-learn and numpy; tree sums."""
 import jax
 import jax.numpy as jnp
 import numpy as np

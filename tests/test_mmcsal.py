@@ -1,4 +1,4 @@
-"""The cold-start experiment: data, Stage 1, classifier, driver, configs, plot."""
+"""The cold-start experiment: data, Stage 1, classifier, driver, plot."""
 import importlib.util
 import io
 import json
@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -235,8 +236,9 @@ def test_stage1_trains_both_variants_data_parallel():
   assert cross.losses[-1] < cross.losses[0]
   restored = mmcsal.Stage1Result.from_bytes(cross.to_bytes(), data.modalities)
   np.testing.assert_array_equal(restored.pool["left"], cross.pool["left"])
-  protos, assignments, phis = stage1.prototypes(stage1._init(  # pylint: disable=protected-access
-      __import__("jax").random.PRNGKey(0)), seed=0)
+  init = stage1._init  # pylint: disable=protected-access
+  params = init(jax.random.PRNGKey(0))
+  protos, assignments, phis = stage1.prototypes(params, seed=0)
   assert protos[0].shape == (10, 16) and assignments[1].shape == (data.size,)
   assert (np.asarray(phis[0]) > 0).all()
 

@@ -1,4 +1,4 @@
-"""BADGE (Ash et al. 2020) adapted to unaligned multimodal data (paper 1, App. C.4).
+"""BADGE (Ash et al. 2020) for unaligned multimodal data (paper 1, App. C.4).
 
 A random modality m (or the one named by `modality`); its items are scored by
 the gradient embedding of a "classifier" whose classes are the available
@@ -13,9 +13,11 @@ then k-means++ seeding on g picks the budget (first pick: the largest
 e_i = e_{yhat_i},
 
   <g_i, g_j> = <p_i - e_i, p_j - e_j> <z_i, z_j>
-  <p_i - e_i, p_j - e_j> = <p_i, p_j> - p_i[yhat_j] - p_j[yhat_i] + [yhat_i = yhat_j]
+  <p_i - e_i, p_j - e_j> = <p_i, p_j> - p_i[yhat_j] - p_j[yhat_i]
+                           + [yhat_i = yhat_j]
   <p_i, p_j> = exp(LSE_y(t <z_i + z_j, z_y>) - lse_i - lse_j)
-  ||g_i||^2 = (exp(LSE_y(2t <z_i, z_y>) - 2 lse_i) - 2 p_i[yhat_i] + 1) ||z_i||^2
+  ||g_i||^2 = (exp(LSE_y(2t <z_i, z_y>) - 2 lse_i) - 2 p_i[yhat_i] + 1)
+              * ||z_i||^2
 
 where lse_i = LSE_y(t <z_i, z_y>). So a distance to a new center is one
 log-sum-exp over the classes per item: the inner product over the C classes
@@ -23,9 +25,9 @@ is computed one `(rows_per_block, block)` tile at a time, never as a
 `(N, C)` softmax.
 
 Cost: 2 passes over the N_m x C pairs to start (lse with the argmax, the
-doubled-scale lse) and one per pick: about `2 (B + 2) N_m C D` flops, quadratic in
-the pool by design (the paper's point against BADGE here). Memory: the
-classes' embeddings replicated on every device (`C x D`), the modality's
+doubled-scale lse) and one per pick: about `2 (B + 2) N_m C D` flops,
+quadratic in the pool by design (the paper's point against BADGE here).
+Memory: the classes' embeddings replicated on every device (`C x D`), the modality's
 rows split over the mesh, one tile. There are no sums across devices (each
 item's log-sum-exp runs over the replicated classes in a fixed chunk order)
 and the picks are exact collectives, so the result is the same on any mesh.
@@ -243,7 +245,9 @@ def badge(embeddings, annotated, *, budget: int, seed: int, candidates=None,
                        f"{list(rnd.modalities)}, got {modality!r}.")
     order = [modality] + [m for m in order if m != modality]
   queries = []
-  for m, count in strategies._allocate(order, rnd, budget):  # pylint: disable=protected-access
+  allocate = strategies._allocate  # pylint: disable=protected-access
+  plan = allocate(order, rnd, budget)
+  for m, count in plan:
     others = [o for o in rnd.modalities if o != m]
     classes = np.concatenate([
         np.asarray(kernels.gather_rows(
