@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from mmal_jax import config_lib
 from mmal_jax import logfile
 from mmal_jax import loop
+from mmal_jax import mmcsal
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import train
@@ -119,7 +120,7 @@ def _load_config():
   except Exception as e:  # pylint: disable=broad-except
     # Any error of the user's config file (syntax, import, raise).
     _fail(f"cannot load --config {path}: {_innermost(e)}")
-  return config_lib.normalize(config)
+  return config
 
 
 def main(argv):
@@ -134,7 +135,10 @@ def main(argv):
     config = _load_config()
     logging.info("%d process(es), %d device(s): %s", jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
-    text = loop.run_experiment(config, _WORKDIR.value)
+    if config.get("kind", None) == mmcsal.KIND:
+      text = mmcsal.run_cold_start(mmcsal.validate(config), _WORKDIR.value)
+    else:
+      text = loop.run_experiment(config_lib.normalize(config), _WORKDIR.value)
   except _USER_ERRORS as e:
     logfile.note(f"error: {e}")
     _fail(str(e))

@@ -5,15 +5,11 @@ on every (data, fsdp) mesh shape, and for pools handed over as laid-out
 With 8 (forced host) devices the meshes are compared in-process; on a
 single-device run the 8-device results come from a subprocess.
 """
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
+import device_counts
 from mmal_jax import sharding
 from mmal_jax.acquisition import build_min_distance_cache
 from mmal_jax.acquisition import kcenter_greedy
@@ -68,21 +64,8 @@ def _assert_same(got: dict, want: dict, what: str):
 
 
 def test_results_do_not_depend_on_the_device_count():
-  here = fingerprint(1)
-  if jax.device_count() >= 8:
-    others = {n: fingerprint(n) for n in (3, 8)}
-  else:
-    env = dict(os.environ,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join(sys.path))
-    code = ("import json, test_device_independence as t; "
-            "print(json.dumps(t.fingerprint(8)))")
-    run = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                         capture_output=True, text=True,
-                         cwd=os.path.dirname(__file__))
-    others = {8: json.loads(run.stdout.strip().splitlines()[-1])}
-  for n, other in others.items():
-    _assert_same(other, here, f"between 1 and {n} devices")
+  device_counts.assert_same_on_every_device_count(
+      "test_device_independence", fingerprint)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices "

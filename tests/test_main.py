@@ -20,7 +20,7 @@ def _run_main(workdir, *overrides):
 @pytest.mark.parametrize("overrides, expected", [
     (["--config.budgt=3"], ["unknown config key", "budgt", "budget"]),
     (["--config.train.nope=1"], ["unknown config key", "nope"]),
-    (["--config.strategies=mmal,badge"], ["unknown strategy 'badge'"]),
+    (["--config.strategies=mmal,bald"], ["unknown strategy 'bald'"]),
     (["--config.data.num_groups=20", "--config.data.num_eval_groups=5",
       "--config.data.pretrain_size=8", "--config.budget=50"],
      ["config.budget x config.num_rounds = 300", "40 matched units"]),

@@ -183,8 +183,8 @@ def test_any_pool_gives_a_valid_query_set(n_image, n_text, data):
 def test_errors_name_the_problem():
   embeddings, annotated = _round()
   mmal = STRATEGIES["mmal"]
-  with pytest.raises(KeyError, match="Unknown acquisition strategy 'badge'"):
-    STRATEGIES["badge"]  # pylint: disable=pointless-statement
+  with pytest.raises(KeyError, match="Unknown acquisition strategy 'bald'"):
+    STRATEGIES["bald"]  # pylint: disable=pointless-statement
   with pytest.raises(ValueError, match="budget=211 is larger than the 198"):
     mmal(embeddings, annotated, budget=211, seed=0)
   candidates = {m: np.zeros(len(z), bool) for m, z in embeddings.items()}

@@ -169,3 +169,41 @@ def make_single_objects(num: int, image_size: int = 32, seed: int = 0, *,
   index = np.arange(num)
   return UnalignedPool(items={"image": images, "text": captions},
                        links={("image", "text"): np.stack([index, index], axis=1)})
+
+
+LABELS = ("shape", "colour")
+
+
+def class_labels(captions, by: str = "shape") -> np.ndarray:
+  """Class label of each scene from its caption: the first object's shape
+  (6 classes, `SHAPES` order) or colour (8 classes, `COLOURS` order).
+
+  Captions are this module's ("a red circle above a blue square").
+  Returns int64 `(len(captions),)`. Cost: O(total caption length).
+  """
+  if by not in LABELS:
+    raise ValueError(f"by must be one of {LABELS}, got {by!r}.")
+  names = SHAPES if by == "shape" else _COLOUR_NAMES
+  word = 2 if by == "shape" else 1
+  labels = []
+  for caption in captions:
+    words = caption.split()
+    if len(words) <= word or words[word] not in names:
+      raise ValueError(f"Not a shapes caption: {caption!r}.")
+    labels.append(names.index(words[word]))
+  return np.asarray(labels, np.int64)
+
+
+def drop_items(pool: UnalignedPool, modality: str, fraction: float,
+               seed: int) -> UnalignedPool:
+  """`pool` without a seeded random `fraction` of `modality`'s items (their
+  partners become partner-less: the first paper's missing-data setting,
+  Fig. 4 right). Cost: O(N + P)."""
+  if not 0 <= fraction < 1:
+    raise ValueError(f"fraction must be in [0, 1), got {fraction!r}.")
+  n = pool.num_items(modality)
+  drop = np.random.default_rng([seed, 2]).choice(
+      n, int(round(fraction * n)), replace=False)
+  keep = np.ones(n, bool)
+  keep[drop] = False
+  return pool.subset({modality: keep})

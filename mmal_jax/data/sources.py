@@ -99,6 +99,9 @@ def _shapes(data) -> Sources:
                                  data.image_size, data.seed,
                                  noise_std=data.noise_std)
   pool, eval_pool = split_groups(groups, data.num_eval_groups, data.seed)
+  if data.get("missing_image_fraction", 0.):  # Fig. 4 right of paper 1.
+    pool = shapes.drop_items(pool, "image", data.missing_image_fraction,
+                             data.seed)
   pretrain = shapes.make_single_objects(data.pretrain_size, data.image_size,
                                         data.seed, noise_std=data.noise_std)
   return Sources(pool, eval_pool, pretrain)

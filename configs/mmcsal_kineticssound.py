@@ -1,0 +1,34 @@
+r"""MMCSAL on KineticsSound (audio-video), the paper's protocol on features.
+
+  python -m mmal_jax.main --config configs/mmcsal_kineticssound.py \
+      --workdir DIR \
+      --config.data.train_features=audio_train.npy,video_train.npy \
+      --config.data.train_labels=labels_train.npy \
+      --config.data.test_features=audio_test.npy,video_test.npy \
+      --config.data.test_labels=labels_test.npy
+
+Needs your files (nothing is downloaded): one float `.npy` `(N, F_m)` per
+modality, row i of each = clip i (the paper's 31 classes of Kinetics-400:
+22,588 training and 3,012 test clips), int `.npy` labels in [0, 31); paths
+may be gs://. E.g. ResNet-18 spectrogram and R(2+1)D-18 video features.
+
+Paper settings: 512-d linear projectors, MMSSL 45 epochs with a 15-epoch
+warm-up, batch 256, 500 prototypes, tau = 0.07, lr 1e-3; selection as
+Food101's; 10 runs. Same deviation as configs/mmcsal_food101.py.
+"""
+from mmal_jax import mmcsal
+
+
+def get_config():
+  config = mmcsal.base_config()
+  config.data.update(source="features", modalities=("audio", "video"),
+                     test_fraction=0.12)
+  config.seeds = tuple(range(10))
+  tower = dict(kind="linear", hidden_dims=())
+  config.model.update(image=tower, text=tower, out_dim=512)
+  config.stage1.update(epochs=45, warmup_epochs=15, batch_size=256,
+                       num_prototypes=500, kmeans_iters=20, per_seed=False,
+                       embed_batch_size=4096)
+  config.downstream.update(features="inputs", hidden_dims=(), steps=500,
+                           lr=1e-3, wd=1e-4)
+  return config

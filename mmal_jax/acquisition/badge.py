@@ -1,0 +1,265 @@
+"""BADGE (Ash et al. 2020) for unaligned multimodal data (paper 1, App. C.4).
+
+A random modality m (or the one named by `modality`); its items are scored by
+the gradient embedding of a "classifier" whose classes are the available
+items y of the other modalities (the unannotated ones, inside the stream
+buffer when `candidates` is given):
+
+  p_x = softmax_y(t <z_x, z_y>),  yhat_x = argmax_y p_x,
+  g_x = (p_x - e_{yhat_x}) (x) z_x          (a C x D vector, C = #classes)
+
+then k-means++ seeding on g picks the budget (first pick: the largest
+||g_x||, as BADGE's code does; then D^2 sampling). No g is ever built: with
+e_i = e_{yhat_i},
+
+  <g_i, g_j> = <p_i - e_i, p_j - e_j> <z_i, z_j>
+  <p_i - e_i, p_j - e_j> = <p_i, p_j> - p_i[yhat_j] - p_j[yhat_i]
+                           + [yhat_i = yhat_j]
+  <p_i, p_j> = exp(LSE_y(t <z_i + z_j, z_y>) - lse_i - lse_j)
+  ||g_i||^2 = (exp(LSE_y(2t <z_i, z_y>) - 2 lse_i) - 2 p_i[yhat_i] + 1)
+              * ||z_i||^2
+
+where lse_i = LSE_y(t <z_i, z_y>). So a distance to a new center is one
+log-sum-exp over the classes per item: the inner product over the C classes
+is computed one `(rows_per_block, block)` tile at a time, never as a
+`(N, C)` softmax.
+
+Cost: 2 passes over the N_m x C pairs to start (lse with the argmax, the
+doubled-scale lse) and one per pick: about `2 (B + 2) N_m C D` flops,
+quadratic in the pool by design (the paper's point against BADGE here).
+Memory: the classes' embeddings replicated on every device (`C x D`), the modality's
+rows split over the mesh, one tile. There are no sums across devices (each
+item's log-sum-exp runs over the replicated classes in a fixed chunk order)
+and the picks are exact collectives, so the result is the same on any mesh.
+
+`t` is `logit_scale` (default 10, SigLIP's initial scale; pass the trained
+model's `t` for its own softmax).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mmal_jax import sharding
+from mmal_jax.acquisition import kernels
+from mmal_jax.acquisition import kmeans as kmeans_lib
+from mmal_jax.acquisition import layout as layout_lib
+from mmal_jax.acquisition import strategies
+from mmal_jax.acquisition.kmeans import REPLICATED, ROWS
+from mmal_jax.acquisition.layout import DEFAULT_BLOCK, ShardedRows
+
+Query = strategies.Query
+
+
+def _class_chunks(classes, block: int, mesh: Mesh):
+  """Replicated `(chunks, chunk, D)` class embeddings and validity."""
+  classes = np.asarray(classes, np.float32)
+  n = classes.shape[0]
+  chunk = min(layout_lib.check_block(block),
+              max(8, layout_lib.next_pow2(max(n, 1))))
+  padded = -(-max(n, 1) // chunk) * chunk
+  rows = np.zeros((padded, classes.shape[1]), np.float32)
+  rows[:n] = classes
+  valid = np.arange(padded) < n
+  put = lambda x: jax.device_put(x, sharding.replicated(mesh))
+  return (put(rows.reshape(-1, chunk, classes.shape[1])),
+          put(valid.reshape(-1, chunk)))
+
+
+def _logsumexp_over_classes(queries, classes, valid, scale):
+  """LSE_y(scale <q, z_y>) of each query row over the valid classes, with
+  the best class and its logit; chunks of classes in a fixed order."""
+
+  def one_chunk(carry, chunk):
+    lse, best, best_idx = carry
+    w, ok, offset = chunk
+    logits = jnp.where(ok[None, :], scale * jnp.einsum(
+        "qd,cd->qc", queries, w, preferred_element_type=jnp.float32), -jnp.inf)
+    idx = jnp.argmax(logits, axis=1)
+    top = jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]
+    better = top > best  # Strict: the earlier class wins ties.
+    return (jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=1)),
+            jnp.where(better, top, best),
+            jnp.where(better, offset + idx.astype(jnp.int32), best_idx)), None
+
+  q = queries.shape[0]
+  offsets = jnp.arange(classes.shape[0], dtype=jnp.int32) * classes.shape[1]
+  init = (jnp.full((q,), -jnp.inf), jnp.full((q,), -jnp.inf),
+          jnp.zeros((q,), jnp.int32))
+  (lse, best, best_idx), _ = jax.lax.scan(one_chunk, init,
+                                          (classes, valid, offsets))
+  return lse, best, best_idx
+
+
+def _row_statistics(x, classes, valid, scale):
+  """Per row of a block: (lse, yhat, ||g||^2 / ||z||^2, z_yhat)."""
+  x = x.astype(jnp.float32)
+  lse, best, yhat = _logsumexp_over_classes(x, classes, valid, scale)
+  lse_double, _, _ = _logsumexp_over_classes(x, classes, valid, 2. * scale)
+  p_sq = jnp.exp(lse_double - 2. * lse)
+  p_top = jnp.exp(best - lse)
+  flat = classes.reshape(-1, classes.shape[-1])
+  return lse, yhat, jnp.maximum(p_sq - 2. * p_top + 1., 0.), flat[yhat]
+
+
+def _sq_distances(x, x_sq, lse, yhat, spread, z_hat, center, classes, valid,
+                  scale):
+  """||g_i - g_c||^2 of a block's rows i to one center record c."""
+  z_c, c_sq, lse_c, yhat_c, spread_c, z_hat_c = center
+  x = x.astype(jnp.float32)
+  pair_lse, _, _ = _logsumexp_over_classes(x + z_c[None, :], classes, valid,
+                                           scale)
+  flat = classes.reshape(-1, classes.shape[-1])
+  p_i_at_c = jnp.exp(scale * (x @ flat[yhat_c]) - lse)
+  p_c_at_i = jnp.exp(scale * (z_hat @ z_c) - lse_c)
+  class_inner = (jnp.exp(pair_lse - lse - lse_c) - p_i_at_c - p_c_at_i +
+                 (yhat == yhat_c).astype(jnp.float32))
+  inner = (x @ z_c) * class_inner
+  return jnp.maximum(spread * x_sq + spread_c * c_sq - 2. * inner, 0.)
+
+
+def _local_state(rows, sq_norms, classes, valid, scale):
+  """Per-row statistics of the local blocks and the center-record fetcher."""
+  lse, yhat, spread, z_hat = layout_lib.map_blocks(
+      lambda x: _row_statistics(x, classes, valid, scale), rows)
+  offset = kmeans_lib.row_offset(rows)
+
+  def record(index):
+    get = lambda a: kmeans_lib.fetch(a, index, offset)
+    return (get(rows).astype(jnp.float32), get(sq_norms), get(lse), get(yhat),
+            get(spread), get(z_hat))
+
+  def sq_distance(center):
+    return layout_lib.map_blocks(
+        lambda *a: _sq_distances(*a, center, classes, valid, scale),
+        rows, sq_norms, lse, yhat, spread, z_hat)
+
+  return offset, spread * sq_norms, record, sq_distance
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "k"))
+def _badge_kernel(rows, sq_norms, eligible, classes, valid, scale, key, *,
+                  mesh, k):
+  def local(rows, sq_norms, eligible, classes, valid, scale, key):
+    offset, g_sq, record, sq_distance = _local_state(rows, sq_norms, classes,
+                                                     valid, scale)
+    return kmeans_lib.plusplus_local(k, key, eligible, offset,
+                                     sq_distance=sq_distance,
+                                     center_record=record, first_scores=g_sq)
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(ROWS, ROWS, ROWS) + (REPLICATED,) * 4,
+      out_specs=REPLICATED, check_vma=False)(
+          rows, sq_norms, eligible, classes, valid, scale, key)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _distance_kernel(rows, sq_norms, classes, valid, scale, centers, *, mesh):
+  def local(rows, sq_norms, classes, valid, scale, centers):
+    _, _, record, sq_distance = _local_state(rows, sq_norms, classes, valid,
+                                             scale)
+    return jnp.stack([sq_distance(record(c)) for c in centers], axis=-1)
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(ROWS, ROWS) + (REPLICATED,) * 4,
+      out_specs=ROWS, check_vma=False)(
+          rows, sq_norms, classes, valid, scale, centers)
+
+
+def gradient_sq_distances(queries, classes, centers, *,
+                          logit_scale: float = 10.,
+                          mesh: Mesh | None = None,
+                          block: int = DEFAULT_BLOCK) -> np.ndarray:
+  """||g_i - g_c||^2 between BADGE gradient embeddings, without building g.
+
+  Args:
+    queries: `(N, D)` item embeddings z (used as given).
+    classes: `(C, D)` class embeddings (the other modality's items).
+    centers: row indices c of `queries` (a few).
+    logit_scale: t in p = softmax(t <z, z_y>).
+
+  Returns:
+    `(N, len(centers))` float32. Cost: `2 (len(centers) + 2) N C D` flops.
+  """
+  pool = layout_lib.shard_rows(queries, mesh, block=block, name="queries")
+  chunks, valid = _class_chunks(classes, block, pool.layout.mesh)
+  out = _distance_kernel(pool.rows, pool.sq_norms, chunks, valid,
+                         jnp.float32(logit_scale),
+                         jnp.asarray(np.asarray(centers, np.int32)),
+                         mesh=pool.layout.mesh)
+  return np.asarray(kernels.unpad(out, pool.layout))
+
+
+def badge_sharded(pool: ShardedRows, eligible: jax.Array, classes, k: int, *,
+                  seed: int, logit_scale: float = 10.,
+                  block: int = DEFAULT_BLOCK) -> np.ndarray:
+  """k-means++ on the gradient embeddings of a laid-out modality.
+
+  Args:
+    pool: the modality's (normalised) embeddings; eligible: blocked bool,
+      the items that may be picked (k of them at least).
+    classes: `(C, D)` class embeddings, C >= 1.
+    k, seed, logit_scale, block: as `badge`.
+
+  Returns:
+    `(k,)` int64 distinct row indices in pick order. Cost: module docstring.
+  """
+  mesh = pool.layout.mesh
+  chunks, valid = _class_chunks(classes, block, mesh)
+  picks = _badge_kernel(pool.rows, pool.sq_norms, eligible, chunks, valid,
+                        jnp.float32(logit_scale), jax.random.PRNGKey(seed),
+                        mesh=mesh, k=int(k))
+  return np.asarray(picks, np.int64)
+
+
+def badge(embeddings, annotated, *, budget: int, seed: int, candidates=None,
+          modality: str = "random", logit_scale: float = 10.,
+          metric: str = "euclidean", min_dist=None, feature_dtype=None,
+          mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
+          picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
+          ) -> list[Query]:
+  """BADGE (App. C.4): a random modality, k-means++ on gradient embeddings.
+
+  The strategies' signature (`strategies` module docstring). `modality`:
+  "random" (the paper's adaptation) or a modality name (e.g. "image" for
+  the missing-data experiment); if it holds fewer available items than the
+  budget, the rest comes from the next modality of the seeded order. The
+  classes of modality m are the available items of every other modality;
+  with none, every gradient is 0 and the picks are uniform. `metric`,
+  `min_dist`, `picks_per_pass` are accepted for a uniform interface and
+  unused. Cost: module docstring, `O(B N_m C D)`.
+  """
+  del metric, min_dist, picks_per_pass
+  rnd, budget = strategies._start(  # pylint: disable=protected-access
+      embeddings, annotated, candidates, budget=budget, metric="euclidean",
+      mesh=mesh, block=block, feature_dtype=feature_dtype)
+  rng = np.random.default_rng(seed)
+  order = strategies._random_order(rnd, rng)  # pylint: disable=protected-access
+  if modality != "random":
+    if modality not in rnd.modalities:
+      raise ValueError(f"modality must be 'random' or a modality name "
+                       f"{list(rnd.modalities)}, got {modality!r}.")
+    order = [modality] + [m for m in order if m != modality]
+  queries = []
+  allocate = strategies._allocate  # pylint: disable=protected-access
+  plan = allocate(order, rnd, budget)
+  for m, count in plan:
+    others = [o for o in rnd.modalities if o != m]
+    classes = np.concatenate([
+        np.asarray(kernels.gather_rows(
+            rnd.pools[o], np.flatnonzero(rnd.available[o])), np.float32)
+        for o in others])
+    eligible = rnd.available_mask(m)
+    if classes.shape[0] == 0:
+      picks = rng.choice(np.flatnonzero(rnd.available[m]), count,
+                         replace=False)
+    else:
+      picks = badge_sharded(rnd.pools[m], eligible, classes, count,
+                            seed=int(rng.integers(2 ** 31)),
+                            logit_scale=logit_scale, block=block)
+    queries += [(m, int(i)) for i in picks]
+  return queries

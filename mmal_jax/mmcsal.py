@@ -1,0 +1,769 @@
+"""Multimodal cold-start active learning (MMCSAL, the second paper).
+
+Setting (../shared/ALGORITHMS.md, "MMCSAL"): N pre-aligned pairs with class
+labels; what is bought is labels; nothing is labelled at the start. A run
+(one selector, one seed) does, for each budget B (1/2/5/10% of N by
+default), one independent cold-start selection:
+
+  Stage 1 (MMSSL, once per Stage-1 variant and seed, cached in the workdir):
+    the two towers trained on all pairs with L = L_cross (InfoNCE, tau =
+    0.07) during the warm-up, then 0.5 L_cross + 0.5 L_uni, L_uni the
+    prototypical loss with per-modality K-means prototypes recomputed on the
+    whole set every epoch (`acquisition.kmeans`, sharded, k-means++ seeds)
+    and their concentrations phi (`losses.prototype_concentration`, alpha =
+    10). The variant without prototypes trains L_cross throughout.
+  select(B): a cold-start selector (`acquisition.cold_start.SELECTORS`) on
+    the Stage-1 representations of the pool;
+  train_and_evaluate(picks): a classifier (linear or MLP, optax) on the
+    concatenated features of the bought pairs and their labels; top-1
+    accuracy on the held-out test pairs.
+
+Strategy names map to (selector, Stage-1 variant) through
+`strategy_hparams.<name>.selector` (default: the name) and `.prototypes`
+(default: True for "mmcsal", else False); the other hparams go to the
+selector. So the paper's baselines and ablations are (Table 1):
+  random / kcenter (KGC) / kmeans / activeft   selector = name, no prototypes
+  mmcsal_proto   activeft selection on prototype-trained representations
+  mmcsal_align   mmcsal selection (alignment term) without prototypes
+  mmcsal         both (MMCSAL-final)
+
+Downstream features (`downstream.features`): "inputs", the concatenated
+input features of both modalities (standardised), the same for every
+selector, so only the selection differs (the paper's supervised protocol,
+Table 1, where the downstream model is not the MMSSL model); or "stage1",
+the selector's own Stage-1 representations (closer to the semi-supervised
+protocol, Table 2, where the learner keeps its MMSSL model).
+
+Workdir (as the unaligned loop's): config.json, metrics.jsonl (a row per
+strategy, seed and budget: `round` = budget index, `queries` = B, `percent`,
+accuracy, acquire / train seconds), results.md (accuracy per strategy and
+budget, mean ± std over seeds, and the modality-gap table of eq. 10 with and
+without prototypes), al_curves.png, stage1/<variant>_seed_<s>.npz (the
+Stage-1 representations), runs/<strategy>/seed_<s>/round_<r>.json (the
+bought pairs), embedding.png on request. Rerunning resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mmal_jax import config_lib
+from mmal_jax import evaluate
+from mmal_jax import fs
+from mmal_jax import loop
+from mmal_jax import losses
+from mmal_jax import optim
+from mmal_jax import plots
+from mmal_jax import report
+from mmal_jax import sharding
+from mmal_jax import tokenizers
+from mmal_jax.acquisition import cold_start
+from mmal_jax.acquisition import kmeans as kmeans_lib
+from mmal_jax.data import digits
+from mmal_jax.data import preprocess
+from mmal_jax.data import shapes
+from mmal_jax.data.pool import UnalignedPool
+from mmal_jax.models import feature_towers
+from mmal_jax.models import two_towers
+
+KIND = "cold_start"
+SOURCES = ("digits", "shapes", "features")
+DOWNSTREAM_FEATURES = ("inputs", "stage1")
+VARIANTS = {False: "cross", True: "proto"}  # Stage 1 without / with prototypes.
+# strategy_hparams keys the experiment reads; the rest go to the selector.
+_EXPERIMENT_KEYS = ("selector", "prototypes")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of a cold-start experiment (configs/mmcsal_*.py start here)."""
+  c = ml_collections.ConfigDict()
+  c.kind = KIND
+  c.seeds = (0, 1, 2, 3, 4)
+  c.strategies = ("random", "kcenter", "kmeans", "activeft", "mmcsal_proto",
+                  "mmcsal_align", "mmcsal")
+  optimisation = dict(iterations=300, lr=1e-3, tau=0.07,
+                      batch_rows=100_000)
+  c.strategy_hparams = ml_collections.ConfigDict(dict(
+      random={}, kcenter={}, kmeans=dict(max_iters=100),
+      activeft=dict(optimisation),
+      mmcsal_proto=dict(selector="activeft", prototypes=True, **optimisation),
+      mmcsal_align=dict(selector="mmcsal", prototypes=False, lambda_align=1.,
+                        **optimisation),
+      mmcsal=dict(lambda_align=1., **optimisation)))
+  c.budgets = (1., 2., 5., 10.)  # % of the pool, one selection each.
+  c.acquisition = ml_collections.ConfigDict(dict(block=1024))
+  c.data = ml_collections.ConfigDict(dict(
+      source="digits", seed=0, test_fraction=0.2,
+      # shapes: ColorSwap-like scenes (image, caption), label of the first
+      # object ("shape" or "colour").
+      num_groups=700, image_size=32, noise_std=6.0, label="shape",
+      # features: one .npy (N, F_m) per modality (row i = pair i) + labels
+      # (N,) int .npy; test files, or test_fraction of the pairs held out.
+      modalities=("image", "text"), train_features=("", ""),
+      train_labels="", test_features=("", ""), test_labels=""))
+  c.model = ml_collections.ConfigDict(dict(
+      image_model="feature_tower", text_model="feature_tower",
+      image=dict(kind="mlp", hidden_dims=(256,)),
+      text=dict(kind="mlp", hidden_dims=(256,)),
+      out_dim=64, temperature_init=1 / 0.07, bias_init=None))
+  c.res = 32
+  c.text_len = 16
+  c.tokenizer = "bytes"
+  c.stage1 = ml_collections.ConfigDict(dict(
+      epochs=40, warmup_epochs=10, batch_size=256, num_prototypes=50,
+      tau=0.07, alpha=10., kmeans_iters=50, per_seed=True,
+      embed_batch_size=512,
+      # AdamW, betas (0.9, 0.95), weight decay 0.02 (paper 6.1) in
+      # big_vision's convention (not multiplied by lr): 0.02 * lr.
+      optim=dict(lr=1e-3, wd=2e-5, b1=0.9, b2=0.95, eps=1e-8,
+                 grad_clip_norm=0.)))
+  c.downstream = ml_collections.ConfigDict(dict(
+      features="inputs", hidden_dims=(), steps=300, lr=1e-2, wd=1e-4))
+  c.report = ml_collections.ConfigDict(dict(
+      main_metric="accuracy", metrics=("accuracy", "classes_covered"),
+      embedding_plot=False, embedding_plot_percent=5.,
+      embedding_plot_points=1000))
+  return c
+
+
+def _fail(message: str):
+  raise config_lib.ConfigError(message)
+
+
+def _positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    _fail(f"config.{name} must be a positive integer, got {value!r}.")
+
+
+def selector_of(config, name: str) -> tuple[str, bool, dict]:
+  """(selector, Stage-1 prototypes, selector hparams) of strategy `name`."""
+  hparams = dict(config.strategy_hparams.get(name, None) or {})
+  selector = hparams.pop("selector", name)
+  prototypes = hparams.pop("prototypes", selector == "mmcsal")
+  return selector, bool(prototypes), hparams
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks a cold-start config; returns it locked. ConfigError names the
+  field. `--config.strategies=a,b` arrives as one string: split here."""
+  if config.get("kind", None) != KIND:
+    _fail(f"config.kind must be {KIND!r} for a cold-start experiment.")
+  config.strategies = tuple(
+      s.strip() for entry in config.strategies for s in entry.split(",")
+      if s.strip())
+  if not config.strategies:
+    _fail("config.strategies is empty.")
+  for name in config.strategies:
+    selector, _, _ = selector_of(config, name)
+    if selector not in cold_start.SELECTORS:
+      _fail(f"config.strategies names {name!r}, whose selector {selector!r} "
+            f"is not one of {sorted(cold_start.SELECTORS)} (set "
+            f"config.strategy_hparams.{name}.selector).")
+  if not config.seeds:
+    _fail("config.seeds is empty.")
+  if not config.budgets or not all(0 < p <= 100 for p in config.budgets):
+    _fail(f"config.budgets must be percentages in (0, 100], got "
+          f"{config.budgets!r}.")
+  if config.data.source not in SOURCES:
+    _fail(f"config.data.source={config.data.source!r} is not one of "
+          f"{list(SOURCES)}.")
+  if config.downstream.features not in DOWNSTREAM_FEATURES:
+    _fail(f"config.downstream.features={config.downstream.features!r} is not "
+          f"one of {list(DOWNSTREAM_FEATURES)}.")
+  if config.data.source == "shapes" and config.downstream.features == "inputs":
+    _fail("config.downstream.features='inputs' needs feature-vector "
+          "modalities; shapes has captions: use 'stage1'.")
+  for name in ("stage1.epochs", "stage1.batch_size", "stage1.num_prototypes",
+               "stage1.kmeans_iters", "stage1.embed_batch_size",
+               "downstream.steps"):
+    group, field = name.split(".")
+    _positive_int(name, config[group][field])
+  if not 0 <= config.stage1.warmup_epochs < config.stage1.epochs:
+    _fail("config.stage1.warmup_epochs must be in [0, stage1.epochs).")
+  if not 0 < config.data.test_fraction < 1:
+    _fail("config.data.test_fraction must be in (0, 1).")
+  config.lock()
+  return config
+
+
+# --------------------------------------------------------------------------
+# Data: pre-aligned pairs with labels.
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedData:
+  """Two modalities of N pairs (item i of each = pair i) and labels, plus a
+  held-out test set of the same kind."""
+  pool: UnalignedPool
+  labels: np.ndarray
+  test: UnalignedPool
+  test_labels: np.ndarray
+  num_classes: int
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return self.pool.modalities
+
+  @property
+  def size(self) -> int:
+    return self.pool.num_items(self.modalities[0])
+
+
+def split_pairs(pool: UnalignedPool, labels: np.ndarray, test_fraction: float,
+                seed: int) -> tuple[UnalignedPool, np.ndarray, UnalignedPool,
+                                    np.ndarray]:
+  """A seeded `test_fraction` of the pairs held out: (pool, labels, test,
+  test labels), pairs keeping their order."""
+  n = len(labels)
+  test = np.zeros(n, bool)
+  test[np.random.default_rng(seed).permutation(n)[
+      :int(round(test_fraction * n))]] = True
+  if test.all() or not test.any():
+    _fail(f"config.data.test_fraction={test_fraction} leaves no pairs on one "
+          f"side of the split of {n}.")
+  keep = lambda mask: pool.subset({m: mask for m in pool.modalities})
+  return keep(~test), labels[~test], keep(test), labels[test]
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+  if not fs.exists(path):
+    _fail(f"{what} file not found: {path}")
+  try:
+    return np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False)
+  except (OSError, ValueError) as e:
+    _fail(f"Cannot read {what} file {path}: {e}")
+
+
+def _feature_pairs(modalities, paths, labels_path) -> tuple[UnalignedPool,
+                                                            np.ndarray]:
+  features = {}
+  for m, path in zip(modalities, paths):
+    x = _load_npy(path, f"{m} features")
+    if x.ndim != 2 or x.dtype.kind != "f" or not np.isfinite(x).all():
+      _fail(f"{path} must hold a finite float (N, F) array, got "
+            f"{x.dtype} {x.shape}.")
+    features[m] = x.astype(np.float32)
+  labels = _load_npy(labels_path, "labels")
+  sizes = {len(x) for x in features.values()} | {len(labels)}
+  if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(sizes) != 1:
+    _fail(f"{labels_path} must hold int labels (N,) for the N rows of every "
+          f"feature file; sizes {sorted(sizes)}.")
+  index = np.arange(len(labels))
+  return (UnalignedPool(items=features, links={
+      tuple(modalities): np.stack([index, index], axis=1)}),
+          labels.astype(np.int64))
+
+
+def build_data(data: ml_collections.ConfigDict) -> PairedData:
+  """The pairs `config.data` describes. Errors name the field or file."""
+  if data.source == "features":
+    if len(data.modalities) != 2 or not all(data.train_features) or \
+        not data.train_labels:
+      _fail("config.data.source='features' needs config.data.modalities (two "
+            "names), train_features (one .npy per modality) and "
+            "train_labels.")
+    pool, labels = _feature_pairs(data.modalities, data.train_features,
+                                  data.train_labels)
+    if all(data.test_features) and data.test_labels:
+      test, test_labels = _feature_pairs(data.modalities, data.test_features,
+                                         data.test_labels)
+    else:
+      pool, labels, test, test_labels = split_pairs(
+          pool, labels, data.test_fraction, data.seed)
+  else:
+    if data.source == "digits":
+      pool, labels = digits.load_digits_pairs()
+    else:
+      pool = shapes.make_colorswap(data.num_groups, data.image_size,
+                                   data.seed, noise_std=data.noise_std)
+      labels = shapes.class_labels(pool.items["text"], by=data.label)
+    pool, labels, test, test_labels = split_pairs(pool, labels,
+                                                  data.test_fraction,
+                                                  data.seed)
+  num_classes = int(max(labels.max(), test_labels.max())) + 1
+  return PairedData(pool, labels, test, test_labels, num_classes)
+
+
+# --------------------------------------------------------------------------
+# Stage 1: MMSSL.
+
+
+@dataclasses.dataclass
+class Stage1Result:
+  """L2-normalised representations `{m: (N, D)}` of the pool and test
+  pairs, the loss at the end of each epoch, seconds."""
+  pool: dict[str, np.ndarray]
+  test: dict[str, np.ndarray]
+  losses: np.ndarray
+  seconds: float
+
+  def to_bytes(self) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, losses=self.losses, seconds=self.seconds,
+             **{f"pool/{m}": z for m, z in self.pool.items()},
+             **{f"test/{m}": z for m, z in self.test.items()})
+    return buffer.getvalue()
+
+  @classmethod
+  def from_bytes(cls, data: bytes, modalities) -> Stage1Result:
+    with np.load(io.BytesIO(data)) as f:
+      return cls({m: f[f"pool/{m}"] for m in modalities},
+                 {m: f[f"test/{m}"] for m in modalities}, f["losses"],
+                 float(f["seconds"]))
+
+
+class _EosPadded:
+  """Pads captions with EOS, as big_vision's SigLIP pipeline does."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def encode(self, texts, length):
+    return self.tokenizer.encode(texts, length, pad_id=self.tokenizer.eos_id)
+
+
+def _derived_seed(*parts: int) -> int:
+  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class Stage1:
+  """The two towers of `config.model` trained by MMSSL, compiled once.
+
+  Modality 0 of the data goes through the model's image slot, modality 1
+  through its text slot (feature towers, or a ViT and a text transformer
+  for images and captions). Data-parallel: batches are split over every
+  device (`ROW_AXES`), parameters replicated; the contrastive loss of the
+  global batch is partitioned by XLA.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, data: PairedData,
+               mesh):
+    self.config = config.stage1
+    self.data = data
+    self.mesh = mesh
+    self.modalities = data.modalities
+    self.model = two_towers.Model(**config.model)
+    tokenizer = _EosPadded(tokenizers.get_tokenizer(config.tokenizer))
+    self.prepare = {
+        name: functools.partial(preprocess.prepare_items, pool,
+                                image_size=config.res, tokenizer=tokenizer,
+                                text_length=config.text_len)
+        for name, pool in (("pool", data.pool), ("test", data.test))}
+    devices = mesh.size
+    self.batch_size = min(self.config.batch_size, data.size) // devices * \
+        devices
+    if self.batch_size == 0:
+      _fail(f"{data.size} pairs cannot fill a Stage-1 batch over {devices} "
+            f"devices.")
+    if self.config.num_prototypes > data.size:
+      _fail(f"config.stage1.num_prototypes={self.config.num_prototypes} is "
+            f"more than the {data.size} pairs.")
+    self.per_epoch = data.size // self.batch_size
+    optim_config = ml_collections.ConfigDict(dict(self.config.optim))
+    optim_config.warmup_steps = self.config.warmup_epochs * self.per_epoch
+    optim_config.total_steps = self.config.epochs * self.per_epoch
+    example = [jnp.asarray(self.prepare["pool"](m, np.zeros(1, np.int64)))
+               for m in self.modalities]
+    replicated = sharding.replicated(mesh)
+    self._init = jax.jit(
+        lambda key: self.model.init(key, *example)["params"],
+        out_shardings=replicated)
+    self.optimizer = optim.make_optimizer(
+        optim_config, jax.eval_shape(self._init, jax.random.PRNGKey(0)))
+    self._state = jax.jit(
+        lambda params, key: {"params": params,
+                             "opt": self.optimizer.init(params),
+                             "step": jnp.zeros((), jnp.int32), "rng": key},
+        out_shardings=replicated)
+    self._steps = {p: self._make_step(p) for p in (False, True)}
+    apply = lambda params, x0, x1: self.model.apply({"params": params}, x0, x1)
+    self._embed = [jax.jit(lambda p, x: apply(p, x, None)[0],
+                           out_shardings=replicated),
+                   jax.jit(lambda p, x: apply(p, None, x)[1],
+                           out_shardings=replicated)]
+
+  def _make_step(self, prototypes: bool):
+    tau = self.config.tau
+
+    def step(state, x0, x1, i0, i1, protos, assignments, phis):
+      rng = jax.random.fold_in(state["rng"], state["step"])
+
+      def objective(params):
+        z0, z1, _ = self.model.apply({"params": params}, x0, x1, train=True,
+                                     rngs={"dropout": rng})
+        if not prototypes:
+          return losses.clip_loss(z0, z1, 1. / tau)
+        return losses.mmcsal_loss(
+            z0, z1, protos, (assignments[0][i0], assignments[1][i1]), phis,
+            tau)
+
+      loss, grads = jax.value_and_grad(objective)(state["params"])
+      updates, opt = self.optimizer.update(grads, state["opt"],
+                                           state["params"])
+      return {**state, "params": optax.apply_updates(state["params"], updates),
+              "opt": opt, "step": state["step"] + 1}, loss
+
+    replicated = sharding.replicated(self.mesh)
+    return jax.jit(step, out_shardings=(replicated, replicated),
+                   donate_argnums=(0,))
+
+  def embed(self, params, split: str, modality: str) -> np.ndarray:
+    """`(N, D)` normalised representations of one modality of `split`."""
+    pool = self.data.pool if split == "pool" else self.data.test
+    devices = self.mesh.size
+    batch = -(-self.config.embed_batch_size // devices) * devices
+    slot = self.modalities.index(modality)
+    out = []
+    for inputs, valid in preprocess.item_batches(
+        modality, np.arange(pool.num_items(modality)), batch,
+        self.prepare[split], mesh=self.mesh):
+      out.append(np.asarray(self._embed[slot](params, inputs))[:valid])
+    return np.concatenate(out).astype(np.float32)
+
+  def prototypes(self, params, seed: int):
+    """Per modality: K-means centroids (C, D), assignments (N,) and
+    concentrations phi (C,) of the current representations of the pool."""
+    out = []
+    for k, m in enumerate(self.modalities):
+      z = self.embed(params, "pool", m)
+      result = kmeans_lib.kmeans(z, self.config.num_prototypes,
+                                 seed=_derived_seed(seed, k),
+                                 max_iters=self.config.kmeans_iters,
+                                 mesh=self.mesh)
+      phi = losses.prototype_concentration(
+          jnp.asarray(z), jnp.asarray(result.centroids),
+          jnp.asarray(result.labels), self.config.alpha)
+      out.append((result.centroids, result.labels.astype(np.int32), phi))
+    put = lambda x: jax.device_put(x, sharding.replicated(self.mesh))
+    return tuple(tuple(put(o[i]) for o in out) for i in range(3))
+
+  def fit(self, prototypes: bool, seed: int, label: str = "") -> Stage1Result:
+    """Trains from scratch with `seed` (init, batches, K-means seeds).
+
+    Cost: epochs x N pairs through both towers; with prototypes, from the
+    warm-up on, per epoch one embedding pass and K-means (`O(iters N C D)`)
+    per modality.
+    """
+    start = time.perf_counter()
+    state = self._state(self._init(jax.random.PRNGKey(seed)),
+                        jax.random.PRNGKey(_derived_seed(seed, 1)))
+    index = np.arange(self.data.size)
+    batches = preprocess.pair_batches(
+        np.stack([index, index], axis=1), self.batch_size,
+        self.prepare["pool"], seed=seed, modalities=self.modalities,
+        num_epochs=self.config.epochs, mesh=self.mesh)
+    m0, m1 = self.modalities
+    unused = ((jnp.zeros(()),) * 2,) * 3  # The L_cross step ignores these.
+    current, epoch_losses = unused, []
+    for step, batch in enumerate(batches):
+      epoch = step // self.per_epoch
+      active = prototypes and epoch >= self.config.warmup_epochs
+      if active and step % self.per_epoch == 0:
+        current = self.prototypes(state["params"],
+                                  _derived_seed(seed, 2, epoch))
+      args = current if active else unused
+      state, loss = self._steps[active](
+          state, batch[m0], batch[m1], batch[m0 + "_index"],
+          batch[m1 + "_index"], *args)
+      if (step + 1) % self.per_epoch == 0:
+        epoch_losses.append(float(loss))
+    logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,
+                 VARIANTS[prototypes], self.config.epochs, epoch_losses[-1],
+                 time.perf_counter() - start)
+    params = state["params"]
+    reps = {split: {m: self.embed(params, split, m) for m in self.modalities}
+            for split in ("pool", "test")}
+    return Stage1Result(reps["pool"], reps["test"], np.asarray(epoch_losses),
+                        time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------
+# Downstream classifier.
+
+
+class Classifier:
+  """A linear or MLP classifier (`feature_towers.Model`) trained full-batch
+  with AdamW on up to `max_rows` labelled rows, scored on a fixed test set.
+  Compiled once: the labelled rows are padded to `max_rows` with weight 0.
+  Replicated (the labelled sets are small by design).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
+               max_rows: int):
+    self.max_rows = max_rows
+    hidden = tuple(config.hidden_dims)
+    self.model = feature_towers.Model(num_classes=num_classes,
+                                      kind="mlp" if hidden else "linear",
+                                      hidden_dims=hidden)
+    optimizer = optax.adamw(config.lr, weight_decay=config.wd)
+    steps = config.steps
+
+    def fit_and_score(x, y, weight, x_test, y_test, key):
+      params = self.model.init(key, x[:1])["params"]
+
+      def objective(params):
+        logits, _ = self.model.apply({"params": params}, x)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(nll * weight) / jnp.sum(weight)
+
+      def step(_, carry):
+        params, opt = carry
+        grads = jax.grad(objective)(params)
+        updates, opt = optimizer.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+      params, _ = jax.lax.fori_loop(0, steps, step,
+                                    (params, optimizer.init(params)))
+      logits, _ = self.model.apply({"params": params}, x_test)
+      return 100. * jnp.mean(jnp.argmax(logits, axis=1) == y_test)
+
+    self._fit_and_score = jax.jit(fit_and_score)
+
+  def accuracy(self, x, y, x_test, y_test, seed: int) -> float:
+    """Top-1 accuracy (%) on the test rows after training on (x, y).
+
+    Cost: `steps` full-batch passes over `max_rows` rows.
+    """
+    n = len(y)
+    if not 0 < n <= self.max_rows:
+      raise ValueError(f"{n} labelled rows; the classifier takes 1 to "
+                       f"{self.max_rows}.")
+    pad = self.max_rows - n
+    x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    weight = (np.arange(self.max_rows) < n).astype(np.float32)
+    return float(self._fit_and_score(x, y, weight, x_test, y_test,
+                                     jax.random.PRNGKey(seed)))
+
+
+def _standardised_inputs(data: PairedData, prepare) -> tuple[np.ndarray,
+                                                           np.ndarray]:
+  """Concatenated, flattened input features of the pool and test pairs,
+  standardised with the pool's statistics (no labels involved)."""
+  def features(split, pool):
+    return np.concatenate([
+        np.asarray(prepare[split](m, np.arange(pool.num_items(m))),
+                   np.float32).reshape(pool.num_items(m), -1)
+        for m in data.modalities], axis=1)
+
+  x, x_test = features("pool", data.pool), features("test", data.test)
+  mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+  return (x - mean) / std, (x_test - mean) / std
+
+
+# --------------------------------------------------------------------------
+# The experiment.
+
+
+class ColdStartExperiment:
+  """Shared state of a cold-start experiment and its round body.
+
+  `select(strategy, budget, seed)` and `train_and_evaluate(strategy, picks,
+  seed)` are the round body; `run_cold_start` drives them over strategies,
+  seeds and budgets.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               mesh=None):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh() if mesh is None else mesh
+    loop.check_workdir(config, workdir, write=False)
+    self.data = build_data(config.data)
+    self.stage1 = Stage1(config, self.data, self.mesh)
+    self.budgets = [max(1, int(round(p / 100 * self.data.size)))
+                    for p in config.budgets]
+    self.classifier = Classifier(config.downstream, self.data.num_classes,
+                                 max(self.budgets))
+    self._inputs = None
+    self._stage1 = {}
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    loop.check_workdir(config, workdir)
+
+  def stage1_seed(self, seed: int) -> int:
+    return seed if self.config.stage1.per_seed else self.config.data.seed
+
+  def representations(self, prototypes: bool, seed: int) -> Stage1Result:
+    """Stage-1 result of a variant (trained once, cached in the workdir)."""
+    seed = self.stage1_seed(seed)
+    key = (prototypes, seed)
+    if key not in self._stage1:
+      path = os.path.join(self.workdir, "stage1",
+                          f"{VARIANTS[prototypes]}_seed_{seed}.npz")
+      if fs.exists(path):
+        result = Stage1Result.from_bytes(fs.read_bytes(path),
+                                         self.data.modalities)
+      else:
+        result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
+        if sharding.is_main_process():
+          fs.write_bytes(path, result.to_bytes())
+        sharding.barrier("stage1")
+      self._stage1[key] = result
+    return self._stage1[key]
+
+  def select(self, strategy: str, budget: int, seed: int) -> np.ndarray:
+    """The `budget` pairs strategy `strategy` buys: `(budget,)` indices."""
+    selector, prototypes, hparams = selector_of(self.config, strategy)
+    reps = self.representations(prototypes, seed).pool
+    return np.asarray(cold_start.SELECTORS[selector](
+        reps, budget=budget, seed=_derived_seed(seed, budget),
+        mesh=self.mesh, block=self.config.acquisition.block, **hparams))
+
+  def features(self, strategy: str, seed: int) -> tuple[np.ndarray,
+                                                        np.ndarray]:
+    """Downstream (pool, test) features for `strategy`'s runs."""
+    if self.config.downstream.features == "inputs":
+      if self._inputs is None:
+        self._inputs = _standardised_inputs(self.data, self.stage1.prepare)
+      return self._inputs
+    _, prototypes, _ = selector_of(self.config, strategy)
+    result = self.representations(prototypes, seed)
+    return (cold_start.concat_normalized(result.pool),
+            cold_start.concat_normalized(result.test))
+
+  def train_and_evaluate(self, strategy: str, picks: np.ndarray,
+                         seed: int) -> dict[str, float]:
+    """Classifier trained on the bought pairs' labels, scored on the test
+    pairs: accuracy (%) and the number of classes the picks cover."""
+    x, x_test = self.features(strategy, seed)
+    accuracy = self.classifier.accuracy(
+        x[picks], self.data.labels[picks], x_test, self.data.test_labels,
+        _derived_seed(seed, len(picks), 1))
+    return {"accuracy": accuracy,
+            "classes_covered": float(len(np.unique(self.data.labels[picks])))}
+
+  def done(self) -> set[tuple[str, int, int]]:
+    if not fs.exists(self.metrics_path):
+      return set()
+    return {(r["strategy"], r["seed"], r["round"])
+            for r in report.read_rows(self.metrics_path)}
+
+  def log_row(self, row: dict) -> None:
+    if sharding.is_main_process():
+      old = (fs.read_text(self.metrics_path)
+             if fs.exists(self.metrics_path) else "")
+      fs.write_text(self.metrics_path, old + json.dumps(row) + "\n")
+
+  def run_dir(self, strategy: str, seed: int) -> str:
+    return os.path.join(self.workdir, "runs", strategy, f"seed_{seed}")
+
+  def run_round(self, strategy: str, seed: int, round_index: int) -> dict:
+    """One budget of one run: select (or reload the saved picks), train,
+    evaluate, log. Returns the metrics row."""
+    budget = self.budgets[round_index - 1]
+    path = os.path.join(self.run_dir(strategy, seed),
+                        f"round_{round_index}.json")
+    timing = {}
+    if fs.exists(path):
+      picks = np.asarray(json.loads(fs.read_text(path))["picks"], np.int64)
+    else:
+      # Stage 1 first (once per variant and seed): acquire_s times selection.
+      self.representations(selector_of(self.config, strategy)[1], seed)
+      start = time.perf_counter()
+      picks = self.select(strategy, budget, seed)
+      timing["acquire_s"] = time.perf_counter() - start
+      if sharding.is_main_process():
+        fs.write_text(path, json.dumps({"budget": budget,
+                                        "picks": picks.tolist()}))
+    start = time.perf_counter()
+    metrics = self.train_and_evaluate(strategy, picks, seed)
+    timing["train_s"] = time.perf_counter() - start
+    row = {"strategy": strategy, "seed": seed, "round": round_index,
+           "queries": budget, "pairs": budget,
+           "percent": 100. * budget / self.data.size, **timing, **metrics}
+    self.log_row(row)
+    logging.info("[%s seed %d] %d labels (%.1f%%): accuracy %.1f%%",
+                 strategy, seed, budget, row["percent"], metrics["accuracy"])
+    return row
+
+  def modality_gap_markdown(self) -> str:
+    """MMCSAL Table 3: eq. 10 on the Stage-1 pool representations, with and
+    without prototypes, mean ± std over the Stage-1 seeds trained."""
+    lines = []
+    m0, m1 = self.data.modalities
+    rows = []
+    for prototypes in (False, True):
+      gaps = [evaluate.modality_gap(r.pool[m0], r.pool[m1])
+              for (p, _), r in sorted(self._stage1.items()) if p == prototypes]
+      if gaps:
+        cell = lambda k: (f"{np.mean([g[k] for g in gaps]):.4f} ± "
+                          f"{np.std([g[k] for g in gaps]):.4f}")
+        rows.append(f"| {'w/' if prototypes else 'w/o'} | {cell('gap')} | "
+                    f"{cell('intra_image_cos')} | {cell('intra_text_cos')} | "
+                    f"{cell('cross_cos')} |")
+    if rows:
+      lines += ["## Modality gap of the Stage-1 representations (eq. 10)", "",
+                f"| prototypes | gap | mean cos within {m0} | mean cos within "
+                f"{m1} | mean cos {m0}-{m1} |", "|---|---|---|---|---|", *rows,
+                ""]
+    return "\n".join(lines)
+
+  def embedding_plot(self) -> str:
+    """embedding.png: t-SNE of modality 0's Stage-1 (w/o prototypes)
+    representations (`report.embedding_plot_points` of them, the bought
+    ones always among them), the pairs each strategy bought at the budget
+    nearest `report.embedding_plot_percent` (first seed) highlighted."""
+    seed = self.config.seeds[0]
+    target = self.config.report.embedding_plot_percent
+    round_index = 1 + int(np.argmin([abs(p - target)
+                                     for p in self.config.budgets]))
+    picked = {}
+    for strategy in self.config.strategies:
+      path = os.path.join(self.run_dir(strategy, seed),
+                          f"round_{round_index}.json")
+      if fs.exists(path):
+        picked[strategy] = json.loads(fs.read_text(path))["picks"]
+    m0 = self.data.modalities[0]
+    path = os.path.join(self.workdir, "embedding.png")
+    plots.embedding_plot(
+        self.representations(False, seed).pool[m0], picked, path,
+        labels=self.data.labels, seed=seed,
+        max_points=self.config.report.embedding_plot_points,
+        title=f"{m0} Stage-1 representations, "
+              f"{self.budgets[round_index - 1]} pairs bought")
+    return path
+
+
+def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
+                   mesh=None) -> str:
+  """Runs (or resumes) every strategy x seed x budget; returns results.md.
+
+  `config` is validated (`validate`). Writes the workdir described in the
+  module docstring.
+  """
+  start = time.perf_counter()
+  experiment = ColdStartExperiment(config, workdir, mesh)
+  done = experiment.done()
+  for strategy in config.strategies:
+    for seed in config.seeds:
+      for round_index in range(1, len(config.budgets) + 1):
+        if (strategy, seed, round_index) not in done:
+          experiment.run_round(strategy, seed, round_index)
+  for strategy in config.strategies:  # The gap table covers every variant.
+    for seed in config.seeds:
+      experiment.representations(selector_of(config, strategy)[1], seed)
+  sharding.barrier("metrics.jsonl")
+  main = sharding.is_main_process()
+  text = report.write(workdir, config.report.main_metric,
+                      config.report.metrics, title="Cold-start results",
+                      save=main)
+  text += "\n" + experiment.modality_gap_markdown()
+  if main:
+    fs.write_text(os.path.join(workdir, "results.md"), text)
+    if config.report.embedding_plot and not fs.exists(
+        os.path.join(workdir, "embedding.png")):
+      experiment.embedding_plot()
+  logging.info("Finished in %.0fs; results in %s/results.md",
+               time.perf_counter() - start, workdir)
+  return text

@@ -1,0 +1,319 @@
+"""The cold-start experiment: data, Stage 1, classifier, driver, plot."""
+import importlib.util
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mmal_jax import config_lib
+from mmal_jax import fs
+from mmal_jax import mmcsal
+from mmal_jax import plots
+from mmal_jax import sharding
+from mmal_jax.data import digits
+from mmal_jax.data import shapes
+
+CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
+
+
+def load_config(name, *args):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def tiny_config(**data):
+  """mmcsal_digits at test size: 2 budgets, 1 seed, short Stage 1."""
+  config = load_config("mmcsal_digits")
+  config.seeds = (0,)
+  config.budgets = (2., 5.)
+  config.strategies = ("random", "kmeans", "mmcsal_proto", "mmcsal")
+  for name in ("mmcsal_proto", "mmcsal"):
+    config.strategy_hparams[name].iterations = 20
+  config.model.update(image=dict(kind="mlp", hidden_dims=(32,)),
+                      text=dict(kind="mlp", hidden_dims=(32,)), out_dim=16)
+  config.stage1.update(epochs=4, warmup_epochs=2, num_prototypes=10,
+                       kmeans_iters=10, batch_size=128)
+  config.downstream.steps = 50
+  config.acquisition.block = 64
+  config.data.update(**data)
+  return config
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_digit_halves_are_the_image():
+  pool, labels = digits.load_digits_pairs()
+  assert pool.modalities == digits.MODALITIES and pool.sizes == {
+      "left": 1797, "right": 1797}
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  images = datasets.load_digits().images / 16.
+  left = pool.items["left"].reshape(-1, 8, 4)
+  right = pool.items["right"].reshape(-1, 8, 4)
+  np.testing.assert_allclose(np.concatenate([left, right], axis=2), images,
+                             atol=1e-6)
+  assert set(labels.tolist()) == set(range(10))
+  np.testing.assert_array_equal(pool.pairs("left", "right")[:, 0],
+                                np.arange(1797))
+
+
+def test_shapes_labels_come_from_the_first_object():
+  pool = shapes.make_colorswap(30, seed=1)
+  captions = pool.items["text"]
+  by_shape = shapes.class_labels(captions)
+  by_colour = shapes.class_labels(captions, by="colour")
+  for caption, s, c in zip(captions, by_shape, by_colour):
+    words = caption.split()
+    assert shapes.SHAPES[s] == words[2]
+    assert list(shapes.COLOURS)[c] == words[1]
+  with pytest.raises(ValueError, match="Not a shapes caption"):
+    shapes.class_labels(["a cat"])
+  with pytest.raises(ValueError, match="by must be one of"):
+    shapes.class_labels(captions, by="size")
+
+
+def test_drop_items_removes_half_the_images_and_their_links():
+  pool = shapes.make_colorswap(40, seed=0)
+  dropped = shapes.drop_items(pool, "image", 0.5, seed=3)
+  assert dropped.sizes == {"image": 40, "text": 80}
+  assert len(dropped.pairs()) == 40
+  text = dropped.pairs()[:, 1]
+  assert (np.asarray(pool.items["text"])[text] ==
+          np.asarray(dropped.items["text"])[text]).all()
+
+
+def test_split_pairs_keeps_pairs_aligned_and_disjoint():
+  pool, labels = digits.load_digits_pairs()
+  train, y, test, y_test = mmcsal.split_pairs(pool, labels, 0.25, seed=0)
+  assert train.sizes["left"] == len(y) == 1348 and len(y_test) == 449
+  full = np.concatenate([pool.items["left"], pool.items["right"]], axis=1)
+  rows = {r.tobytes(): i for i, r in enumerate(full)}
+  for part, part_labels in ((train, y), (test, y_test)):
+    x = np.concatenate([part.items["left"], part.items["right"]], axis=1)
+    index = [rows[r.tobytes()] for r in x]
+    np.testing.assert_array_equal(labels[index], part_labels)
+
+
+def _write_npy(path, array):
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  fs.write_bytes(path, buffer.getvalue())
+
+
+def _feature_files(root):
+  rng = np.random.default_rng(0)
+  paths = {}
+  for split, n in (("train", 40), ("test", 12)):
+    labels = rng.integers(0, 3, n)
+    for m, dim in (("audio", 5), ("video", 7)):
+      paths[f"{m}_{split}"] = os.path.join(root, f"{m}_{split}.npy")
+      _write_npy(paths[f"{m}_{split}"], (labels[:, None] + rng.standard_normal(
+          (n, dim))).astype(np.float32))
+    paths[f"labels_{split}"] = os.path.join(root, f"labels_{split}.npy")
+    _write_npy(paths[f"labels_{split}"], labels)
+  return paths
+
+
+def _features_config(paths, test=True):
+  config = load_config("mmcsal_kineticssound")
+  config.data.update(
+      train_features=(paths["audio_train"], paths["video_train"]),
+      train_labels=paths["labels_train"])
+  if test:
+    config.data.update(
+        test_features=(paths["audio_test"], paths["video_test"]),
+        test_labels=paths["labels_test"])
+  return config
+
+
+def test_feature_files_local_and_on_gcs(tmp_path, gcs_bucket):
+  for root in (str(tmp_path), f"{gcs_bucket}/features"):
+    paths = _feature_files(root)
+    data = mmcsal.build_data(_features_config(paths).data)
+    assert data.modalities == ("audio", "video")
+    assert data.size == 40 and len(data.test_labels) == 12
+    assert data.pool.items["video"].shape == (40, 7)
+  held_out = mmcsal.build_data(_features_config(paths, test=False).data)
+  assert held_out.size + len(held_out.test_labels) == 40
+
+
+def test_feature_file_errors_name_the_file(tmp_path):
+  paths = _feature_files(str(tmp_path))
+  config = _features_config(paths)
+  config.data.train_labels = str(tmp_path / "missing.npy")
+  with pytest.raises(config_lib.ConfigError, match="labels file not found"):
+    mmcsal.build_data(config.data)
+  _write_npy(paths["labels_train"], np.zeros(39, np.int64))
+  with pytest.raises(config_lib.ConfigError, match="int labels"):
+    mmcsal.build_data(_features_config(paths).data)
+  config = load_config("mmcsal_vggsound")
+  with pytest.raises(config_lib.ConfigError, match="train_features"):
+    mmcsal.build_data(config.data)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_shipped_configs_validate_and_follow_the_protocols():
+  digits_config = mmcsal.validate(load_config("mmcsal_digits"))
+  assert digits_config.budgets == (1., 2., 5., 10.)
+  assert set(digits_config.strategies) == {
+      "random", "kcenter", "kmeans", "activeft", "mmcsal_proto",
+      "mmcsal_align", "mmcsal"}
+  for name in ("mmcsal_shapes", "mmcsal_food101", "mmcsal_kineticssound",
+               "mmcsal_vggsound"):
+    config = mmcsal.validate(load_config(name))
+    assert config.stage1.optim.b2 == 0.95 and config.stage1.tau == 0.07
+  food = load_config("mmcsal_food101")
+  assert (food.stage1.epochs, food.stage1.warmup_epochs,
+          food.stage1.num_prototypes, len(food.seeds)) == (25, 5, 1000, 10)
+  vgg = load_config("mmcsal_vggsound")
+  assert (vgg.stage1.epochs, vgg.stage1.num_prototypes, len(vgg.seeds)) == (
+      45, 5000, 5)
+  assert mmcsal.selector_of(food, "mmcsal_proto") == (
+      "activeft", True, dict(iterations=300, lr=1e-3, tau=0.07,
+                             batch_rows=100_000))
+  assert mmcsal.selector_of(food, "mmcsal_align")[:2] == ("mmcsal", False)
+  assert mmcsal.selector_of(food, "mmcsal")[:2] == ("mmcsal", True)
+  assert mmcsal.selector_of(food, "kcenter") == ("kcenter", False, {})
+
+
+def test_demo_variants_of_the_first_paper():
+  ablation = config_lib.validate(load_config("demo_modality_ablation", "text"))
+  assert ablation.strategies == ("mmal",)
+  assert ablation.strategy_hparams.mmal.modality == "text"
+  with pytest.raises(ValueError, match="modality must be"):
+    load_config("demo_modality_ablation", "audio")
+  missing = config_lib.validate(load_config("demo_missing_data"))
+  assert missing.data.missing_image_fraction == 0.5
+  assert {missing.strategy_hparams[s].modality
+          for s in missing.strategies} == {"image"}
+
+
+def test_validate_names_the_problem():
+  cases = [
+      (lambda c: c.update(strategies=("bald",)), "selector 'bald'"),
+      (lambda c: c.update(budgets=(0., 5.)), "percentages in"),
+      (lambda c: c.stage1.update(warmup_epochs=40), "warmup_epochs"),
+      (lambda c: c.downstream.update(features="pixels"), "downstream"),
+      (lambda c: c.data.update(source="shapes"), "use 'stage1'"),
+      (lambda c: c.update(kind="pool"), "config.kind"),
+  ]
+  for change, message in cases:
+    config = load_config("mmcsal_digits")
+    change(config)
+    with pytest.raises(config_lib.ConfigError, match=message):
+      mmcsal.validate(config)
+  config = load_config("mmcsal_digits")
+  config.strategies = ("random,kmeans",)
+  assert mmcsal.validate(config).strategies == ("random", "kmeans")
+
+
+# ------------------------------------------------- Stage 1 and classifier
+
+
+def test_stage1_trains_both_variants_data_parallel():
+  config = mmcsal.validate(tiny_config())
+  data = mmcsal.build_data(config.data)
+  stage1 = mmcsal.Stage1(config, data, sharding.make_mesh())
+  for prototypes in (False, True):
+    result = stage1.fit(prototypes, seed=0)
+    assert len(result.losses) == config.stage1.epochs
+    assert np.isfinite(result.losses).all()
+    for split, n in (("pool", data.size), ("test", len(data.test_labels))):
+      for z in getattr(result, split).values():
+        assert z.shape == (n, 16)
+        np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1., atol=1e-5)
+  cross = stage1.fit(False, seed=0)
+  assert cross.losses[-1] < cross.losses[0]
+  restored = mmcsal.Stage1Result.from_bytes(cross.to_bytes(), data.modalities)
+  np.testing.assert_array_equal(restored.pool["left"], cross.pool["left"])
+  init = stage1._init  # pylint: disable=protected-access
+  params = init(jax.random.PRNGKey(0))
+  protos, assignments, phis = stage1.prototypes(params, seed=0)
+  assert protos[0].shape == (10, 16) and assignments[1].shape == (data.size,)
+  assert (np.asarray(phis[0]) > 0).all()
+
+
+def test_classifier_learns_separable_classes():
+  rng = np.random.default_rng(0)
+  centers = 5 * rng.standard_normal((4, 6))
+  y, y_test = rng.integers(0, 4, 40), rng.integers(0, 4, 200)
+  x = (centers[y] + rng.standard_normal((40, 6))).astype(np.float32)
+  x_test = (centers[y_test] + rng.standard_normal((200, 6))).astype(
+      np.float32)
+  config = load_config("mmcsal_digits").downstream
+  classifier = mmcsal.Classifier(config, 4, max_rows=64)
+  assert classifier.accuracy(x, y, x_test, y_test, seed=0) > 95.
+  assert classifier.accuracy(x[:4], y[:4], x_test, y_test, seed=0) < 95.
+  with pytest.raises(ValueError, match="classifier takes 1 to 64"):
+    classifier.accuracy(np.zeros((65, 6), np.float32), np.zeros(65, int),
+                        x_test, y_test, seed=0)
+
+
+# ------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_run_writes_the_workdir_and_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = mmcsal.validate(tiny_config())
+  config.unlock()
+  config.report.update(embedding_plot=True, embedding_plot_points=100)
+  config.lock()
+  text = mmcsal.run_cold_start(config, workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert len(rows) == 4 * 2
+  by_key = {(r["strategy"], r["round"]): r for r in rows}
+  n = 1438
+  for (strategy, round_index), row in by_key.items():
+    budget = round(config.budgets[round_index - 1] / 100 * n)
+    assert row["queries"] == budget and row["seed"] == 0
+    assert abs(row["percent"] - 100 * budget / n) < 1e-9
+    assert 0 <= row["accuracy"] <= 100 and row["classes_covered"] <= 10
+    picks = json.loads(open(os.path.join(
+        workdir, "runs", strategy, "seed_0",
+        f"round_{round_index}.json")).read())["picks"]
+    assert len(set(picks)) == budget
+  for name in ("results.md", "al_curves.png", "embedding.png",
+               "stage1/cross_seed_0.npz", "stage1/proto_seed_0.npz",
+               "config.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert "## accuracy" in text and "Modality gap" in text and "| w/ |" in text
+  assert open(os.path.join(workdir, "results.md")).read() == text
+  # Rerunning the same config adds nothing; another config is refused.
+  assert mmcsal.run_cold_start(config, workdir) == text
+  assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 8
+  other = mmcsal.validate(tiny_config(seed=1))
+  with pytest.raises(config_lib.ConfigError, match="different config"):
+    mmcsal.run_cold_start(other, workdir)
+
+
+def test_cli_dispatches_cold_start_configs(tmp_path):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  run = subprocess.run(
+      [sys.executable, "-m", "mmal_jax.main", "--config",
+       str(CONFIGS / "mmcsal_digits.py"), "--workdir", str(tmp_path / "w"),
+       "--config.strategies=random,bald"], env=env, capture_output=True,
+      text=True, cwd=CONFIGS.parent)
+  assert run.returncode == 2
+  assert "selector 'bald'" in run.stderr.splitlines()[-1]
+  assert not (tmp_path / "w").exists()
+
+
+def test_embedding_plot_writes_a_png(tmp_path):
+  z = np.random.default_rng(0).standard_normal((60, 5))
+  path = str(tmp_path / "sub" / "embedding.png")
+  plots.embedding_plot(z, {"mmal": [1, 2, 3], "uncertainty": [4, 50]}, path,
+                       labels=np.arange(60) % 3, title="t")
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match=r"picked\['mmal'\] has indices"):
+    plots.embedding_plot(z, {"mmal": [60]}, path)
