@@ -47,6 +47,8 @@ from mmal_jax.data.pool import UnalignedPool, split_groups
 
 # Sources whose pools have groups of 2 images + 2 captions (ColorSwap scores).
 GROUPED = ("shapes", "colorswap")
+# Sources with a pre-training set (`Sources.pretrain_pool`).
+WITH_PRETRAIN = ("shapes",)
 
 
 @dataclasses.dataclass(frozen=True)
