@@ -36,6 +36,9 @@ Fields (defaults below):
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -50,6 +53,16 @@ ORACLES = ("simulated", "file")
 
 class ConfigError(ValueError):
   """A config, or data or workdir it names, that cannot run; says what to fix."""
+
+
+def from_file(path: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file at `path` (e.g. another config
+  a config extends, or `configs/x.py` in a test). Cost: one import."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -173,7 +173,7 @@ class Experiment:
     try:
       if data_problems:
         raise _Skip()
-      data = sources.build(config.data)
+      data = _with_pool(sources.build(config.data), config)
     except _Skip:
       pass
     except config_lib.ConfigError as e:
@@ -296,6 +296,17 @@ class Experiment:
     metrics.update(evaluators.run_due(self.evaluators, self.config.evals,
                                       round_index, params))
     return metrics
+
+
+def _with_pool(data: sources.Sources, config) -> sources.Sources:
+  """A stream-only source's pool: the stream's first `num_rounds` buffers
+  (images stay references into their shards; only the shards those buffers
+  overlap are scanned). The stream regime then serves them one per round."""
+  if data.pool is not None:
+    return data
+  size = min(data.stream.num_units, config.num_rounds * config.stream_buffer)
+  return dataclasses.replace(
+      data, pool=data.stream.buffer(0, size, seed=config.data.seed))
 
 
 class _Skip(Exception):

@@ -1,5 +1,4 @@
 """End-to-end active-learning runs on tiny data: pool, stream, resume, file oracle, COCO."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -51,11 +50,8 @@ def _override(config, overrides: dict) -> None:
 
 def _load_config(name: str):
   """`configs/<name>`'s `get_config()`."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / name
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.from_file(
+      str(pathlib.Path(__file__).resolve().parents[1] / "configs" / name))
 
 
 def _rows(workdir):
