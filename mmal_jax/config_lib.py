@@ -30,7 +30,8 @@ Fields (defaults below):
   eval: embed_batch_size.
   report: main_metric (annotation savings vs random; "": ColorSwap's group
     score for grouped sources, else text-to-image R@1: `main_metric`),
-    metrics (the tables and curves; empty: every metric).
+    metrics (the tables and curves; empty: every metric), embedding_plot
+    (write embedding.png, Fig. 4 left), embedding_plot_points.
   oracle: "simulated" (the dataset's matching) or "file" (people answer
     WORKDIR/queries/round_T.jsonl in WORKDIR/answers/round_T.jsonl).
 """
@@ -99,8 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=200, log_every=10))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.eval = ml_collections.ConfigDict(dict(embed_batch_size=256))
-  c.report = ml_collections.ConfigDict(dict(main_metric="",
-                                            metrics=()))
+  c.report = ml_collections.ConfigDict(dict(
+      main_metric="", metrics=(),
+      # embedding.png: t-SNE of the pool's images (first seed's initial
+      # towers) with each strategy's bought items (paper 1, Fig. 4 left).
+      embedding_plot=False, embedding_plot_points=3000))
   c.oracle = ml_collections.ConfigDict(dict(kind="simulated", timeout_s=0.0))
   return c
 
