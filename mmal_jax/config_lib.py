@@ -136,7 +136,8 @@ def use_small_towers(config: ml_collections.ConfigDict, *, width: int,
                num_heads=max(1, width // 32))
   config.model.image.update(variant=f"mu/{patch}", **tower)
   config.model.text.update(variant="mu", **tower)
-  config.model.out_dim = (None, width)
+  with config.model.ignore_type():  # CLIP presets give one int.
+    config.model.out_dim = (None, width)
   config.res = res
   config.text_len = text_len
 

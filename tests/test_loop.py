@@ -171,32 +171,6 @@ def test_file_oracle_pauses_and_resumes(tmp_path):
   assert _state(str(workdir), "mmal").cost == 16
 
 
-def test_coco_mini_stream_run(tmp_path):
-  if not (COCO_MINI / "annotations" / "captions_train2017.json").is_file():
-    pytest.skip(f"COCO mini not found at {COCO_MINI} (set MMAL_SHARED).")
-  config = tiny_config(
-      regime="stream", stream_buffer=20, num_rounds=2,
-      strategies=("mmal",),
-      **{"data.source": "coco", "init.kind": "scratch",
-         "report.main_metric": "retrieval/i2t_r@1",
-         "data.train_json": str(COCO_MINI / "annotations" /
-                                "captions_train2017.json"),
-         "data.train_images": str(COCO_MINI / "train2017"),
-         "data.eval_json": str(COCO_MINI / "annotations" /
-                               "captions_val2017.json"),
-         "data.eval_images": str(COCO_MINI / "val2017"),
-         "data.first_caption_only": False})
-  workdir = str(tmp_path / "coco")
-  loop.run_experiment(config, workdir)
-  rows = _rows(workdir)
-  assert [r["round"] for r in rows] == [0, 1, 2]
-  assert rows[-1]["queries"] == 16
-  # One image query reveals all ~5 of its captions.
-  state = _state(workdir, "mmal")
-  assert len(state.pairs()) >= state.cost
-  assert np.isfinite(rows[-1]["retrieval/t2i_r@5"])
-
-
 def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(ValueError, match="unknown strategy 'bald'"):
     tiny_config(strategies=("bald",))

@@ -117,8 +117,9 @@ def benchmark_flags(machine: dict, quick: bool) -> tuple[list, list]:
   """Flags of the acquisition and the train-step benchmark for `machine`."""
   count = machine["device_count"]
   if quick:
-    acquisition = ["--sizes=1000", "--dim=16", "--budget=8",
-                   "--coreset_size=32", "--step_n=2000", "--step_dim=16"]
+    acquisition = ["--quick", "--parts=rounds,greedy", "--sizes=1000",
+                   "--dim=16", "--budget=8", "--coreset_size=32",
+                   "--step_n=4096", "--step_dim=16"]
     train = ["--variant=mu/8", "--text_variant=mu", "--res=16",
              f"--batch={count * max(1, 8 // count)}", "--text_len=8",
              "--steps=2", "--warmup=1"]
@@ -169,15 +170,17 @@ def acquisition_rows(result: dict, machine: dict) -> list[dict]:
   for name, seconds in result["seconds_per_round"].items():
     for n, s in sorted(seconds.items(), key=lambda kv: int(kv[0])):
       rows.append(_row(machine, f"acquisition/{name}", n=int(n),
-                       d=result["dim"], seconds=s))
+                       d=result["dim"], seconds=s["median"]))
   step = result["greedy_step"]
-  gb_s = step["bytes_read_per_step"] / step["kernel_step_s"] / 1e9
+  one_pass = step["seconds"]["kernel_one_pass_per_pick"]["median"]
+  gb_s = step["bytes_per_pass"] / one_pass / 1e9
   peak = _total_peak(machine, "peak_gb_s")
   rows.append(_row(machine, "kcenter_step", n=step["n"], d=step["dim"],
-                   seconds=step["kernel_step_s"], achieved=gb_s, unit="GB/s",
+                   seconds=one_pass, achieved=gb_s, unit="GB/s",
                    peak=peak, fraction_of_peak=_fraction(gb_s, peak)))
   rows.append(_row(machine, "kcenter_pick_batched", n=step["n"], d=step["dim"],
-                   seconds=step["batched_pick_s"]))
+                   seconds=step["seconds"]["kernel_batched_per_pick"]
+                   ["median"]))
   return rows
 
 
