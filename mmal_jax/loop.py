@@ -593,9 +593,10 @@ class Run:
     if queries is None:
       items = self._candidates(t)
       start = time.perf_counter()
-      embeddings = {m: self.x.towers.embed(
+      # Left on the mesh in the kernels' layout: nothing goes to the hosts.
+      embeddings = jax.block_until_ready({m: self.x.towers.embed_rows(
           params, self.pool, m, items[m], self.config.eval.embed_batch_size)
-                    for m in MODALITIES}
+                                          for m in MODALITIES})
       timing["embed_s"] = time.perf_counter() - start
       annotated = {m: self.state.annotated[m][items[m]] for m in MODALITIES}
       candidates = None

@@ -6,6 +6,10 @@ hundreds of short fits of an active-learning run share one compilation: the
 length of the warm-up + cosine schedule lives in the optimizer state
 (`optim.set_schedule`), not in the compiled step.
 
+Inputs come from the tf.data pipeline (`data.pipeline`): each process reads
+and preprocesses only its own devices' rows, with the pp strings of
+`pipeline.default_pp` or `config.pp`.
+
 `fit` resumes from a given train state and step with the same batches it
 would have seen, and hands its state to a callback every `checkpoint_every`
 steps (the loop saves it with `run_state.RunCheckpoints`). It logs every
@@ -234,16 +238,23 @@ class Towers:
     return FitResult(state["params"], total,
                      time.perf_counter() - start_time, loss)
 
-  def embed(self, params, pool: UnalignedPool, modality: str, indices,
-            batch_size: int) -> np.ndarray:
-    """`(len(indices), D)` float32 L2-normalised embeddings of items of `pool`.
+  def embed_rows(self, params, pool: UnalignedPool, modality: str, indices,
+                 batch_size: int) -> jax.Array:
+    """Embeddings of items `indices` of `pool`, left on the mesh.
 
-    One `pipeline.embed_pool` pass (each process reads and embeds its own
-    devices' rows; only `modality`'s tower runs), then the rows are gathered
-    to every host. Cost: one forward pass per item, `len(indices) x D`
-    floats per host.
+    One `pipeline.embed_pool` pass: each process reads and embeds its own
+    devices' rows; only `modality`'s tower runs. Returns a `(padded_rows, D)`
+    float32 array row-sharded over the mesh whose first `len(indices)` rows
+    are the L2-normalised embeddings (the layout the acquisition kernels
+    take without a copy). Cost: one forward pass per item.
     """
-    rows = pipeline.embed_pool(self._apply[modality], params, pool, modality,
+    return pipeline.embed_pool(self._apply[modality], params, pool, modality,
                                indices, self.mesh, batch_size,
                                self.pp(pool)[modality])
+
+  def embed(self, params, pool: UnalignedPool, modality: str, indices,
+            batch_size: int) -> np.ndarray:
+    """`(len(indices), D)` float32 embeddings (`embed_rows`) on every host.
+    Cost: `embed_rows` plus one gather of `len(indices) x D` floats."""
+    rows = self.embed_rows(params, pool, modality, indices, batch_size)
     return sharding.to_host(rows)[:len(indices)].astype(np.float32)
