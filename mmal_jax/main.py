@@ -98,14 +98,21 @@ def _parse_flags(argv):
     _fail(f"{_first_line(e)} (see --helpfull).")
   except Exception as e:  # pylint: disable=broad-except
     # The config file itself failed while the flag loaded it (syntax, import).
-    _fail(f"cannot load the --config file: {_innermost(e)}")
+    path = next((b if a == "--config" else a.removeprefix("--config=")
+                 for a, b in zip(argv, argv[1:] + [""])
+                 if a == "--config" or a.startswith("--config=")), "")
+    _fail(f"cannot load --config {path}: {_innermost(e)}")
 
 
 def _innermost(error: BaseException) -> str:
-  """`Type: message` of the first cause in an exception chain."""
+  """`Type: message` of the first cause in an exception chain (with the
+  file and line of a syntax error)."""
   while error.__cause__ or error.__context__:
     error = error.__cause__ or error.__context__
-  return f"{type(error).__name__}: {_first_line(error)}"
+  where = ""
+  if isinstance(error, SyntaxError) and error.filename:
+    where = f" ({error.filename}:{error.lineno})"
+  return f"{type(error).__name__}: {_first_line(error)}{where}"
 
 
 def _load_config():
