@@ -66,10 +66,16 @@ def error_line(result, *, alone: bool = True) -> str:
 
 
 def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
-  tiny = write_config(tmp_path / "tiny.py",
-                      'strategies=("mmal",), **{"oracle.kind": "file"}')
+  tiny = write_config(tmp_path / "tiny.py", 'strategies=("mmal",), **{'
+                      '"oracle.kind": "file", "init.kind": "scratch"}')
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(:\n  return None\n")
+  raises = tmp_path / "raises.py"  # get_config raises a ConfigError.
+  raises.write_text(
+      "from mmal_jax import config_lib\n\ndef get_config():\n"
+      "  config = config_lib.base_config()\n"
+      "  config.data.source = 'features'\n"
+      "  return config_lib.validate(config)\n")
   features = tmp_path / "features"
   features.mkdir()
   rng = np.random.default_rng(0)
@@ -78,43 +84,41 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
   np.save(features / "pairs.npy", np.stack([np.arange(40)] * 2, 1))
   features_config = write_config(
       tmp_path / "features.py", "**FEATURES", body=f"FEATURES = {{"
-      f"'data.source': 'features', 'init.kind': 'pretrain', "
+      f"'data.source': 'features', 'init.kind': 'scratch', "
       f"'data.image_features': {str(features / 'image.npy')!r}, "
       f"'data.text_features': {str(features / 'text.npy')!r}, "
       f"'data.pairs': {str(features / 'pairs.npy')!r}}}")
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   w = {name: str(tmp_path / name) for name in (
-      "audio", "checkpoint", "features", "demoo", "syntax", "budget",
-      "several")}
+      "several", "demoo", "syntax", "raises", "budget")}
+  # Kept few: each case is a process that imports TensorFlow and the models
+  # (the first four fail before those imports).
   cases = {  # name: (argv, words the line must hold)
-      "audio": (["--config", tiny, "--workdir", w["audio"],
-                 "--config.strategy_hparams.mmal.modality=audio"],
-                ["strategy_hparams.mmal.modality='audio'"]),
-      "checkpoint": (["--config", tiny, "--workdir", w["checkpoint"],
-                      "--config.init.kind=checkpoint",
-                      "--config.init.checkpoint=/nonexistent.npz"],
-                     ["/nonexistent.npz"]),
-      "features": (["--config", features_config, "--workdir",
-                    w["features"]], ["init.kind='pretrain'", "features"]),
       "demoo": (["--config", "configs/demoo.py", "--workdir", w["demoo"]],
                 ["configs/demoo.py", "no such file"]),
       "syntax": (["--config", str(broken), "--workdir", w["syntax"]],
-                 ["broken.py", "SyntaxError"]),
-      "proc": (["--config", tiny, "--workdir", "/proc/x"], ["/proc/x"]),
-      "under_file": (["--config", tiny, "--workdir", str(a_file / "w")],
-                     [str(a_file)]),
-      "is_file": (["--config", tiny, "--workdir", str(a_file)],
-                  [str(a_file)]),
-      "budget": (["--config", tiny, "--workdir", w["budget"],
+                 [f"{broken}:1", "SyntaxError"]),
+      "raises": (["--config", str(raises), "--workdir", w["raises"]],
+                 [f"--config {raises}: ConfigError: config.init.kind="]),
+      "budget": (["--config", "configs/demo.py", "--workdir", w["budget"],
                   "--config.budget=abc"], ["config.budget", "'abc'"]),
       "several": (["--config", tiny, "--workdir", w["several"],
+                   "--config.strategy_hparams.mmal.modality=audio",
                    "--config.strategy_hparams.mmal.metric=manhattan",
-                   "--config.train.epochs=0",
                    "--config.init.kind=checkpoint",
                    "--config.init.checkpoint=/nonexistent.npz"],
-                  ["3 problems", "metric='manhattan'", "train.epochs",
-                   "/nonexistent.npz"]),
+                  ["3 problems", "strategy_hparams.mmal.modality='audio'",
+                   "metric='manhattan'", "/nonexistent.npz"]),
+      "proc": (["--config", tiny, "--workdir", "/proc/x",
+                "--config.train.epochs=0"],
+               ["2 problems", "--workdir /proc/x", "train.epochs"]),
+      "under_file": (["--config", features_config, "--workdir",
+                      str(a_file / "w"), "--config.init.kind=pretrain"],
+                     ["2 problems", f"--workdir {a_file}/w",
+                      "init.kind='pretrain'", "'features'"]),
+      "is_file": (["--config", tiny, "--workdir", str(a_file)],
+                  [f"--workdir {a_file}"]),
   }
   results = run_main({name: argv for name, (argv, _) in cases.items()})
   for name, (_, words) in cases.items():
@@ -130,19 +134,19 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
   # after writing round 1's queries: exit 3), and a bad answers file is one
   # line naming file:line (13.12), also in the workdir's log.
   rc, stdout, stderr = run_main({"fixed": [
-      "--config", tiny, "--workdir", w["audio"]]})["fixed"]
+      "--config", tiny, "--workdir", w["several"]]})["fixed"]
   assert rc == 3, stderr
   assert "Round 1 awaits annotations" in stdout
   queries = [json.loads(line) for line in open(os.path.join(
-      w["audio"], "queries", "round_1.jsonl")).read().splitlines()]
+      w["several"], "queries", "round_1.jsonl")).read().splitlines()]
   assert len(queries) == 8
   good = [json.dumps({"modality": q["modality"], "index": q["index"],
                       "partners": []}) for q in queries]
   other = "text" if queries[1]["modality"] == "image" else "image"
   # test_oracle checks every kind of bad answers file (partial, unqueried,
-  # duplicate, bad JSON, out of range); here two reach the command line.
+  # duplicate, bad JSON, out of range); all raise AnswerFileError, which
+  # reaches the command line like this.
   bad = {  # name: (lines, the line named)
-      "bad_json": (good[:5] + ['{"modality": "image",'] + good[5:], 6),
       "out_of_range": (good[:1] + [json.dumps({
           "modality": queries[1]["modality"], "index": queries[1]["index"],
           "partners": [[other, 10 ** 6]]})] + good[2:], 2),
@@ -150,7 +154,7 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
   commands = {}
   for name, (lines, _) in bad.items():
     workdir = str(tmp_path / f"answers_{name}")
-    shutil.copytree(w["audio"], workdir)
+    shutil.copytree(w["several"], workdir)
     os.makedirs(os.path.join(workdir, "answers"))
     with open(os.path.join(workdir, "answers", "round_1.jsonl"), "w") as f:
       f.write("".join(line + "\n" for line in lines))
