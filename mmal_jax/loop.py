@@ -241,7 +241,8 @@ class Experiment:
         warmup_fraction=self.config.train.warmup_fraction,
         seed=self.config.data.seed, resume=resume, on_checkpoint=save,
         checkpoint_every=self.config.train.checkpoint_every,
-        log_every=self.config.train.log_every, label="[pretrain]")
+        log_every=self.config.train.log_every, label="[pretrain]",
+        lr_name="config.pretrain.lr")
     ckpt.close()
     if sharding.is_main_process():
       checkpoint.save(jax.device_get(result.params), path)
