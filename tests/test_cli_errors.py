@@ -17,11 +17,11 @@ _ROOT = os.path.dirname(_TESTS)
 _PARALLEL = 4
 
 
-def write_config(path, overrides: str = "", body: str = "") -> str:
+def write_config(path, overrides: str = "") -> str:
   """A config file returning `test_loop.tiny_config(<overrides>)`."""
   path.write_text(
       f"import sys\nsys.path.insert(0, {_TESTS!r})\n"
-      f"from test_loop import tiny_config\n{body}\n\n"
+      f"from test_loop import tiny_config\n\n\n"
       f"def get_config():\n  return tiny_config({overrides})\n")
   return str(path)
 
@@ -65,6 +65,7 @@ def error_line(result, *, alone: bool = True) -> str:
   return lines[-1]
 
 
+@pytest.mark.slow
 def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
   tiny = write_config(tmp_path / "tiny.py", 'strategies=("mmal",), **{'
                       '"oracle.kind": "file", "init.kind": "scratch"}')
@@ -82,12 +83,11 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
   np.save(features / "image.npy", rng.normal(size=(40, 8)))
   np.save(features / "text.npy", rng.normal(size=(40, 8)))
   np.save(features / "pairs.npy", np.stack([np.arange(40)] * 2, 1))
-  features_config = write_config(
-      tmp_path / "features.py", "**FEATURES", body=f"FEATURES = {{"
-      f"'data.source': 'features', 'init.kind': 'scratch', "
-      f"'data.image_features': {str(features / 'image.npy')!r}, "
-      f"'data.text_features': {str(features / 'text.npy')!r}, "
-      f"'data.pairs': {str(features / 'pairs.npy')!r}}}")
+  features_config = write_config(tmp_path / "features.py", "**" + repr({
+      "data.source": "features", "init.kind": "scratch",
+      "data.image_features": str(features / "image.npy"),
+      "data.text_features": str(features / "text.npy"),
+      "data.pairs": str(features / "pairs.npy")}))
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   w = {name: str(tmp_path / name) for name in (
