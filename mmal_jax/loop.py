@@ -242,7 +242,8 @@ class Experiment:
         warmup_fraction=self.config.train.warmup_fraction,
         seed=self.config.data.seed, resume=resume, on_checkpoint=save,
         checkpoint_every=self.config.train.checkpoint_every,
-        log_every=self.config.train.log_every, label="[pretrain]")
+        log_every=self.config.train.log_every, label="[pretrain]",
+        lr_name="config.pretrain.lr")
     ckpt.close()
     # Every process takes part: FSDP shards may live on several hosts.
     params = jax.tree.map(sharding.to_host, result.params)

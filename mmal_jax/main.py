@@ -29,12 +29,10 @@ from ml_collections import config_flags
 
 from mmal_jax import config_lib
 from mmal_jax import logfile
-from mmal_jax import loop
-from mmal_jax import mmcsal
-from mmal_jax import report
-from mmal_jax import run_state
-from mmal_jax import train
-from mmal_jax.data import oracle
+
+# Else TensorFlow (the input pipeline; imported later, maybe by the config
+# file) prints 4 lines about oneDNN on stderr; it only decodes and resizes.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 EXIT_USAGE = 2
 EXIT_AWAITING_ANNOTATIONS = 3
@@ -46,12 +44,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output and resume directory.",
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (coordinator "
     "and process ids from the environment, as on Cloud TPU / SLURM).")
-
-# Problems a user fixes (config, data, workdir files, answers): one line, 2.
-_USER_ERRORS = (config_lib.ConfigError, run_state.RunStateError,
-                report.MetricsFileError, oracle.AnswerFileError,
-                train.TrainingDiverged)
-
 
 class _QuietCheckpointing(std_logging.Filter):
   """Drops orbax's per-save INFO lines; its warnings and errors stay."""
@@ -84,6 +76,9 @@ def _parse_flags(argv):
   nearest one), a value of the wrong type with absl's IllegalFlagValueError,
   and a config file it cannot load with OSError / an import-time error.
   """
+  path = next((b if a == "--config" else a.removeprefix("--config=")
+               for a, b in zip(argv, argv[1:] + [""])
+               if a == "--config" or a.startswith("--config=")), "")
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -91,6 +86,8 @@ def _parse_flags(argv):
           f"config file lists every key; --config.KEY=VALUE may only change "
           f"one.")
   except flags.IllegalFlagValueError as e:
+    if "Error whilst parsing config file" in str(e):  # Its get_config raised.
+      _fail(f"cannot load --config {path}: {_innermost(e)}")
     detail = _first_line(e).removeprefix("flag ")
     _fail(f"bad value in the command line: {detail}. Give a value of the "
           f"field's type (see the config file).")
@@ -98,14 +95,18 @@ def _parse_flags(argv):
     _fail(f"{_first_line(e)} (see --helpfull).")
   except Exception as e:  # pylint: disable=broad-except
     # The config file itself failed while the flag loaded it (syntax, import).
-    _fail(f"cannot load the --config file: {_innermost(e)}")
+    _fail(f"cannot load --config {path}: {_innermost(e)}")
 
 
 def _innermost(error: BaseException) -> str:
-  """`Type: message` of the first cause in an exception chain."""
+  """`Type: message` of the first cause in an exception chain (with the
+  file and line of a syntax error)."""
   while error.__cause__ or error.__context__:
     error = error.__cause__ or error.__context__
-  return f"{type(error).__name__}: {_first_line(error)}"
+  where = ""
+  if isinstance(error, SyntaxError) and error.filename:
+    where = f" ({error.filename}:{error.lineno})"
+  return f"{type(error).__name__}: {_first_line(error)}{where}"
 
 
 def _load_config():
@@ -127,19 +128,33 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: settings are "
           f"--config.KEY=VALUE.")
+  config = _load_config()
+  # Imported once the command line and config file are read: a mistake in
+  # them is reported without the seconds TensorFlow and the models take.
+  # pylint: disable=g-import-not-at-top
+  from mmal_jax import loop
+  from mmal_jax import mmcsal
+  from mmal_jax import report
+  from mmal_jax import run_state
+  from mmal_jax import train
+  from mmal_jax.data import oracle
+  # pylint: enable=g-import-not-at-top
+  # Problems a user fixes (config, data, workdir files, answers): one line, 2.
+  user_errors = (config_lib.ConfigError, run_state.RunStateError,
+                 report.MetricsFileError, oracle.AnswerFileError,
+                 train.TrainingDiverged)
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
   logfile.install()
   if _MULTIHOST.value:
     jax.distributed.initialize()
   try:
-    config = _load_config()
     logging.info("%d process(es), %d device(s): %s", jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
     if config.get("kind", None) == mmcsal.KIND:
       text = mmcsal.run_cold_start(mmcsal.validate(config), _WORKDIR.value)
     else:
       text = loop.run_experiment(config_lib.normalize(config), _WORKDIR.value)
-  except _USER_ERRORS as e:
+  except user_errors as e:
     logfile.note(f"error: {e}")
     _fail(str(e))
   except oracle.AwaitingAnnotations as e:

@@ -145,7 +145,8 @@ class Towers:
           resume: tuple[int, dict] | None = None,
           on_checkpoint: Callable[[int, dict], None] | None = None,
           checkpoint_every: int = 0, summaries=None, summary_step: int = 0,
-          log_every: int = 10, label: str = "") -> FitResult:
+          log_every: int = 10, label: str = "",
+          lr_name: str = "config.optim.lr") -> FitResult:
     """Contrastive training of `params` on `pairs` of `pool`.
 
     Args:
@@ -165,6 +166,7 @@ class Towers:
         at `summary_step + step`; fetched from the devices every `log_every`
         steps (one transfer each time, not one per step).
       label: prefix of the progress log lines and error messages.
+      lr_name: the config field of `optim_config.lr`, named on divergence.
 
     Returns:
       The trained parameters, the round's steps (resumed ones included),
@@ -208,8 +210,8 @@ class Towers:
         if not np.isfinite(loss):
           raise TrainingDiverged(
               f"{label} step {step}/{total}: the loss is {loss}. Lower "
-              f"config.optim.lr (now {optim_config.lr}) or check the data; "
-              f"what was bought is kept and a rerun retrains this round.")
+              f"{lr_name} (now {optim_config.lr}) or check the data; "
+              f"what was bought is kept and a rerun redoes this training.")
         if summaries is not None:
           lr = optim_config.lr * float(optim.warmup_cosine(step - 1, warmup,
                                                            total))
