@@ -30,11 +30,15 @@ Fields (defaults below):
   eval: embed_batch_size.
   report: main_metric (annotation savings vs random; "": ColorSwap's group
     score for grouped sources, else text-to-image R@1: `main_metric`),
-    metrics (the tables and curves; empty: every metric).
+    metrics (the tables and curves; empty: every metric), embedding_plot
+    (write embedding.png, Fig. 4 left), embedding_plot_points.
   oracle: "simulated" (the dataset's matching) or "file" (people answer
     WORKDIR/queries/round_T.jsonl in WORKDIR/answers/round_T.jsonl).
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -50,6 +54,16 @@ ORACLES = ("simulated", "file")
 
 class ConfigError(ValueError):
   """A config, or data or workdir it names, that cannot run; says what to fix."""
+
+
+def from_file(path: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file at `path` (e.g. another config
+  a config extends, or `configs/x.py` in a test). Cost: one import."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -86,8 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=200, log_every=10))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.eval = ml_collections.ConfigDict(dict(embed_batch_size=256))
-  c.report = ml_collections.ConfigDict(dict(main_metric="",
-                                            metrics=()))
+  c.report = ml_collections.ConfigDict(dict(
+      main_metric="", metrics=(),
+      # embedding.png: t-SNE of the pool's images (first seed's initial
+      # towers) with each strategy's bought items (paper 1, Fig. 4 left).
+      embedding_plot=False, embedding_plot_points=3000))
   c.oracle = ml_collections.ConfigDict(dict(kind="simulated", timeout_s=0.0))
   return c
 

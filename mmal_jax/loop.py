@@ -47,6 +47,7 @@ from mmal_jax import evaluators
 from mmal_jax import faults
 from mmal_jax import fs
 from mmal_jax import logfile
+from mmal_jax import plots
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import sharding
@@ -173,7 +174,7 @@ class Experiment:
     try:
       if data_problems:
         raise _Skip()
-      data = sources.build(config.data)
+      data = _with_pool(sources.build(config.data), config)
     except _Skip:
       pass
     except config_lib.ConfigError as e:
@@ -243,8 +244,10 @@ class Experiment:
         checkpoint_every=self.config.train.checkpoint_every,
         log_every=self.config.train.log_every, label="[pretrain]")
     ckpt.close()
+    # Every process takes part: FSDP shards may live on several hosts.
+    params = jax.tree.map(sharding.to_host, result.params)
     if sharding.is_main_process():
-      checkpoint.save(jax.device_get(result.params), path)
+      checkpoint.save(params, path)
     sharding.barrier("pretrained")
     logging.info("Pre-trained the towers in %.1fs (%d steps): %s",
                  result.seconds, result.steps, path)
@@ -296,6 +299,17 @@ class Experiment:
     metrics.update(evaluators.run_due(self.evaluators, self.config.evals,
                                       round_index, params))
     return metrics
+
+
+def _with_pool(data: sources.Sources, config) -> sources.Sources:
+  """A stream-only source's pool: the stream's first `num_rounds` buffers
+  (images stay references into their shards; only the shards those buffers
+  overlap are scanned). The stream regime then serves them one per round."""
+  if data.pool is not None:
+    return data
+  size = min(data.stream.num_units, config.num_rounds * config.stream_buffer)
+  return dataclasses.replace(
+      data, pool=data.stream.buffer(0, size, seed=config.data.seed))
 
 
 class _Skip(Exception):
@@ -624,6 +638,22 @@ class Run:
       self._summaries.close()
 
 
+def _embedding_plot(experiment: Experiment, params, picked) -> None:
+  """WORKDIR/embedding.png (paper 1, Fig. 4 left): t-SNE of the pool's images
+  under `params` with each strategy's bought images (`picked`) marked.
+  Every process embeds (a sharded pass); the main one draws."""
+  path = os.path.join(experiment.workdir, "embedding.png")
+  if fs.exists(path):
+    return
+  z = experiment.embed_all(params, experiment.data.pool, "image")
+  if sharding.is_main_process():
+    config = experiment.config
+    plots.embedding_plot(
+        z, picked, path, max_points=config.report.embedding_plot_points,
+        title=f"Pool images, initial towers; bought in {config.num_rounds} "
+              f"rounds (seed {config.seeds[0]})")
+
+
 class _Progress:
   """Rounds done and an ETA that leaves out each process's first round
   (which includes the compilations)."""
@@ -663,9 +693,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
       initial[key] = experiment.initial_params(seed)
     return initial[key]
 
+  bought = {}
   for strategy, seed in runs:
     run = Run(experiment, strategy, seed)
     run.resume(initial_params(seed))
+    bought[strategy, seed] = run
     if run.finished:
       run.close()
     else:
@@ -687,6 +719,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
   text = report.write(workdir, config_lib.main_metric(config),
                       config.report.metrics,
                       save=sharding.is_main_process())
+  if config.report.embedding_plot:
+    seed = config.seeds[0]
+    _embedding_plot(experiment, initial_params(seed), {
+        s: np.flatnonzero(bought[s, seed].state.annotated["image"])
+        for s in config.strategies})
   logging.info("Finished in %.0fs; results in %s/results.md",
                time.perf_counter() - start, workdir)
   if not pending:

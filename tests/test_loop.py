@@ -1,5 +1,4 @@
 """End-to-end active-learning runs on tiny data: pool, stream, resume, file oracle, COCO."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -51,11 +50,8 @@ def _override(config, overrides: dict) -> None:
 
 def _load_config(name: str):
   """`configs/<name>`'s `get_config()`."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / name
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.from_file(
+      str(pathlib.Path(__file__).resolve().parents[1] / "configs" / name))
 
 
 def _rows(workdir):
@@ -67,9 +63,14 @@ def _state(workdir, strategy, seed=0):
       workdir, "runs", strategy, f"seed_{seed}", "annotation.json"))
 
 
-def test_pool_run_writes_every_output(tmp_path):
+def test_pool_run_writes_every_output(tmp_path, monkeypatch):
   workdir = str(tmp_path / "pool")
-  text = loop.run_experiment(tiny_config(), workdir)
+  drawn = []
+  real_plot = loop.plots.embedding_plot
+  monkeypatch.setattr(loop.plots, "embedding_plot", lambda z, picked, *a, **k:
+                      drawn.append((z, picked)) or real_plot(z, picked, *a, **k))
+  text = loop.run_experiment(tiny_config(**{"report.embedding_plot": True}),
+                             workdir)
   rows = _rows(workdir)
   assert len(rows) == 2 * 3  # strategies x rounds 0..2
   for row in rows:
@@ -83,7 +84,7 @@ def test_pool_run_writes_every_output(tmp_path):
       assert row["train_steps"] == 2 * (row["pairs"] // 8)
       assert sum(row["modality_counts"].values()) == 8
   for name in ("config.json", "results.md", "al_curves.png",
-               "pretrained/params.npz"):
+               "pretrained/params.npz", "embedding.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "colorswap/group" in text and "savings" in text
   for strategy in ("random", "mmal"):
@@ -94,6 +95,11 @@ def test_pool_run_writes_every_output(tmp_path):
     assert AnnotationState.from_json(open(snapshot).read()).cost == 8
   events = list((tmp_path / "pool" / "tensorboard").rglob("events.out.*"))
   assert len(events) == 2
+  (z, picked), = drawn  # The pool's images; each strategy's bought images.
+  assert z.shape[0] == 48
+  for strategy in ("random", "mmal"):
+    np.testing.assert_array_equal(picked[strategy], np.flatnonzero(
+        _state(workdir, strategy).annotated["image"]))
 
 
 def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
