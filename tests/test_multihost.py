@@ -36,10 +36,20 @@ _RUN = os.path.join("runs", "mmal", "seed_0")
 _KILL_AT = "train_checkpoint:4"
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _reserve_port() -> socket.socket:
+  """A socket bound to a free port, held for the job's lifetime.
+
+  Probing a free port and releasing it lets another process (a GCS
+  emulator, another job: a full suite starts many) take it before the
+  coordinator binds it, and that job's processes then join the wrong
+  coordinator. Held with SO_REUSEPORT (and not listening), no other bind
+  gets the port, but jax's gRPC coordinator, which sets SO_REUSEPORT too,
+  does.
+  """
+  s = socket.socket()
+  s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  s.bind(("127.0.0.1", 0))
+  return s
 
 
 def _job(num_processes, out_dir, steps, kill_at=None, timeout_s=400):
@@ -53,7 +63,8 @@ def _job(num_processes, out_dir, steps, kill_at=None, timeout_s=400):
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "MMAL_KILL_AT")}
   env["PYTHONPATH"] = os.pathsep.join(sys.path)
-  port = str(_free_port())
+  reserved = _reserve_port()
+  port = str(reserved.getsockname()[1])
   logs = [os.path.join(out_dir, f"process_{i}.log")
           for i in range(num_processes)]
   procs = []
@@ -76,6 +87,7 @@ def _job(num_processes, out_dir, steps, kill_at=None, timeout_s=400):
       if p.poll() is None:
         p.send_signal(signal.SIGKILL)
       p.wait()
+    reserved.close()
   codes = [p.returncode for p in procs]
   if kill_at is None and codes != [0] * num_processes:
     pytest.fail(f"{num_processes}-process job {steps} exited with {codes}:\n"
