@@ -5,8 +5,8 @@ starts: it keeps lines in memory until `open_in(workdir)` names the workdir
 (after the config has passed its checks, so a config that cannot run leaves
 no trace), then writes them there and every later line. Local files are
 appended to and flushed at once; on object stores (gs://), which cannot
-append, the whole file is rewritten at most every `remote_interval_s` seconds
-and at exit.
+append, the whole file (a restarted run's earlier lines first) is rewritten
+at most every `remote_interval_s` seconds and at exit.
 """
 from __future__ import annotations
 
@@ -32,15 +32,23 @@ class FileLog(logging.Handler):
     self.remote_interval_s = remote_interval_s
     self._written = 0       # Lines already in the file.
     self._last_write = 0.0
-    atexit.register(self.flush)
+    atexit.register(self.close)
 
   def open_in(self, workdir: str) -> str:
     """Starts writing to WORKDIR/logs/process_<i>.log; returns that path."""
     self.path = os.path.join(workdir, "logs",
                              f"process_{jax.process_index()}.log")
-    if not fs.is_remote(self.path) and fs.exists(self.path):
-      self.lines.insert(0, f"---- restarted at {time.ctime()} ----")
+    if fs.exists(self.path):
+      restart = [f"---- restarted at {time.ctime()} ----"]
+      if fs.is_remote(self.path):  # Rewritten whole: keep what is there.
+        restart = fs.read_text(self.path).splitlines() + restart
+      self.lines[:0] = restart
     self.flush(force=True)
+    # Exit hooks run last-registered first: re-registered after that write
+    # set gcsfs up (and its own hook, which closes its HTTP session), the
+    # last lines are written while the session is still open.
+    atexit.unregister(self.close)
+    atexit.register(self.close)
     return self.path
 
   def emit(self, record: logging.LogRecord) -> None:
@@ -65,6 +73,11 @@ class FileLog(logging.Handler):
     if force or now - self._last_write >= self.remote_interval_s:
       fs.write_text(self.path, "".join(line + "\n" for line in self.lines))
       self._written, self._last_write = len(self.lines), now
+
+  def close(self) -> None:
+    """Writes every line left (remote ones too, whatever the interval)."""
+    self.flush(force=True)
+    super().close()
 
 
 _HANDLER: FileLog | None = None

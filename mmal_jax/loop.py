@@ -491,6 +491,10 @@ class Run:
     meta = {"round": round_index, "phase": phase, "train_step": train_step,
             "annotation": self.state.to_obj(), "stream_position": round_index,
             "rows": list(rows), "timing": dict(timing)}
+    if self._summaries is not None:
+      # A resume starts after the saved point: what came before must be in
+      # TensorBoard already.
+      self._summaries.flush()
     self.checkpoints.save(meta, params=params, train=train, wait=wait)
     self.meta = meta
     faults.point("checkpoint_saved")

@@ -5,6 +5,12 @@ that point gcsfs (`STORAGE_EMULATOR_HOST`) and tensorstore
 (`TENSORSTORE_GCS_HTTP_URL`), hence every path of `mmal_jax.fs` and orbax, at
 it. `use_in_this_process()` applies them here and drops gcsfs' cached
 clients. Buckets are created on first use by `bucket(name)`.
+
+`python gcs_emulator.py start ...` runs the emulator with one fix: its
+downloads carry the object's `x-goog-generation` header, as GCS' do.
+Without it tensorstore reads generation 0 and rejects its own next
+conditional write ("Malformed StorageGeneration"), which OCDBT (orbax's
+array store) makes for every array after the first of a checkpoint.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ class Emulator:
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
+        [sys.executable, os.path.abspath(__file__), "start", "--host",
          "127.0.0.1", "--port", str(self.port), "--in-memory", "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
@@ -74,3 +80,29 @@ class Emulator:
     if self.proc.poll() is None:
       self.proc.terminate()
       self.proc.wait(timeout=10)
+
+
+def _serve(argv: list[str]) -> None:
+  """The emulator's command line, downloads with generation headers."""
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    download(request, response, storage, *args, **kwargs)
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"],
+                                 request.params["object_id"])
+    except NotFound:
+      return  # The 404 is already set.
+    response["x-goog-generation"] = obj["generation"]
+    response["x-goog-metageneration"] = obj["metageneration"]
+
+  # Before the server module builds its routing table from `objects`.
+  objects.download = download_with_generation
+  from gcp_storage_emulator import __main__ as cli  # pylint: disable=g-import-not-at-top
+  cli.main(argv)
+
+
+if __name__ == "__main__":
+  _serve(sys.argv[1:])
