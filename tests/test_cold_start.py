@@ -11,6 +11,7 @@ import device_counts
 from mmal_jax import sharding
 from mmal_jax.acquisition import cold_start as cs
 from mmal_jax.acquisition import kmeans as km
+from mmal_jax.acquisition import layout as layout_lib
 
 BLOCK = 16
 
@@ -159,7 +160,7 @@ def test_nearest_unused_is_the_sequential_greedy_even_past_its_candidates():
   # 80 identical queries exhaust the 64 candidates each pass gathers.
   queries = np.concatenate([np.repeat(x[:1], 80, axis=0),
                             rng.standard_normal((10, 5))]).astype(np.float32)
-  pool = km.shard_tree_rows(x, block=BLOCK)
+  pool = layout_lib.shard_rows(x, block=BLOCK)
   np.testing.assert_array_equal(cs.nearest_unused(pool, queries),
                                 greedy_nearest_unused(x, queries))
   eligible = np.arange(150) % 2 == 0
