@@ -572,3 +572,47 @@ def cold_start_queries(embeddings, *, budget: int, selector: str, seed: int,
                  **hparams)
       queries += [(m, int(i)) for i in picks]
   return queries
+
+
+def with_cold_start(strategy: Callable[..., list[tuple[str, int]]],
+                    selector: str) -> Callable[..., list[tuple[str, int]]]:
+  """`strategy` whose cold-start round is chosen by a cold-start selector.
+
+  Args:
+    strategy: an acquisition strategy (`strategies` module signature).
+    selector: a `SELECTORS` name, or "" for `strategy` unchanged (its own
+      cold start: a random modality).
+
+  Returns:
+    A function with the strategies' signature. On a round where nothing is
+    annotated it returns `cold_start_queries` (split="seed": the seed's
+    modality first) over the available items (the candidates, when given),
+    with the selector's default hyper-parameters; on any other round, and
+    for the strategy's own hyper-parameters, it is `strategy`. Cost: the
+    selector's on the first round, the strategy's after.
+
+  Raises:
+    KeyError: an unknown selector (listing the known ones).
+  """
+  if not selector:
+    return strategy
+  SELECTORS[selector]  # pylint: disable=pointless-statement
+
+  @functools.wraps(strategy)
+  def acquire(embeddings, annotated, *, budget: int, seed: int,
+              candidates=None, mesh: Mesh | None = None,
+              block: int = DEFAULT_BLOCK, **hparams):
+    if not isinstance(annotated, Mapping) or any(
+        np.asarray(a).any() for a in annotated.values()):
+      return strategy(embeddings, annotated, budget=budget, seed=seed,
+                      candidates=candidates, mesh=mesh, block=block,
+                      **hparams)
+    items = {m: (np.arange(np.shape(a)[0]) if candidates is None
+                 else np.flatnonzero(candidates[m]))
+             for m, a in annotated.items()}
+    picked = cold_start_queries(
+        {m: np.asarray(embeddings[m])[items[m]] for m in items},
+        budget=budget, selector=selector, seed=seed, mesh=mesh, block=block)
+    return [(m, int(items[m][i])) for m, i in picked]
+
+  return acquire
