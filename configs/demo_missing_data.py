@@ -9,23 +9,16 @@ the image modality, since a caption may have no image to be matched with.
 Strategies: mmal and badge (`modality="image"`). The paper also restricts
 random, coreset and uncertainty to images; they take no `modality` yet.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _demo():
-  spec = importlib.util.spec_from_file_location(
-      "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from mmal_jax import config_lib
 
 
 def get_config():
-  config = _demo()
+  config = config_lib.from_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
   config.data.missing_image_fraction = 0.5
   config.strategies = ("mmal", "badge")
   config.strategy_hparams.mmal.modality = "image"

@@ -10,24 +10,17 @@ r"""Paper 1, Table 2: the modality-selection ablation, at the demo's CPU scale.
 argument after ":" in --config; default "auto"). One workdir each; compare
 their results.md.
 """
-import importlib.util
 import os
 
-
-def _demo():
-  spec = importlib.util.spec_from_file_location(
-      "demo", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from mmal_jax import config_lib
 
 
 def get_config(modality: str = "auto"):
   if modality not in ("auto", "random", "text", "image"):
     raise ValueError(f"modality must be auto, random, text or image, got "
                      f"{modality!r}.")
-  config = _demo()
+  config = config_lib.from_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
   config.strategies = ("mmal",)
   config.strategy_hparams.mmal.modality = modality
   return config

@@ -31,22 +31,27 @@ Fields (defaults below):
     of the per-step training scalars and the NaN check).
   mesh: data, fsdp: the device mesh (`sharding.make_mesh`; -1 = the rest).
   eval: embed_batch_size.
-  report: main_metric (annotation savings vs random), metrics (the tables
-    and curves; empty: every metric).
+  report: main_metric (annotation savings vs random; "": ColorSwap's group
+    score for grouped sources, else text-to-image R@1: `main_metric`),
+    metrics (the tables and curves; empty: every metric), embedding_plot
+    (write embedding.png, Fig. 4 left), embedding_plot_points.
   oracle: "simulated" (the dataset's matching) or "file" (people answer
     WORKDIR/queries/round_T.jsonl in WORKDIR/answers/round_T.jsonl).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
+from mmal_jax import evaluators
 from mmal_jax.acquisition import SELECTORS
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.models import presets
 
 REGIMES = ("pool", "stream")
-DATA_SOURCES = ("shapes", "coco", "features", "colorswap", "datacomp")
 INIT_KINDS = ("pretrain", "checkpoint", "scratch")
 ORACLES = ("simulated", "file")
 
@@ -55,8 +60,20 @@ class ConfigError(ValueError):
   """A config, or data or workdir it names, that cannot run; says what to fix."""
 
 
+def from_file(path: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file at `path` (e.g. another config
+  a config extends, or `configs/x.py` in a test). Cost: one import."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (unlocked: configs override them)."""
+  # sources imports this module (ConfigError): import it when called.
+  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.seeds = (0, 1, 2, 3)  # The paper averages 4 runs.
   c.strategies = ("random", "coreset", "uncertainty", "mmal")
@@ -74,20 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.budget = 70
   c.num_rounds = 6
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="shapes", seed=0,
-      # shapes
-      num_groups=700, num_eval_groups=200, image_size=32, noise_std=6.0,
-      # image_size: shapes render at it; coco preloads at it (0: decode
-      # each batch from the files, at the model resolution).
-      pretrain_size=4000,
-      # coco
-      train_json="", train_images="", eval_json="", eval_images="",
-      max_images=0, eval_max_images=0, first_caption_only=True,
-      # features
-      image_features="", text_features="", pairs="", eval_fraction=0.2,
-      # colorswap, datacomp: local copies
-      dir=""))
+  c.data = sources.default_config()
+  # Evaluators run at chosen rounds beside the pool metrics (empty: none).
+  c.evals = evaluators.default_config()
+  # big_vision pp strings per modality; "": the model's default
+  # (`pipeline.default_pp`).
+  c.pp = ml_collections.ConfigDict(dict(image="", text=""))
 
   c.update(presets.tiny("siglip"))
   c.init = ml_collections.ConfigDict(dict(kind="pretrain", checkpoint=""))
@@ -98,8 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=200, log_every=10))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.eval = ml_collections.ConfigDict(dict(embed_batch_size=256))
-  c.report = ml_collections.ConfigDict(dict(main_metric="colorswap/group",
-                                            metrics=()))
+  c.report = ml_collections.ConfigDict(dict(
+      main_metric="", metrics=(),
+      # embedding.png: t-SNE of the pool's images (first seed's initial
+      # towers) with each strategy's bought items (paper 1, Fig. 4 left).
+      embedding_plot=False, embedding_plot_points=3000))
   c.oracle = ml_collections.ConfigDict(dict(kind="simulated", timeout_s=0.0))
   return c
 
@@ -110,9 +122,18 @@ MODALITIES = ("image", "text")
 
 def use_preset(config: ml_collections.ConfigDict,
                preset: ml_collections.ConfigDict) -> None:
-  """Replaces config's model fields by a `models.presets` recipe's, whole."""
+  """Replaces config's model fields by a `models.presets` recipe's, whole.
+
+  A field the recipe lacks keeps its value (the features recipe has no
+  `res`, `text_len` or `tokenizer`: nothing reads them for feature rows);
+  fields only the recipe has (`feature_dims`) are added.
+  """
   for key in MODEL_FIELDS:
-    config[key] = preset[key]
+    if key in preset:
+      config[key] = preset[key]
+  with config.unlocked():
+    for key in set(preset) - set(MODEL_FIELDS):
+      config[key] = preset[key]
 
 
 def use_small_towers(config: ml_collections.ConfigDict, *, width: int,
@@ -206,9 +227,10 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                for s in config.seeds):
     out.append(f"config.seeds must be non-negative integers (e.g. "
                f"--config.seeds=0,1), got {config.seeds!r}.")
+  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   out += [p for p in (
       _choice("regime", config.regime, REGIMES),
-      _choice("data.source", config.data.source, DATA_SOURCES),
+      _choice("data.source", config.data.source, sources.SOURCES),
       _choice("init.kind", config.init.kind, INIT_KINDS),
       _choice("oracle.kind", config.oracle.kind, ORACLES),
       _choice("loss", config.loss, ("siglip", "clip")),
@@ -238,6 +260,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append("config.train.warmup_fraction must be in [0, 1).")
   if not config.oracle.timeout_s >= 0:
     out.append("config.oracle.timeout_s must be >= 0.")
+  if (config.init.kind == "pretrain" and
+      config.data.source not in sources.WITH_PRETRAIN):
+    out.append(f"config.init.kind='pretrain' needs a data source with a "
+               f"pre-training set ({list(sources.WITH_PRETRAIN)}); "
+               f"{config.data.source!r} has none. Use init.kind='checkpoint' "
+               f"or 'scratch'.")
   if config.init.kind == "checkpoint" and not config.init.checkpoint:
     out.append("config.init.kind='checkpoint' needs "
                "--config.init.checkpoint=PATH (a big_vision .npz).")
@@ -247,7 +275,30 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                "seed (config.strategies, config.seeds).")
   if not unknown and isinstance(config.budget, int):
     out += _strategy_problems(config)
+  evals_problems = evaluators.check(config.get("evals"))
+  out += evals_problems
+  if not evals_problems:
+    out += _metric_problems(config)
   return out
+
+
+def main_metric(config: ml_collections.ConfigDict) -> str:
+  """`config.report.main_metric`, or where empty the source's headline."""
+  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if config.report.main_metric:
+    return config.report.main_metric
+  return ("colorswap/group" if config.data.source in sources.GROUPED
+          else "retrieval/t2i_r@1")
+
+
+def _metric_problems(config) -> list[str]:
+  """`report.main_metric` / `report.metrics` the run would not produce."""
+  known = evaluators.metric_names(config)
+  named = [main_metric(config), *config.report.metrics]
+  return [f"config.report.{'main_metric' if i == 0 else 'metrics'} names "
+          f"{name!r}, which a {config.data.source!r} run with these "
+          f"evaluators does not produce; known: {sorted(known)}."
+          for i, name in enumerate(named) if name not in known]
 
 
 def raise_problems(found: list[str]) -> None:

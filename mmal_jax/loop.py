@@ -43,9 +43,11 @@ import numpy as np
 
 from mmal_jax import config_lib
 from mmal_jax import evaluate
+from mmal_jax import evaluators
 from mmal_jax import faults
 from mmal_jax import fs
 from mmal_jax import logfile
+from mmal_jax import plots
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import sharding
@@ -137,6 +139,7 @@ class Experiment:
   num_units: int
   checkpoint_params: dict | None = None
   rows: dict = dataclasses.field(default_factory=dict)
+  evaluators: dict = dataclasses.field(default_factory=dict)
 
   @property
   def metrics_path(self) -> str:
@@ -167,8 +170,14 @@ class Experiment:
       found.append(f"config.init.checkpoint={init_path!r} does not exist; "
                    f"give the path of a big_vision .npz.")
     data = None
+    data_problems = sources.check(config.data)
+    found += data_problems
     try:
-      data = sources.build(config.data)
+      if data_problems:
+        raise _Skip()
+      data = _with_pool(sources.build(config.data), config)
+    except _Skip:
+      pass
     except config_lib.ConfigError as e:
       found.append(str(e))
     except (OSError, ValueError) as e:
@@ -185,6 +194,8 @@ class Experiment:
             if mesh is None else mesh)
     experiment = cls(config, workdir, mesh, data, train.Towers(config, mesh),
                      num_units)
+    experiment.evaluators = evaluators.build(config.evals,
+                                             experiment.embed_all)
     if config.init.kind == "checkpoint":
       try:
         experiment.checkpoint_params = checkpoint.load(
@@ -234,8 +245,10 @@ class Experiment:
         checkpoint_every=self.config.train.checkpoint_every,
         log_every=self.config.train.log_every, label="[pretrain]")
     ckpt.close()
+    # Every process takes part: FSDP shards may live on several hosts.
+    params = jax.tree.map(sharding.to_host, result.params)
     if sharding.is_main_process():
-      checkpoint.save(jax.device_get(result.params), path)
+      checkpoint.save(params, path)
     sharding.barrier("pretrained")
     logging.info("Pre-trained the towers in %.1fs (%d steps): %s",
                  result.seconds, result.steps, path)
@@ -273,12 +286,35 @@ class Experiment:
       fs.write_text(self.metrics_path,
                     "".join(json.dumps(r) + "\n" for r in rows))
 
-  def evaluate(self, params) -> dict[str, float]:
+  def embed_all(self, params, pool, modality: str) -> np.ndarray:
+    """`(N_m, D)` embeddings of every `modality` item of `pool`."""
+    return self.towers.embed(params, pool, modality,
+                             np.arange(pool.num_items(modality)),
+                             self.config.eval.embed_batch_size)
+
+  def evaluate(self, params, round_index: int) -> dict[str, float]:
+    """The held-out pool's metrics and the evaluators due at this round."""
     pool = self.data.eval_pool
-    batch = self.config.eval.embed_batch_size
-    z = {m: self.towers.embed(params, pool, m, np.arange(pool.num_items(m)),
-                              batch) for m in MODALITIES}
-    return evaluate.pool_metrics(z["image"], z["text"], pool)
+    z = {m: self.embed_all(params, pool, m) for m in MODALITIES}
+    metrics = evaluate.pool_metrics(z["image"], z["text"], pool)
+    metrics.update(evaluators.run_due(self.evaluators, self.config.evals,
+                                      round_index, params))
+    return metrics
+
+
+def _with_pool(data: sources.Sources, config) -> sources.Sources:
+  """A stream-only source's pool: the stream's first `num_rounds` buffers
+  (images stay references into their shards; only the shards those buffers
+  overlap are scanned). The stream regime then serves them one per round."""
+  if data.pool is not None:
+    return data
+  size = min(data.stream.num_units, config.num_rounds * config.stream_buffer)
+  return dataclasses.replace(
+      data, pool=data.stream.buffer(0, size, seed=config.data.seed))
+
+
+class _Skip(Exception):
+  """The data config has problems already listed: do not build it."""
 
 
 def _data_problems(config, data: sources.Sources) -> list[str]:
@@ -288,10 +324,14 @@ def _data_problems(config, data: sources.Sources) -> list[str]:
     if set(pool.modalities) != set(MODALITIES):
       found.append(f"The {name} has modalities {pool.modalities}; training "
                    f"needs {MODALITIES}.")
-  if config.init.kind == "pretrain" and data.pretrain_pool is None:
-    found.append(f"config.init.kind='pretrain' needs a data source with a "
-                 f"pre-training set; {config.data.source!r} has none. Use "
-                 f"init.kind='checkpoint' or 'scratch'.")
+  dims = config.get("feature_dims", None)
+  for m, dim in zip(MODALITIES, dims or ()):
+    shape = getattr(data.pool.items.get(m), "shape", ())
+    got = f"of width {shape[1]}" if len(shape) == 2 else "not feature rows"
+    if shape[1:] != (dim,):
+      found.append(f"config.feature_dims gives {m} features of width {dim}, "
+                   f"but the data's are {got}: give presets.features() the "
+                   f"files' widths.")
   num_units = pool_lib.count_units(pool_lib.matching_components(data.pool))
   needed = config.budget * config.num_rounds
   if needed > num_units:
@@ -521,7 +561,7 @@ class Run:
 
   def _evaluate_and_log(self, t: int, params, timing: dict, rows: list):
     start = time.perf_counter()
-    metrics = self.x.evaluate(params)
+    metrics = self.x.evaluate(params, t)
     if t:
       timing["eval_s"] = time.perf_counter() - start
     row = self._row(t, timing, metrics)
@@ -531,7 +571,7 @@ class Run:
     self.summaries.scalars(self.state.cost, {
         k: v for k, v in row.items()
         if k not in ("strategy", "seed", "round") and isinstance(v, float)})
-    main = self.config.report.main_metric
+    main = config_lib.main_metric(self.config)
     logging.info("%s round %d/%d: %d queries (%.1f%%), %d pairs%s", self.label,
                  t, self.config.num_rounds, row["queries"], row["percent"],
                  row["pairs"], f", {main} {metrics[main]:.1f}"
@@ -597,6 +637,22 @@ class Run:
       self._summaries.close()
 
 
+def _embedding_plot(experiment: Experiment, params, picked) -> None:
+  """WORKDIR/embedding.png (paper 1, Fig. 4 left): t-SNE of the pool's images
+  under `params` with each strategy's bought images (`picked`) marked.
+  Every process embeds (a sharded pass); the main one draws."""
+  path = os.path.join(experiment.workdir, "embedding.png")
+  if fs.exists(path):
+    return
+  z = experiment.embed_all(params, experiment.data.pool, "image")
+  if sharding.is_main_process():
+    config = experiment.config
+    plots.embedding_plot(
+        z, picked, path, max_points=config.report.embedding_plot_points,
+        title=f"Pool images, initial towers; bought in {config.num_rounds} "
+              f"rounds (seed {config.seeds[0]})")
+
+
 class _Progress:
   """Rounds done and an ETA that leaves out each process's first round
   (which includes the compilations)."""
@@ -636,9 +692,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
       initial[key] = experiment.initial_params(seed)
     return initial[key]
 
+  bought = {}
   for strategy, seed in runs:
     run = Run(experiment, strategy, seed)
     run.resume(initial_params(seed))
+    bought[strategy, seed] = run
     if run.finished:
       run.close()
     else:
@@ -657,9 +715,14 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
       run.close()
   sharding.barrier("metrics.jsonl")
   faults.point("report")
-  text = report.write(workdir, config.report.main_metric,
+  text = report.write(workdir, config_lib.main_metric(config),
                       config.report.metrics,
                       save=sharding.is_main_process())
+  if config.report.embedding_plot:
+    seed = config.seeds[0]
+    _embedding_plot(experiment, initial_params(seed), {
+        s: np.flatnonzero(bought[s, seed].state.annotated["image"])
+        for s in config.strategies})
   logging.info("Finished in %.0fs; results in %s/results.md",
                time.perf_counter() - start, workdir)
   if not pending:

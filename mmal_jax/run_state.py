@@ -126,6 +126,7 @@ class RunCheckpoints:
     raises RunStateError naming the folder.
     """
     steps = self.steps()
+    damaged = []
     for step in reversed(steps):
       try:
         meta = self.restore_meta(step)
@@ -135,8 +136,11 @@ class RunCheckpoints:
             arrays = self.restore_arrays(step, "train", like_train_fn())
           else:
             arrays = self.restore_arrays(step, "params", like_params)
+        for bad in damaged:  # Later saves reuse their step numbers.
+          self.manager.delete(bad)
         return meta, arrays
       except Exception as e:  # pylint: disable=broad-except
+        damaged.append(step)
         # Orbax and tensorstore raise many types for missing / torn files.
         logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s);"
                         " trying the one before.", step, self.directory,

@@ -102,6 +102,16 @@ def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def to_host(x) -> np.ndarray:
+  """A global `jax.Array` (possibly spanning several hosts) or host array as
+  a numpy array held in full by every process. Cost: one all-gather over
+  processes when the array is not fully addressable, else one copy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
 def is_main_process() -> bool:
   """True on the process that writes files (process 0 of a multi-host job)."""
   return jax.process_index() == 0

@@ -29,6 +29,7 @@ from mmal_jax import optim
 from mmal_jax import sharding
 from mmal_jax import tokenizers
 from mmal_jax import train_step
+from mmal_jax.data import pipeline
 from mmal_jax.data import preprocess
 from mmal_jax.data.pool import UnalignedPool
 from mmal_jax.models import two_towers
@@ -69,20 +70,28 @@ class Towers:
     self.config = config
     self.mesh = mesh
     self.model = two_towers.Model(**config.model)
-    self.tokenizer = _EosPadded(tokenizers.get_tokenizer(config.tokenizer))
+    self.tokenizer = _EosPadded(tokenizers.get_tokenizer(
+        config.tokenizer, vocab_size=config.model.text.get("vocab_size")))
     self._compiled = {}
-    replicated = sharding.replicated(mesh)
-    self._set_schedule = jax.jit(optim.set_schedule, out_shardings=replicated)
-    rows = sharding.row_sharding(mesh)
-    apply = lambda params, image, text: self.model.apply(
-        {"params": params}, image, text)
-    self._embed = {
-        "image": jax.jit(lambda p, x: apply(p, x, None)[0],
-                         in_shardings=(replicated, rows),
-                         out_shardings=replicated),
-        "text": jax.jit(lambda p, x: apply(p, None, x)[1],
-                        in_shardings=(replicated, rows),
-                        out_shardings=replicated)}
+    self._pp = {}
+    # One function object per modality, so embed_pool compiles once per bucket.
+    self._apply = {
+        "image": lambda p, x: self.model.apply({"params": p}, x, None)[0],
+        "text": lambda p, x: self.model.apply({"params": p}, None, x)[1]}
+
+  def pp(self, pool: UnalignedPool) -> dict[str, str]:
+    """The pp string per modality of `pool`: `config.pp.<modality>` where
+    given, else `pipeline.default_pp` for the model's resolution, text
+    length and tokenizer."""
+    key = id(pool)
+    if key not in self._pp:
+      out = pipeline.default_pp(pool, res=self.config.res,
+                                text_len=self.config.text_len,
+                                tokenizer=self.config.tokenizer)
+      given = self.config.get("pp", None) or {}
+      out.update({m: given[m] for m in out if given.get(m)})
+      self._pp = {key: out}  # Pools change rarely; keep the latest only.
+    return self._pp[key]
 
   def prepare(self, pool: UnalignedPool) -> preprocess.PrepareFn:
     """`prepare(modality, indices)`: model inputs for items of `pool`."""
@@ -91,13 +100,13 @@ class Towers:
         tokenizer=self.tokenizer, text_length=self.config.text_len)
 
   def init_params(self, pool: UnalignedPool, seed: int) -> dict:
-    """Random initial parameters; input shapes from `pool`'s first items."""
+    """Random initial parameters in their FSDP layout on the mesh; input
+    shapes from `pool`'s first items."""
     prepare = self.prepare(pool)
-    example = [jnp.asarray(prepare(m, np.zeros(1, np.int64)))
-               for m in MODALITIES]
-    init = jax.jit(lambda rng: self.model.init(rng, *example)["params"],
-                   out_shardings=sharding.replicated(self.mesh))
-    return init(jax.random.PRNGKey(seed))
+    example = {m: jnp.asarray(prepare(m, np.zeros(1, np.int64)))
+               for m in MODALITIES}
+    return train_step.init_params(self.model, self.mesh,
+                                  jax.random.PRNGKey(seed), example)
 
   def _compile(self, optim_config, params) -> tuple[Callable, Callable]:
     """(state init, train step) for an optimizer config, built once each."""
@@ -114,8 +123,8 @@ class Towers:
   def state_like(self, optim_config, params):
     """Shapes, dtypes and shardings of a train state as `fit` makes it (the
     target of a restore). Allocates nothing."""
-    init_state, _ = self._compile(optim_config, params)
-    return jax.eval_shape(init_state, params, jax.random.PRNGKey(0))
+    optimizer = optim.make_optimizer(optim_config, params)
+    return train_step.abstract_state(optimizer, params, self.mesh)
 
   def batch_size(self, requested: int, num_pairs: int) -> int:
     """Largest multiple of the device count <= min(requested, num_pairs)."""
@@ -178,11 +187,11 @@ class Towers:
       start, state = resume
       logging.info("%s resumed at step %d/%d", label, start, total)
     else:
-      state = init_state(params, jax.random.PRNGKey(seed))
-      state["opt"] = self._set_schedule(state["opt"], warmup, total)
-    batches = preprocess.pair_batches(
-        pairs, batch_size, self.prepare(pool), seed=seed, num_epochs=epochs,
-        mesh=self.mesh, start_step=start)
+      state = init_state(params, jax.random.PRNGKey(seed),
+                         warmup_steps=warmup, total_steps=total)
+    batches = pipeline.train_batches(
+        pool, pairs, batch_size, self.pp(pool), seed=seed, mesh=self.mesh,
+        num_epochs=epochs, start_step=start)
     pending, loss = [], None
     log_epochs = per_epoch * max(1, epochs // 5)
 
@@ -229,13 +238,12 @@ class Towers:
             batch_size: int) -> np.ndarray:
     """`(len(indices), D)` float32 L2-normalised embeddings of items of `pool`.
 
-    Batches of `batch_size` (rounded up to the device count) are split over
-    the mesh; only `modality`'s tower runs. Cost: one forward pass per item.
+    One `pipeline.embed_pool` pass (each process reads and embeds its own
+    devices' rows; only `modality`'s tower runs), then the rows are gathered
+    to every host. Cost: one forward pass per item, `len(indices) x D`
+    floats per host.
     """
-    devices = self.mesh.size
-    batch_size = -(-batch_size // devices) * devices
-    out = []
-    for inputs, valid in preprocess.item_batches(
-        modality, indices, batch_size, self.prepare(pool), mesh=self.mesh):
-      out.append(np.asarray(self._embed[modality](params, inputs))[:valid])
-    return np.concatenate(out).astype(np.float32)
+    rows = pipeline.embed_pool(self._apply[modality], params, pool, modality,
+                               indices, self.mesh, batch_size,
+                               self.pp(pool)[modality])
+    return sharding.to_host(rows)[:len(indices)].astype(np.float32)

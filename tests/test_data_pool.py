@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mmal_jax.data import annotation, pool as pool_lib
+from mmal_jax.data import pool as pool_lib
 from mmal_jax.data.annotation import Answer, AnnotationState
 from mmal_jax.data.pool import UnalignedPool
 

@@ -34,13 +34,24 @@ def tiny_config(**overrides):
   config.pretrain.update(epochs=1, batch_size=16)
   config.train.update(epochs=2, batch_size=8, checkpoint_every=0)
   config.eval.embed_batch_size = 16
+  _override(config, overrides)
+  return config_lib.validate(config)
+
+
+def _override(config, overrides: dict) -> None:
+  """Sets dotted `config` fields (`"train.epochs": 2`)."""
   for key, value in overrides.items():
     target = config
     *path, last = key.split(".")
     for part in path:
       target = target[part]
     target[last] = value
-  return config_lib.validate(config)
+
+
+def _load_config(name: str):
+  """`configs/<name>`'s `get_config()`."""
+  return config_lib.from_file(
+      str(pathlib.Path(__file__).resolve().parents[1] / "configs" / name))
 
 
 def _rows(workdir):
@@ -52,9 +63,14 @@ def _state(workdir, strategy, seed=0):
       workdir, "runs", strategy, f"seed_{seed}", "annotation.json"))
 
 
-def test_pool_run_writes_every_output(tmp_path):
+def test_pool_run_writes_every_output(tmp_path, monkeypatch):
   workdir = str(tmp_path / "pool")
-  text = loop.run_experiment(tiny_config(), workdir)
+  drawn = []
+  real_plot = loop.plots.embedding_plot
+  monkeypatch.setattr(loop.plots, "embedding_plot", lambda z, picked, *a, **k:
+                      drawn.append((z, picked)) or real_plot(z, picked, *a, **k))
+  text = loop.run_experiment(tiny_config(**{"report.embedding_plot": True}),
+                             workdir)
   rows = _rows(workdir)
   assert len(rows) == 2 * 3  # strategies x rounds 0..2
   for row in rows:
@@ -68,7 +84,7 @@ def test_pool_run_writes_every_output(tmp_path):
       assert row["train_steps"] == 2 * (row["pairs"] // 8)
       assert sum(row["modality_counts"].values()) == 8
   for name in ("config.json", "results.md", "al_curves.png",
-               "pretrained/params.npz"):
+               "pretrained/params.npz", "embedding.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "colorswap/group" in text and "savings" in text
   for strategy in ("random", "mmal"):
@@ -79,6 +95,11 @@ def test_pool_run_writes_every_output(tmp_path):
     assert AnnotationState.from_json(open(snapshot).read()).cost == 8
   events = list((tmp_path / "pool" / "tensorboard").rglob("events.out.*"))
   assert len(events) == 2
+  (z, picked), = drawn  # The pool's images; each strategy's bought images.
+  assert z.shape[0] == 48
+  for strategy in ("random", "mmal"):
+    np.testing.assert_array_equal(picked[strategy], np.flatnonzero(
+        _state(workdir, strategy).annotated["image"]))
 
 
 def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
@@ -177,8 +198,8 @@ def test_coco_mini_stream_run(tmp_path):
 
 
 def test_bad_inputs_are_named(tmp_path):
-  with pytest.raises(ValueError, match="unknown strategy 'badge'"):
-    tiny_config(strategies=("badge",))
+  with pytest.raises(ValueError, match="unknown strategy 'bald'"):
+    tiny_config(strategies=("bald",))
   with pytest.raises(ValueError, match="config.regime='online'"):
     tiny_config(regime="online")
   with pytest.raises(ValueError, match=r"budget x config.num_rounds = 60 "
@@ -196,14 +217,24 @@ def test_bad_inputs_are_named(tmp_path):
                            str(tmp_path / "stream"))
   assert not os.path.exists(tmp_path / "stream" / "config.json")
   with pytest.raises(ValueError, match="needs config.data.train_json"):
-    loop.Experiment.create(tiny_config(**{"data.source": "coco"}),
+    loop.Experiment.create(tiny_config(**{"data.source": "coco",
+                                          "init.kind": "scratch"}),
                            str(tmp_path / "coco"))
   with pytest.raises(config_lib.ConfigError,
-                     match="Cannot load the 'features' data: .*no/such.npy"):
+                     match="3 problems: .*image_features: file not found: "
+                     "no/such.npy"):
     loop.Experiment.create(tiny_config(**{
-        "data.source": "features", "data.image_features": "no/such.npy",
+        "data.source": "features", "init.kind": "scratch", "data.image_features": "no/such.npy",
         "data.text_features": "x.npy", "data.pairs": "p.npy"}),
         str(tmp_path / "features"))
+  assert not os.path.exists(tmp_path / "features")
+  with pytest.raises(config_lib.ConfigError, match="main_metric names "
+                     "'colorswap/group', which a 'features' run"):
+    tiny_config(**{"data.source": "features", "init.kind": "scratch",
+                   "report.main_metric": "colorswap/group"})
+  with pytest.raises(config_lib.ConfigError, match="init.kind='pretrain' "
+                     "needs a data source with a pre-training set"):
+    tiny_config(**{"data.source": "features"})
   config = tiny_config()
   with pytest.raises(AttributeError, match="epoch"):
     config.train.epoch = 3  # Locked: a typo cannot add a field.
@@ -211,3 +242,39 @@ def test_bad_inputs_are_named(tmp_path):
   other = tiny_config(budget=5)
   with pytest.raises(loop.ConfigMismatchError, match="differs in: budget"):
     loop.check_workdir(other, str(tmp_path / "same"))
+
+
+def _write_features(folder, num_pairs=60, dims=(8, 6), seed=0):
+  """Linked random features: text = image @ W + noise, pairs row i <-> i."""
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=(num_pairs, dims[0])).astype(np.float32)
+  text = image @ rng.normal(size=dims) + 0.1 * rng.normal(
+      size=(num_pairs, dims[1]))
+  np.save(folder / "img.npy", image)
+  np.save(folder / "txt.npy", text.astype(np.float32))
+  np.save(folder / "pairs.npy", np.stack([np.arange(num_pairs)] * 2, 1))
+  return {"data.image_features": str(folder / "img.npy"),
+          "data.text_features": str(folder / "txt.npy"),
+          "data.pairs": str(folder / "pairs.npy")}
+
+
+def test_features_config_runs_on_npy_files(tmp_path):
+  config = _load_config("features.py")
+  files = _write_features(tmp_path)
+  overrides = {**files, "feature_dims": (8, 6), "strategies": ("random",
+               "mmal"), "seeds": (0,), "budget": 8, "num_rounds": 2,
+               "strategy_hparams.mmal.coreset_size": 16, "train.epochs": 2,
+               "train.batch_size": 8, "eval.embed_batch_size": 16}
+  _override(config, overrides)
+  workdir = str(tmp_path / "run")
+  loop.run_experiment(config_lib.validate(config), workdir)
+  rows = _rows(workdir)
+  assert sorted((r["strategy"], r["round"]) for r in rows) == [
+      (s, t) for s in ("mmal", "random") for t in range(3)]
+  assert all("retrieval/t2i_r@1" in r for r in rows)
+  assert "retrieval/t2i_r@1" in (tmp_path / "run" / "results.md").read_text()
+  wrong = _load_config("features.py")
+  _override(wrong, {**overrides, "feature_dims": (8, 7)})
+  with pytest.raises(config_lib.ConfigError, match="feature_dims gives text "
+                     "features of width 7, but the data's are of width 6"):
+    loop.Experiment.create(config_lib.validate(wrong), str(tmp_path / "w"))

@@ -354,3 +354,25 @@ def test_colorswap_runs_through_the_experiment_loop(tmp_path):
   rows = report.read_rows(str(tmp_path / "run" / "metrics.jsonl"))
   assert [r["round"] for r in rows] == [0, 1] and rows[1]["queries"] == 8
   assert all(np.isfinite(r["colorswap/group"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_datacomp_stream_runs_through_the_experiment_loop(tmp_path):
+  """Webdataset shards in the stream regime: the loop takes the stream's first
+  num_rounds buffers as its pool and queries only one buffer per round."""
+  import test_loop  # pylint: disable=g-import-not-at-top
+  from mmal_jax import loop, report  # pylint: disable=g-import-not-at-top
+  train, held = str(tmp_path / "train"), str(tmp_path / "eval")
+  write_shard(os.path.join(train, "00000.tar"), 0, 20, lone=(3,))
+  write_shard(os.path.join(train, "00001.tar"), 20, 20)
+  write_shard(os.path.join(held, "00000.tar"), 100, 8)
+  config = test_loop.tiny_config(
+      strategies=("random",), regime="stream", stream_buffer=16, budget=8,
+      **{"data.source": "datacomp", "data.dir": train, "data.eval_dir": held,
+         "init.kind": "scratch"})
+  workdir = str(tmp_path / "run")
+  loop.run_experiment(config, workdir)
+  rows = report.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["round"] for r in rows] == [0, 1, 2]
+  assert rows[-1]["queries"] == 16
+  assert all(np.isfinite(r["retrieval/t2i_r@1"]) for r in rows)

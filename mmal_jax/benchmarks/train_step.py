@@ -31,24 +31,15 @@ from mmal_jax import fs
 from mmal_jax import optim
 from mmal_jax import sharding
 from mmal_jax import train_step
+from mmal_jax.benchmarks import peaks
 from mmal_jax.models import presets
 from mmal_jax.models import two_towers
 
-# Dense bfloat16 peak TFLOP/s per device, matched against `device_kind`.
-PEAK_BF16_TFLOPS = {
-    "H200": 989., "H100": 989., "A100": 312., "L4": 121., "A10G": 70.,
-    "TPU v6 lite": 918., "TPU v5p": 459., "TPU v5 lite": 197., "TPU v4": 275.,
-}
-
-
 def peak_tflops(device: jax.Device, dtype: str) -> float | None:
-  """Known dense peak of `device` for bfloat16 compute, else None."""
-  if dtype != "bfloat16":
-    return None
-  for name, peak in PEAK_BF16_TFLOPS.items():
-    if name.lower() in device.device_kind.lower():
-      return peak
-  return None
+  """Known dense peak of `device` for bfloat16 compute (`peaks.PEAKS`),
+  else None."""
+  peak = peaks.device_peak(device.device_kind)
+  return peak[0] if peak and dtype == "bfloat16" else None
 
 
 MEMORY_VARIANTS = ("B/16", "So400m/14", "g/14")

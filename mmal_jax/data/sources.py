@@ -47,6 +47,8 @@ from mmal_jax.data.pool import UnalignedPool, split_groups
 
 # Sources whose pools have groups of 2 images + 2 captions (ColorSwap scores).
 GROUPED = ("shapes", "colorswap")
+# Sources with a pre-training set (`Sources.pretrain_pool`).
+WITH_PRETRAIN = ("shapes",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
       source="shapes", seed=0,
       # shapes
       num_groups=700, num_eval_groups=200, image_size=32, noise_std=6.0,
+      missing_image_fraction=0.0,  # images removed (paper 1, Fig. 4 right)
       # image_size: shapes render at it; coco preloads at it (0: decode
       # each batch from the files, at the model resolution).
       pretrain_size=4000,
@@ -99,7 +102,7 @@ def _shapes(data) -> Sources:
                                  data.image_size, data.seed,
                                  noise_std=data.noise_std)
   pool, eval_pool = split_groups(groups, data.num_eval_groups, data.seed)
-  if data.get("missing_image_fraction", 0.):  # Fig. 4 right of paper 1.
+  if data.missing_image_fraction:
     pool = shapes.drop_items(pool, "image", data.missing_image_fraction,
                              data.seed)
   pretrain = shapes.make_single_objects(data.pretrain_size, data.image_size,

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmal_jax import sharding
+
 HIGHEST = jax.lax.Precision.HIGHEST
 BLOCK_ELEMENTS = 1 << 24
 
@@ -40,10 +42,7 @@ EmbedFn = Callable[..., "np.ndarray | jax.Array"]
 def to_host(z, num_rows: int) -> np.ndarray:
   """The first `num_rows` rows of `z` (numpy, or a global jax.Array that may
   span several hosts) as a numpy array on every process."""
-  if isinstance(z, jax.Array) and not z.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    z = multihost_utils.process_allgather(z, tiled=True)
-  return np.asarray(z)[:num_rows]
+  return sharding.to_host(z)[:num_rows]
 
 
 def check_embeddings(**named) -> list[np.ndarray]:
