@@ -277,7 +277,8 @@ def test_loop_first_round_uses_config_cold_start(tmp_path):
                                    cold_start=selector)
     workdir = str(tmp_path / (selector or "default"))
     loop.run_experiment(config, workdir)
-    log = test_loop._state(workdir, "mmal").log  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    log = test_loop._state(workdir, "mmal").log
     picks[selector] = [(a.modality, a.index) for a in log]
     assert len(set(picks[selector])) == config.budget
   assert picks["kmeans"] != picks[""]

@@ -27,10 +27,12 @@ is computed one `(rows_per_block, block)` tile at a time, never as a
 Cost: 2 passes over the N_m x C pairs to start (lse with the argmax, the
 doubled-scale lse) and one per pick: about `2 (B + 2) N_m C D` flops,
 quadratic in the pool by design (the paper's point against BADGE here).
-Memory: the classes' embeddings replicated on every device (`C x D`), the modality's
-rows split over the mesh, one tile. There are no sums across devices (each
-item's log-sum-exp runs over the replicated classes in a fixed chunk order)
-and the picks are exact collectives, so the result is the same on any mesh.
+Memory: the classes' embeddings replicated on every device (`C x D`), the
+modality's rows split over the mesh, one tile. There are no sums across
+devices (each item's log-sum-exp runs over the replicated classes in a fixed
+chunk order) and the picks are exact collectives, so the result is the same
+on any mesh. Blocks past the real rows and class chunks past the real
+classes (size buckets) are skipped.
 
 `t` is `logit_scale` (default 10, SigLIP's initial scale; pass the trained
 model's `t` for its own softmax).
