@@ -55,6 +55,8 @@ from mmal_jax.acquisition.kmeans import REPLICATED, ROWS
 from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
 
 Query = strategies.Query
+# Class chunks up to which the log-sum-exp over the classes is unrolled.
+_UNROLLED_CHUNKS = 8
 
 
 def _logsumexp_over_classes(queries, classes: kernels.Operand, scale):
@@ -79,7 +81,14 @@ def _logsumexp_over_classes(queries, classes: kernels.Operand, scale):
   q = queries.shape[0]
   init = (jnp.full((q,), -jnp.inf), jnp.full((q,), -jnp.inf),
           jnp.zeros((q,), jnp.int32))
-  return jax.lax.fori_loop(0, num_chunks, one_chunk, init)
+  if chunks.shape[0] > _UNROLLED_CHUNKS:
+    return jax.lax.fori_loop(0, num_chunks, one_chunk, init)
+  # Few chunks: unrolled (a loop with a traced trip count is not, and cost
+  # twice as much here), chunks past the real classes skipped.
+  for j in range(chunks.shape[0]):
+    init = jax.lax.cond(j < num_chunks, functools.partial(one_chunk, j),
+                        lambda carry: carry, init)
+  return init
 
 
 def _row_statistics(x, classes: kernels.Operand, scale):
@@ -121,10 +130,11 @@ def _local_state(rows, scale, sq_norms, num_rows, classes, t, shape):
             tuple(kernels.fetch(a, index, offset) for a in flat))
 
   def sq_distance(center):
-    return kernels.over_real_blocks(
+    # Every block, padding included: a loop bounded by the real blocks
+    # (`kernels.over_real_blocks`) measured slower around the class loop.
+    return layout_lib.map_blocks(
         lambda x, s, *a: _sq_distances(scaled(x, s), *a, center, classes, t),
-        kernels.num_local_blocks(num_rows, shape), 0., blocks, scale,
-        sq_norms, *stats)
+        blocks, scale, sq_norms, *stats)
 
   return offset, stats[2] * sq_norms, record, sq_distance
 
