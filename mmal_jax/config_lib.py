@@ -9,6 +9,9 @@ Fields (defaults below):
     hparams go to `acquisition.STRATEGIES[name]`.
   acquisition: `block` (tile edge), `feature_dtype`, `picks_per_pass` for
     every strategy (see `acquisition.strategies`).
+  cold_start: the first round's selector: "" (each strategy's own: a random
+    modality) or an `acquisition.SELECTORS` name ("kmeans", "mmcsal", ...;
+    see `acquisition.cold_start.with_cold_start`).
   regime: "pool" (every unannotated item is a candidate) or "stream" (round t
     sees only buffer t of `stream_buffer` matched units; the rest is gone).
   budget, num_rounds: queries per round and rounds per run.
@@ -44,6 +47,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mmal_jax import evaluators
+from mmal_jax.acquisition import SELECTORS
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.models import presets
 
@@ -79,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
                 modality="auto", metric="euclidean")))
   c.acquisition = ml_collections.ConfigDict(dict(
       block=1024, feature_dtype="float32", picks_per_pass=16))
+  # The first round (nothing annotated): "" = each strategy's own cold start
+  # (a random modality), or a cold-start selector (`acquisition.SELECTORS`).
+  c.cold_start = ""
   c.regime = "pool"
   c.stream_buffer = 1024
   c.budget = 70
@@ -229,7 +236,9 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       _choice("oracle.kind", config.oracle.kind, ORACLES),
       _choice("loss", config.loss, ("siglip", "clip")),
       _choice("acquisition.feature_dtype", config.acquisition.feature_dtype,
-              ("float32", "bfloat16", "float16"))) if p]
+              ("float32", "bfloat16", "float16")),
+      _choice("cold_start", config.cold_start, ("",) + tuple(sorted(
+          SELECTORS)))) if p]
   for name in ("budget", "num_rounds", "stream_buffer", "train.epochs",
                "train.batch_size", "train.log_every", "eval.embed_batch_size",
                "pretrain.epochs", "pretrain.batch_size",

@@ -53,6 +53,7 @@ from mmal_jax import run_state
 from mmal_jax import sharding
 from mmal_jax import summaries
 from mmal_jax import train
+from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.data import oracle as oracle_lib
 from mmal_jax.data import pool as pool_lib
@@ -609,7 +610,9 @@ class Run:
         candidates = {m: np.isin(items[m], self.buffers[t - 1][m])
                       for m in MODALITIES}
       start = time.perf_counter()
-      picked = STRATEGIES[self.strategy](
+      acquire = cold_start.with_cold_start(STRATEGIES[self.strategy],
+                                           self.config.cold_start)
+      picked = acquire(
           embeddings, annotated, budget=self.config.budget,
           seed=_derived_seed(self.seed, t), candidates=candidates,
           mesh=self.x.mesh, block=self.config.acquisition.block,

@@ -167,29 +167,3 @@ def mmcsal_loss(z1, z2, prototypes, assignments, phis, tau: float = 0.07):
   uni = 0.5 * sum(prototypical_loss(z, p, a, phi) for z, p, a, phi in
                   zip((z1, z2), prototypes, assignments, phis))
   return 0.5 * cross + 0.5 * uni
-
-
-def kmeans(x, num_clusters: int, key, num_iters: int = 20):
-  """Lloyd's K-means, initialised with `num_clusters` distinct random points.
-
-  Args: x (N, D); key a PRNG key. Returns (centroids (C, D), assignments (N,)).
-  A cluster that empties keeps its previous centroid. jit-able (num_clusters,
-  num_iters static). Cost: num_iters * 3 * N * C * D FLOPs, O(N * C) memory.
-  """
-  x = x.astype(jnp.float32)
-  centroids = x[jax.random.choice(key, x.shape[0], (num_clusters,),
-                                  replace=False)]
-
-  def assign(centroids):
-    sq_dist = (jnp.sum(centroids ** 2, axis=1)[None, :]
-               - 2 * x @ centroids.T)  # ||x||^2 is the same for every cluster
-    return jnp.argmin(sq_dist, axis=1)
-
-  def step(_, centroids):
-    one_hot = jax.nn.one_hot(assign(centroids), num_clusters, dtype=x.dtype)
-    size = one_hot.sum(axis=0)[:, None]
-    means = (one_hot.T @ x) / jnp.maximum(size, 1.)
-    return jnp.where(size > 0, means, centroids)
-
-  centroids = jax.lax.fori_loop(0, num_iters, step, centroids)
-  return centroids, assign(centroids)

@@ -25,7 +25,7 @@ def test_acquisition_benchmark(tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["repeats"] >= 5 and results["machine"]["loadavg_after"]
   for name in ("mmal", "mmal_with_rebuild", "coreset", "uncertainty",
-               "cache_rebuild"):
+               "badge", "cache_rebuild"):
     assert set(results["seconds_per_round"][name]) == {"600", "1000"}
     assert results["loglog_slope"][name] is not None
   rates = results["kernel_rates"][0]

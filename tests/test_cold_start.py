@@ -8,9 +8,13 @@ from sklearn.cluster import KMeans
 
 import acquisition_reference as ref
 import device_counts
+from mmal_jax import config_lib
+from mmal_jax import loop
 from mmal_jax import sharding
+from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.acquisition import cold_start as cs
 from mmal_jax.acquisition import kmeans as km
+from mmal_jax.acquisition import layout as layout_lib
 
 BLOCK = 16
 
@@ -159,7 +163,7 @@ def test_nearest_unused_is_the_sequential_greedy_even_past_its_candidates():
   # 80 identical queries exhaust the 64 candidates each pass gathers.
   queries = np.concatenate([np.repeat(x[:1], 80, axis=0),
                             rng.standard_normal((10, 5))]).astype(np.float32)
-  pool = km.shard_tree_rows(x, block=BLOCK)
+  pool = layout_lib.shard_rows(x, block=BLOCK)
   np.testing.assert_array_equal(cs.nearest_unused(pool, queries),
                                 greedy_nearest_unused(x, queries))
   eligible = np.arange(150) % 2 == 0
@@ -212,6 +216,76 @@ def test_errors_name_the_problem():
                           split="half")
 
 
+# ------------------------------------------- the unaligned loop's cold start
+
+
+def unaligned(seed=0):
+  rng = np.random.default_rng(seed)
+  emb = {"image": rng.standard_normal((40, 6)).astype(np.float32),
+         "text": rng.standard_normal((30, 6)).astype(np.float32)}
+  return emb, {m: np.zeros(len(z), bool) for m, z in emb.items()}
+
+
+def cold_round(selector, mesh=None):
+  """A first round under `selector` with a stream buffer of every 2nd item."""
+  emb, none = unaligned()
+  candidates = {m: np.arange(len(z)) % 2 == 0 for m, z in emb.items()}
+  acquire = cs.with_cold_start(STRATEGIES["mmal"], selector)
+  return acquire(emb, none, budget=8, seed=3, candidates=candidates,
+                 mesh=mesh, block=BLOCK, coreset_size=16)
+
+
+@pytest.mark.parametrize("selector", ["kmeans", "mmcsal"])
+def test_with_cold_start_runs_the_selector_on_the_first_round(selector):
+  emb, none = unaligned()
+  picked = cold_round(selector)
+  items = {m: np.flatnonzero(np.arange(len(z)) % 2 == 0)
+           for m, z in emb.items()}
+  want = cs.cold_start_queries({m: emb[m][items[m]] for m in emb}, budget=8,
+                               selector=selector, seed=3, block=BLOCK)
+  assert picked == [(m, int(items[m][i])) for m, i in want]
+  assert len(set(picked)) == 8 and all(i % 2 == 0 for _, i in picked)
+  assert picked != cold_round("")  # mmal's own cold start picks otherwise.
+  # Once something is annotated, the strategy itself runs.
+  annotated = {m: np.isin(np.arange(len(emb[m])),
+                          [i for n, i in picked if n == m]) for m in emb}
+  kw = dict(budget=8, seed=4, block=BLOCK, coreset_size=16)
+  assert (cs.with_cold_start(STRATEGIES["mmal"], selector)(
+      emb, annotated, **kw) == STRATEGIES["mmal"](emb, annotated, **kw))
+
+
+def test_cold_start_selector_is_checked():
+  assert cs.with_cold_start(STRATEGIES["mmal"], "") is STRATEGIES["mmal"]
+  with pytest.raises(KeyError, match="Unknown cold-start selector 'bald'"):
+    cs.with_cold_start(STRATEGIES["mmal"], "bald")
+  config = config_lib.base_config()
+  assert config.cold_start == "" and not config_lib.problems(config)
+  config.cold_start = "bald"
+  assert config_lib.problems(config) == [
+      "config.cold_start='bald' is not one of ['', 'activeft', 'kcenter', "
+      "'kmeans', 'mmcsal', 'random']."]
+  with pytest.raises(config_lib.ConfigError, match="config.cold_start"):
+    config_lib.validate(config)
+
+
+@pytest.mark.slow
+def test_loop_first_round_uses_config_cold_start(tmp_path):
+  import test_loop  # pylint: disable=g-import-not-at-top
+  picks = {}
+  for selector in ("", "kmeans"):
+    config = test_loop.tiny_config(strategies=("mmal",), num_rounds=1,
+                                   cold_start=selector)
+    workdir = str(tmp_path / (selector or "default"))
+    loop.run_experiment(config, workdir)
+    # pylint: disable-next=protected-access
+    log = test_loop._state(workdir, "mmal").log
+    picks[selector] = [(a.modality, a.index) for a in log]
+    assert len(set(picks[selector])) == config.budget
+  assert picks["kmeans"] != picks[""]
+  # All in one modality (the seed's), as cold_start_queries splits them.
+  assert len({m for m, _ in picks["kmeans"]}) == 1
+
+
 # ------------------------------------------------------------ device count
 
 
@@ -229,6 +303,7 @@ def fingerprint(num_devices: int) -> dict:
                                               **kw)
   out.update(theta=theta, losses=losses)
   result = km.kmeans(concat(reps), 6, seed=2, **kw)
+  out["cold_round"] = cold_round("kmeans", mesh)
   out.update(centroids=result.centroids, labels=result.labels,
              inertia=result.inertia)
   return {k: np.asarray(v).tolist() for k, v in out.items()}

@@ -1,4 +1,6 @@
 """Sharded K-means and k-means++ against scikit-learn and numpy; tree sums."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from sklearn.cluster import KMeans
 
 from mmal_jax import sharding
 from mmal_jax.acquisition import kmeans as km
+from mmal_jax.acquisition import layout as layout_lib
 
 BLOCK = 16
 
@@ -103,10 +106,12 @@ def test_tree_sum_is_the_sum_and_needs_powers_of_two():
                   check_vma=False)(jnp.zeros((3 * n, 2)))
 
 
-def test_tree_layout_has_power_of_two_blocks_per_device():
-  mesh = sharding.make_mesh()
+@pytest.mark.parametrize("num_devices", [1, 3, 6, 8])
+def test_pools_have_power_of_two_blocks_per_device(num_devices):
+  # What tree_sum needs, on any mesh size (the layout reads only its size).
+  mesh = types.SimpleNamespace(size=num_devices)
   for n in (1, 100, 1000, 5000):
-    lay = km.tree_layout(n, mesh, 64)
+    lay = layout_lib.pool_layout(n, mesh, 64)
     per_device = lay.num_blocks // mesh.size
     assert per_device & (per_device - 1) == 0
     assert lay.padded_rows >= n and lay.num_blocks % mesh.size == 0
@@ -118,7 +123,7 @@ def test_errors_name_the_problem():
                      "20 rows"):
     km.kmeans(x, 30)
   with pytest.raises(ValueError, match=r"init must be \(C, 6\)"):
-    km.kmeans_sharded(km.shard_tree_rows(x), np.zeros((3, 2)))
+    km.kmeans_sharded(layout_lib.shard_rows(x), np.zeros((3, 2)))
   with pytest.raises(ValueError, match="init has 3 centroids"):
     km.kmeans(x, 4, init=x[:3])
   bad = x.copy()

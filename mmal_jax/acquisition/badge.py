@@ -27,10 +27,12 @@ is computed one `(rows_per_block, block)` tile at a time, never as a
 Cost: 2 passes over the N_m x C pairs to start (lse with the argmax, the
 doubled-scale lse) and one per pick: about `2 (B + 2) N_m C D` flops,
 quadratic in the pool by design (the paper's point against BADGE here).
-Memory: the classes' embeddings replicated on every device (`C x D`), the modality's
-rows split over the mesh, one tile. There are no sums across devices (each
-item's log-sum-exp runs over the replicated classes in a fixed chunk order)
-and the picks are exact collectives, so the result is the same on any mesh.
+Memory: the classes' embeddings replicated on every device (`C x D`), the
+modality's rows split over the mesh, one tile. There are no sums across
+devices (each item's log-sum-exp runs over the replicated classes in a fixed
+chunk order) and the picks are exact collectives, so the result is the same
+on any mesh. Blocks past the real rows and class chunks past the real
+classes (size buckets) are skipped.
 
 `t` is `logit_scale` (default 10, SigLIP's initial scale; pass the trained
 model's `t` for its own softmax).
@@ -50,71 +52,62 @@ from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
 from mmal_jax.acquisition.kmeans import REPLICATED, ROWS
-from mmal_jax.acquisition.layout import DEFAULT_BLOCK, ShardedRows
+from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
 
 Query = strategies.Query
+# Class chunks up to which the log-sum-exp over the classes is unrolled.
+_UNROLLED_CHUNKS = 8
 
 
-def _class_chunks(classes, block: int, mesh: Mesh):
-  """Replicated `(chunks, chunk, D)` class embeddings and validity."""
-  classes = np.asarray(classes, np.float32)
-  n = classes.shape[0]
-  chunk = min(layout_lib.check_block(block),
-              max(8, layout_lib.next_pow2(max(n, 1))))
-  padded = -(-max(n, 1) // chunk) * chunk
-  rows = np.zeros((padded, classes.shape[1]), np.float32)
-  rows[:n] = classes
-  valid = np.arange(padded) < n
-  put = lambda x: jax.device_put(x, sharding.replicated(mesh))
-  return (put(rows.reshape(-1, chunk, classes.shape[1])),
-          put(valid.reshape(-1, chunk)))
+def _logsumexp_over_classes(queries, classes: kernels.Operand, scale):
+  """LSE_y(scale <q, z_y>) of each query row over the classes, with the
+  best class and its logit; chunks of classes in a fixed order."""
+  chunks = classes.values.reshape(-1, classes.chunk, classes.values.shape[-1])
+  num_chunks = (classes.count + classes.chunk - 1) // classes.chunk
 
-
-def _logsumexp_over_classes(queries, classes, valid, scale):
-  """LSE_y(scale <q, z_y>) of each query row over the valid classes, with
-  the best class and its logit; chunks of classes in a fixed order."""
-
-  def one_chunk(carry, chunk):
+  def one_chunk(j, carry):
     lse, best, best_idx = carry
-    w, ok, offset = chunk
-    logits = jnp.where(ok[None, :], scale * jnp.einsum(
-        "qd,cd->qc", queries, w, preferred_element_type=jnp.float32), -jnp.inf)
+    index = j * classes.chunk + jnp.arange(classes.chunk, dtype=jnp.int32)
+    logits = jnp.where(index[None, :] < classes.count, scale * jnp.einsum(
+        "qd,cd->qc", queries, chunks[j], preferred_element_type=jnp.float32),
+                       -jnp.inf)
     idx = jnp.argmax(logits, axis=1)
     top = jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]
     better = top > best  # Strict: the earlier class wins ties.
     return (jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=1)),
             jnp.where(better, top, best),
-            jnp.where(better, offset + idx.astype(jnp.int32), best_idx)), None
+            jnp.where(better, index[idx], best_idx))
 
   q = queries.shape[0]
-  offsets = jnp.arange(classes.shape[0], dtype=jnp.int32) * classes.shape[1]
   init = (jnp.full((q,), -jnp.inf), jnp.full((q,), -jnp.inf),
           jnp.zeros((q,), jnp.int32))
-  (lse, best, best_idx), _ = jax.lax.scan(one_chunk, init,
-                                          (classes, valid, offsets))
-  return lse, best, best_idx
+  if chunks.shape[0] > _UNROLLED_CHUNKS:
+    return jax.lax.fori_loop(0, num_chunks, one_chunk, init)
+  # Few chunks: unrolled (a loop with a traced trip count is not, and cost
+  # twice as much here), chunks past the real classes skipped.
+  for j in range(chunks.shape[0]):
+    init = jax.lax.cond(j < num_chunks, functools.partial(one_chunk, j),
+                        lambda carry: carry, init)
+  return init
 
 
-def _row_statistics(x, classes, valid, scale):
-  """Per row of a block: (lse, yhat, ||g||^2 / ||z||^2, z_yhat)."""
-  x = x.astype(jnp.float32)
-  lse, best, yhat = _logsumexp_over_classes(x, classes, valid, scale)
-  lse_double, _, _ = _logsumexp_over_classes(x, classes, valid, 2. * scale)
+def _row_statistics(x, classes: kernels.Operand, scale):
+  """Per scaled row of a block: (lse, yhat, ||g||^2 / ||z||^2, z_yhat)."""
+  lse, best, yhat = _logsumexp_over_classes(x, classes, scale)
+  lse_double, _, _ = _logsumexp_over_classes(x, classes, 2. * scale)
   p_sq = jnp.exp(lse_double - 2. * lse)
   p_top = jnp.exp(best - lse)
-  flat = classes.reshape(-1, classes.shape[-1])
-  return lse, yhat, jnp.maximum(p_sq - 2. * p_top + 1., 0.), flat[yhat]
+  return (lse, yhat, jnp.maximum(p_sq - 2. * p_top + 1., 0.),
+          classes.values[yhat])
 
 
-def _sq_distances(x, x_sq, lse, yhat, spread, z_hat, center, classes, valid,
-                  scale):
-  """||g_i - g_c||^2 of a block's rows i to one center record c."""
-  z_c, c_sq, lse_c, yhat_c, spread_c, z_hat_c = center
-  x = x.astype(jnp.float32)
-  pair_lse, _, _ = _logsumexp_over_classes(x + z_c[None, :], classes, valid,
-                                           scale)
-  flat = classes.reshape(-1, classes.shape[-1])
-  p_i_at_c = jnp.exp(scale * (x @ flat[yhat_c]) - lse)
+def _sq_distances(x, x_sq, lse, yhat, spread, z_hat, center,
+                  classes: kernels.Operand, scale):
+  """||g_i - g_c||^2 of a block's scaled rows i to one center record c."""
+  (z_c, c_sq), (lse_c, yhat_c, spread_c, z_hat_c) = center
+  del z_hat_c
+  pair_lse, _, _ = _logsumexp_over_classes(x + z_c[None, :], classes, scale)
+  p_i_at_c = jnp.exp(scale * (x @ classes.values[yhat_c]) - lse)
   p_c_at_i = jnp.exp(scale * (z_hat @ z_c) - lse_c)
   class_inner = (jnp.exp(pair_lse - lse - lse_c) - p_i_at_c - p_c_at_i +
                  (yhat == yhat_c).astype(jnp.float32))
@@ -122,52 +115,78 @@ def _sq_distances(x, x_sq, lse, yhat, spread, z_hat, center, classes, valid,
   return jnp.maximum(spread * x_sq + spread_c * c_sq - 2. * inner, 0.)
 
 
-def _local_state(rows, sq_norms, classes, valid, scale):
-  """Per-row statistics of the local blocks and the center-record fetcher."""
-  lse, yhat, spread, z_hat = layout_lib.map_blocks(
-      lambda x: _row_statistics(x, classes, valid, scale), rows)
-  offset = kmeans_lib.row_offset(rows)
+def _local_state(rows, scale, sq_norms, num_rows, classes, t, shape):
+  """Inside `shard_map`: per-row statistics of the local blocks, the first
+  row offset, the center-record fetcher and the distance pass."""
+  blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+  scaled = lambda x, s: x.astype(jnp.float32) * s[:, None]
+  stats = layout_lib.map_blocks(
+      lambda x, s: _row_statistics(scaled(x, s), classes, t), blocks, scale)
+  offset = layout_lib.first_global_row(rows.shape[0])
 
   def record(index):
-    get = lambda a: kmeans_lib.fetch(a, index, offset)
-    return (get(rows).astype(jnp.float32), get(sq_norms), get(lse), get(yhat),
-            get(spread), get(z_hat))
+    flat = [a.reshape((-1,) + a.shape[2:]) for a in stats]
+    return (kernels.fetch_rows(rows, scale, sq_norms, index, offset),
+            tuple(kernels.fetch(a, index, offset) for a in flat))
 
   def sq_distance(center):
+    # Every block, padding included: a loop bounded by the real blocks
+    # (`kernels.over_real_blocks`) measured slower around the class loop.
     return layout_lib.map_blocks(
-        lambda *a: _sq_distances(*a, center, classes, valid, scale),
-        rows, sq_norms, lse, yhat, spread, z_hat)
+        lambda x, s, *a: _sq_distances(scaled(x, s), *a, center, classes, t),
+        blocks, scale, sq_norms, *stats)
 
-  return offset, spread * sq_norms, record, sq_distance
+  return offset, stats[2] * sq_norms, record, sq_distance
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "k"))
-def _badge_kernel(rows, sq_norms, eligible, classes, valid, scale, key, *,
-                  mesh, k):
-  def local(rows, sq_norms, eligible, classes, valid, scale, key):
-    offset, g_sq, record, sq_distance = _local_state(rows, sq_norms, classes,
-                                                     valid, scale)
+def _traced_classes(values, count, chunk: int) -> kernels.Operand:
+  """The classes inside a kernel (their host count is not known there)."""
+  return kernels.Operand(values, count, -1, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "class_chunk", "k"))
+def _badge_kernel(rows, scale, sq_norms, num_rows, eligible, class_values,
+                  num_classes, t, key, *, shape: PoolLayout, class_chunk: int,
+                  k: int):
+  def local(rows, scale, sq_norms, num_rows, eligible, class_values,
+            num_classes, t, key):
+    classes = _traced_classes(class_values, num_classes, class_chunk)
+    offset, g_sq, record, sq_distance = _local_state(
+        rows, scale, sq_norms, num_rows, classes, t, shape)
     return kmeans_lib.plusplus_local(k, key, eligible, offset,
                                      sq_distance=sq_distance,
                                      center_record=record, first_scores=g_sq)
 
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(ROWS, ROWS, ROWS) + (REPLICATED,) * 4,
+      local, mesh=shape.mesh,
+      in_specs=(ROWS, ROWS, ROWS, REPLICATED, ROWS) + (REPLICATED,) * 4,
       out_specs=REPLICATED, check_vma=False)(
-          rows, sq_norms, eligible, classes, valid, scale, key)
+          rows, scale, sq_norms, num_rows, eligible, class_values,
+          num_classes, t, key)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _distance_kernel(rows, sq_norms, classes, valid, scale, centers, *, mesh):
-  def local(rows, sq_norms, classes, valid, scale, centers):
-    _, _, record, sq_distance = _local_state(rows, sq_norms, classes, valid,
-                                             scale)
-    return jnp.stack([sq_distance(record(c)) for c in centers], axis=-1)
+@functools.partial(jax.jit, static_argnames=("shape", "class_chunk"))
+def _distance_kernel(rows, scale, sq_norms, num_rows, class_values,
+                     num_classes, t, center, *, shape: PoolLayout,
+                     class_chunk: int):
+  def local(rows, scale, sq_norms, num_rows, class_values, num_classes, t,
+            center):
+    classes = _traced_classes(class_values, num_classes, class_chunk)
+    _, _, record, sq_distance = _local_state(rows, scale, sq_norms, num_rows,
+                                             classes, t, shape)
+    return sq_distance(record(center))
 
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(ROWS, ROWS) + (REPLICATED,) * 4,
+      local, mesh=shape.mesh,
+      in_specs=(ROWS, ROWS, ROWS) + (REPLICATED,) * 5,
       out_specs=ROWS, check_vma=False)(
-          rows, sq_norms, classes, valid, scale, centers)
+          rows, scale, sq_norms, num_rows, class_values, num_classes, t,
+          center)
+
+
+def _class_operand(classes, pool: ShardedRows, block: int) -> kernels.Operand:
+  return kernels.host_operand(classes, pool, block=block, name="classes",
+                              pool_has="the items have", normalize=False)
 
 
 def gradient_sq_distances(queries, classes, centers, *,
@@ -186,12 +205,14 @@ def gradient_sq_distances(queries, classes, centers, *,
     `(N, len(centers))` float32. Cost: `2 (len(centers) + 2) N C D` flops.
   """
   pool = layout_lib.shard_rows(queries, mesh, block=block, name="queries")
-  chunks, valid = _class_chunks(classes, block, pool.layout.mesh)
-  out = _distance_kernel(pool.rows, pool.sq_norms, chunks, valid,
-                         jnp.float32(logit_scale),
-                         jnp.asarray(np.asarray(centers, np.int32)),
-                         mesh=pool.layout.mesh)
-  return np.asarray(kernels.unpad(out, pool.layout))
+  operand = _class_operand(classes, pool, block)
+  replicated = sharding.replicated(pool.layout.mesh)
+  t = sharding.put_global(np.float32(logit_scale), replicated)
+  return np.stack([kernels.to_host(_distance_kernel(
+      pool.rows, pool.scale, pool.sq_norms, pool.num_rows, operand.values,
+      operand.count, t, sharding.put_global(np.int32(c), replicated),
+      shape=pool.layout.shape, class_chunk=operand.chunk), pool.layout)
+                   for c in centers], axis=1)
 
 
 def badge_sharded(pool: ShardedRows, eligible: jax.Array, classes, k: int, *,
@@ -200,19 +221,25 @@ def badge_sharded(pool: ShardedRows, eligible: jax.Array, classes, k: int, *,
   """k-means++ on the gradient embeddings of a laid-out modality.
 
   Args:
-    pool: the modality's (normalised) embeddings; eligible: blocked bool,
-      the items that may be picked (k of them at least).
-    classes: `(C, D)` class embeddings, C >= 1.
+    pool: the modality's embeddings (normalised through the pool's scale);
+      eligible: blocked bool, the items that may be picked (k of them at
+      least).
+    classes: `(C, D)` class embeddings, C >= 1, or their `kernels.Operand`.
     k, seed, logit_scale, block: as `badge`.
 
   Returns:
-    `(k,)` int64 distinct row indices in pick order. Cost: module docstring.
+    `(k,)` int64 distinct row indices in pick order. Compiled once per pool
+    size bucket, class-count bucket and k. Cost: module docstring.
   """
-  mesh = pool.layout.mesh
-  chunks, valid = _class_chunks(classes, block, mesh)
-  picks = _badge_kernel(pool.rows, pool.sq_norms, eligible, chunks, valid,
-                        jnp.float32(logit_scale), jax.random.PRNGKey(seed),
-                        mesh=mesh, k=int(k))
+  if not isinstance(classes, kernels.Operand):
+    classes = _class_operand(classes, pool, block)
+  replicated = sharding.replicated(pool.layout.mesh)
+  picks = _badge_kernel(
+      pool.rows, pool.scale, pool.sq_norms, pool.num_rows, eligible,
+      classes.values, classes.count,
+      sharding.put_global(np.float32(logit_scale), replicated),
+      jax.random.PRNGKey(seed), shape=pool.layout.shape,
+      class_chunk=classes.chunk, k=layout_lib.check_count(k, "k", 1))
   return np.asarray(picks, np.int64)
 
 
@@ -250,8 +277,9 @@ def badge(embeddings, annotated, *, budget: int, seed: int, candidates=None,
   for m, count in plan:
     others = [o for o in rnd.modalities if o != m]
     classes = np.concatenate([
-        np.asarray(kernels.gather_rows(
-            rnd.pools[o], np.flatnonzero(rnd.available[o])), np.float32)
+        np.asarray(kernels.gather_rows(rnd.pools[o],
+                                       np.flatnonzero(rnd.available[o])
+                                       ).values)[:rnd.num_available(o)]
         for o in others])
     eligible = rnd.available_mask(m)
     if classes.shape[0] == 0:

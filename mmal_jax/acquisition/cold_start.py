@@ -38,7 +38,7 @@ equations, as ALGORITHMS.md specifies; ActiveFT's released code combines D
 and R per sample instead. "Most similar" is sum_m cos^m (the paper's
 smallest uni-modal distances).
 
-Sharding: the pool rows are split over the mesh in `kmeans.tree_layout`.
+Sharding: the pool rows are laid out over the mesh by `layout.shard_rows`.
 D's gradient needs, per centroid, the sum of the rows it wins: one pass over
 row blocks, each block's `(rows_per_block, B)` similarities and its
 `(B, sum D_m)` one-hot sums, added in `kmeans.tree_sum`'s fixed tree. R and A
@@ -68,7 +68,7 @@ from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition.kmeans import AXIS, REPLICATED, ROWS
-from mmal_jax.acquisition.layout import DEFAULT_BLOCK, ShardedRows
+from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
 
 _INT_MAX = np.iinfo(np.int32).max
 # Candidates gathered per centroid in one pass of `nearest_unused`.
@@ -76,16 +76,15 @@ _CANDIDATES = 64
 
 
 def check_reps(reps) -> dict[str, np.ndarray]:
-  """Validates `{modality: (N, D_m)}` representations (same N, finite)."""
+  """Validates `{modality: (N, D_m)}` representations (same N); values are
+  checked finite where they are laid out (`layout.shard_rows`)."""
   if not isinstance(reps, Mapping) or not reps:
     raise ValueError(f"reps must be a non-empty dict modality -> (N, D) "
                      f"array, got {type(reps).__name__}.")
   out = {}
   for m, r in reps.items():
-    r = np.asarray(layout_lib.as_feature_array(r, f"reps[{m!r}]"), np.float32)
-    if not np.isfinite(r).all():
-      layout_lib.raise_non_finite(r, f"reps[{m!r}]")
-    out[m] = r
+    out[m] = np.asarray(layout_lib.as_feature_array(r, f"reps[{m!r}]"),
+                        np.float32)
   sizes = {m: r.shape[0] for m, r in out.items()}
   if len(set(sizes.values())) != 1 or 0 in sizes.values():
     raise ValueError(f"Every modality needs the same number N >= 1 of rows "
@@ -102,12 +101,13 @@ def concat_normalized(reps) -> np.ndarray:
 
 
 def check_budget(budget, num_rows: int) -> int:
-  if (not isinstance(budget, (int, np.integer)) or isinstance(budget, bool)
-      or budget < 1):
-    raise ValueError(f"budget must be a positive integer, got {budget!r}.")
-  if budget > num_rows:
-    raise ValueError(f"budget={budget} is larger than the {num_rows} pairs.")
-  return int(budget)
+  return kmeans_lib.check_pick_count(budget, num_rows, "budget", "pairs")
+
+
+def lay_out(x, mesh: Mesh | None, block: int) -> ShardedRows:
+  """The concatenated representations laid out as given (no normalisation:
+  each modality part is already unit norm)."""
+  return layout_lib.shard_rows(x, mesh, block=block, name="reps")
 
 
 # --------------------------------------------------------------------------
@@ -120,34 +120,39 @@ def _best_k(values, index, k: int):
   return -neg[:, :k], index[:, :k]
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "k"))
-def _top_k_kernel(rows, open_rows, queries, *, mesh, k):
-  """(Q, k) largest <query, row> over open rows and their global indices."""
+@functools.partial(jax.jit, static_argnames=("shape", "k"))
+def _top_k_kernel(rows, scale, num_rows, open_rows, queries, *,
+                  shape: PoolLayout, k: int):
+  """(Q, k) largest <query, scaled row> over open rows, global indices."""
+  rows_per_block = shape.rows_per_block
+  k_block = min(k, rows_per_block)
 
-  def local(rows, open_rows, queries):
-    offset = kmeans_lib.row_offset(rows)
-    rows_per_block = rows.shape[1]
-    k_block = min(k, rows_per_block)
+  def local(rows, scale, num_rows, open_rows, queries):
+    offset = layout_lib.first_global_row(rows.shape[0])
+    blocks = layout_lib.local_blocks(rows, rows_per_block)
 
-    def one_block(carry, j):
-      sims = jnp.einsum("qd,rd->qr", queries, rows[j].astype(jnp.float32))
-      sims = jnp.where(open_rows[j][None, :], sims, -jnp.inf)
+    def one_block(j, carry):
+      sims = jnp.einsum("qd,rd->qr", queries, blocks[j].astype(jnp.float32))
+      sims = jnp.where(open_rows[j][None, :], sims * scale[j][None, :],
+                       -jnp.inf)
       values, index = jax.lax.top_k(sims, k_block)
       index = offset + j * rows_per_block + index.astype(jnp.int32)
       return _best_k(jnp.concatenate([carry[0], values], axis=1),
-                     jnp.concatenate([carry[1], index], axis=1), k), None
+                     jnp.concatenate([carry[1], index], axis=1), k)
 
     q = queries.shape[0]
     init = (jnp.full((q, k), -jnp.inf), jnp.full((q, k), _INT_MAX, jnp.int32))
-    (values, index), _ = jax.lax.scan(
-        one_block, init, jnp.arange(rows.shape[0], dtype=jnp.int32))
+    values, index = jax.lax.fori_loop(
+        0, kernels.num_local_blocks(num_rows, shape), one_block, init)
     all_values = jax.lax.all_gather(values, AXIS, axis=1, tiled=True)
     all_index = jax.lax.all_gather(index, AXIS, axis=1, tiled=True)
     return _best_k(all_values, all_index, k)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(ROWS, ROWS, REPLICATED),
-                       out_specs=(REPLICATED, REPLICATED), check_vma=False)(
-                           rows, open_rows, queries)
+  return jax.shard_map(
+      local, mesh=shape.mesh,
+      in_specs=(ROWS, ROWS, REPLICATED, ROWS, REPLICATED),
+      out_specs=(REPLICATED, REPLICATED), check_vma=False)(
+          rows, scale, num_rows, open_rows, queries)
 
 
 def nearest_unused(pool: ShardedRows, queries, eligible=None) -> np.ndarray:
@@ -172,17 +177,18 @@ def nearest_unused(pool: ShardedRows, queries, eligible=None) -> np.ndarray:
   num_queries = queries.shape[0]
   check_budget(num_queries, int((~closed).sum()))
   k = min(_CANDIDATES, int((~closed).sum()))
-  mesh = pool.layout.mesh
-  queries = jax.device_put(queries, sharding.replicated(mesh))
-  picks = np.full(num_queries, -1, np.int64)
   if not np.isfinite(queries).all():
     raise ValueError("queries hold NaN or inf.")
+  queries = sharding.put_global(queries,
+                                sharding.replicated(pool.layout.mesh))
+  picks = np.full(num_queries, -1, np.int64)
   j = 0
   while j < num_queries:
     start = j
     values, index = _top_k_kernel(
-        pool.rows, kmeans_lib.row_mask(~closed, pool.layout), queries,
-        mesh=mesh, k=k)
+        pool.rows, pool.scale, pool.num_rows,
+        layout_lib.shard_mask(~closed, pool.layout), queries,
+        shape=pool.layout.shape, k=k)
     values, index = np.asarray(values), np.asarray(index)
     while j < num_queries:
       free = [i for v, i in zip(values[j], index[j])
@@ -258,9 +264,10 @@ def _spread_terms(theta, first_row, *, chunk, budget, tau, lambda_div,
   return value
 
 
-def _statistics(*, mesh, num_units, budget, padded_budget, chunk, keep_prob,
-                tau, lambda_div, lambda_align):
-  """`(rows, valid, theta, key) -> (wins, used, best, spread, spread_grad)`.
+def _statistics(*, shape: PoolLayout, budget, padded_budget, chunk,
+                keep_prob, tau, lambda_div, lambda_align):
+  """`(rows, scale, num_rows, valid, theta, key) -> (wins, used, best,
+  spread, spread_grad)`.
 
   One iteration's sharded sums, replicated: `wins` (B_pad, sum D_m) the sum
   of the rows each centroid wins, `used` the rows counted, `best` the sum of
@@ -268,15 +275,16 @@ def _statistics(*, mesh, num_units, budget, padded_budget, chunk, keep_prob,
   gradient of -lambda_div R - lambda_align A.
   """
   num_chunks = padded_budget // chunk
-  chunks_per_device = layout_lib.next_pow2(-(-num_chunks // mesh.size))
+  chunks_per_device = layout_lib.next_pow2(-(-num_chunks // shape.mesh.size))
   theta_ok = jnp.arange(padded_budget) < budget
 
-  def statistics(rows, valid, theta, key):
+  def statistics(rows, scale, num_rows, valid, theta, key):
     tn = _normalize_halves(theta).reshape(padded_budget, -1)
-    offset_blocks = kmeans_lib.row_offset(rows) // rows.shape[1]
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    offset_blocks = shape.blocks_per_device * jax.lax.axis_index(AXIS)
 
     def block_stats(j):
-      x = rows[j].astype(jnp.float32)
+      x = blocks[j].astype(jnp.float32) * scale[j][:, None]
       sims = jnp.where(theta_ok[None, :], x @ tn.T, -jnp.inf)
       wins = jnp.argmax(sims, axis=1)
       best = jnp.max(sims, axis=1)
@@ -295,7 +303,8 @@ def _statistics(*, mesh, num_units, budget, padded_budget, chunk, keep_prob,
 
     wins, used, best = kmeans_lib.tree_sum(
         block_stats if keep_prob >= 1 else sampled_block_stats,
-        rows.shape[0], num_units)
+        shape.blocks_per_device,
+        kmeans_lib.num_units(num_rows, shape.rows_per_block))
     spread = functools.partial(
         _spread_terms, chunk=chunk, budget=budget, tau=tau,
         lambda_div=lambda_div, lambda_align=lambda_align)
@@ -307,19 +316,20 @@ def _statistics(*, mesh, num_units, budget, padded_budget, chunk, keep_prob,
     return wins, used, best, value, grad
 
   return jax.shard_map(
-      statistics, mesh=mesh, in_specs=(ROWS, ROWS, REPLICATED, REPLICATED),
+      statistics, mesh=shape.mesh,
+      in_specs=(ROWS, ROWS, REPLICATED, ROWS, REPLICATED, REPLICATED),
       out_specs=REPLICATED, check_vma=False)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "mesh", "num_units", "budget", "iterations", "chunk", "keep_prob", "lr",
-    "tau", "lambda_div", "lambda_align"))
-def _optimize_kernel(rows, valid, theta0, key, *, mesh, num_units, budget,
-                     iterations, chunk, keep_prob, lr, tau, lambda_div,
-                     lambda_align):
+    "shape", "budget", "iterations", "chunk", "keep_prob", "lr", "tau",
+    "lambda_div", "lambda_align"))
+def _optimize_kernel(rows, scale, num_rows, valid, theta0, key, *, shape,
+                     budget, iterations, chunk, keep_prob, lr, tau,
+                     lambda_div, lambda_align):
   padded_budget, num_modalities, _ = theta0.shape
   sharded_statistics = _statistics(
-      mesh=mesh, num_units=num_units, budget=budget,
+      shape=shape, budget=budget,
       padded_budget=padded_budget, chunk=chunk, keep_prob=keep_prob, tau=tau,
       lambda_div=lambda_div, lambda_align=lambda_align)
   optimizer = optax.adam(optax.cosine_decay_schedule(lr, iterations))
@@ -334,7 +344,8 @@ def _optimize_kernel(rows, valid, theta0, key, *, mesh, num_units, budget,
     theta, opt_state = carry
     # The barrier keeps the update's arithmetic out of the kernel's fusions.
     wins, used, _, spread_value, spread_grad = jax.lax.optimization_barrier(
-        sharded_statistics(rows, valid, theta, jax.random.fold_in(key, t)))
+        sharded_statistics(rows, scale, num_rows, valid, theta,
+                           jax.random.fold_in(key, t)))
     gap, gap_grad = jax.value_and_grad(distribution_gap)(theta, wins, used)
     updates, opt_state = optimizer.update(gap_grad + spread_grad, opt_state)
     return (optax.apply_updates(theta, updates), opt_state), gap + spread_value
@@ -398,19 +409,17 @@ def optimize_centroids(reps, *, budget: int, seed: int,
   rng = np.random.default_rng(seed)
   keep_prob = 1. if batch_rows is None else min(1., batch_rows / n)
   order = rng.permutation(n) if keep_prob < 1 else None
-  pool = kmeans_lib.shard_tree_rows(x if order is None else x[order], mesh,
-                                    block=block)
+  pool = lay_out(x if order is None else x[order], mesh, block)
   chunk = min(theta_chunk, layout_lib.next_pow2(budget))
   padded_budget = -(-budget // chunk) * chunk
   init = rng.choice(n, budget, replace=False)
   theta0 = np.zeros((padded_budget, num_modalities, dim), np.float32)
   theta0[:budget] = x[init].reshape(budget, num_modalities, dim)
-  mesh = pool.layout.mesh
   theta, losses = _optimize_kernel(
-      pool.rows, kmeans_lib.row_mask(None, pool.layout),
-      jax.device_put(theta0, sharding.replicated(mesh)),
-      jax.random.PRNGKey(seed), mesh=mesh,
-      num_units=kmeans_lib.num_blocks_with_rows(pool.layout), budget=budget,
+      pool.rows, pool.scale, pool.num_rows,
+      kmeans_lib.eligible_mask(None, pool.layout, "valid")[0],
+      sharding.put_global(theta0, sharding.replicated(pool.layout.mesh)),
+      jax.random.PRNGKey(seed), shape=pool.layout.shape, budget=budget,
       iterations=int(iterations), chunk=chunk, keep_prob=float(keep_prob),
       lr=float(lr), tau=float(tau), lambda_div=float(lambda_div),
       lambda_align=float(lambda_align))
@@ -455,7 +464,7 @@ def kmeans_selector(reps, *, budget: int, seed: int, mesh: Mesh | None = None,
   Cost: `O(B N sum D_m)` flops per Lloyd step (at most `max_iters`)."""
   x = concat_normalized(reps)
   budget = check_budget(budget, x.shape[0])
-  pool = kmeans_lib.shard_tree_rows(x, mesh, block=block)
+  pool = lay_out(x, mesh, block)
   seeds = kmeans_lib.kmeans_plusplus_sharded(pool, budget, seed=seed)
   result = kmeans_lib.kmeans_sharded(pool, x[seeds], max_iters=max_iters,
                                      tol=tol)
@@ -563,3 +572,47 @@ def cold_start_queries(embeddings, *, budget: int, selector: str, seed: int,
                  **hparams)
       queries += [(m, int(i)) for i in picks]
   return queries
+
+
+def with_cold_start(strategy: Callable[..., list[tuple[str, int]]],
+                    selector: str) -> Callable[..., list[tuple[str, int]]]:
+  """`strategy` whose cold-start round is chosen by a cold-start selector.
+
+  Args:
+    strategy: an acquisition strategy (`strategies` module signature).
+    selector: a `SELECTORS` name, or "" for `strategy` unchanged (its own
+      cold start: a random modality).
+
+  Returns:
+    A function with the strategies' signature. On a round where nothing is
+    annotated it returns `cold_start_queries` (split="seed": the seed's
+    modality first) over the available items (the candidates, when given),
+    with the selector's default hyper-parameters; on any other round, and
+    for the strategy's own hyper-parameters, it is `strategy`. Cost: the
+    selector's on the first round, the strategy's after.
+
+  Raises:
+    KeyError: an unknown selector (listing the known ones).
+  """
+  if not selector:
+    return strategy
+  SELECTORS[selector]  # pylint: disable=pointless-statement
+
+  @functools.wraps(strategy)
+  def acquire(embeddings, annotated, *, budget: int, seed: int,
+              candidates=None, mesh: Mesh | None = None,
+              block: int = DEFAULT_BLOCK, **hparams):
+    if not isinstance(annotated, Mapping) or any(
+        np.asarray(a).any() for a in annotated.values()):
+      return strategy(embeddings, annotated, budget=budget, seed=seed,
+                      candidates=candidates, mesh=mesh, block=block,
+                      **hparams)
+    items = {m: (np.arange(np.shape(a)[0]) if candidates is None
+                 else np.flatnonzero(candidates[m]))
+             for m, a in annotated.items()}
+    picked = cold_start_queries(
+        {m: np.asarray(embeddings[m])[items[m]] for m in items},
+        budget=budget, selector=selector, seed=seed, mesh=mesh, block=block)
+    return [(m, int(items[m][i])) for m, i in picked]
+
+  return acquire

@@ -65,7 +65,7 @@ def _shard_map(fn, mesh, in_specs, out_specs):
                        check_vma=False)
 
 
-def _num_local_blocks(num_rows, shape: PoolLayout):
+def num_local_blocks(num_rows, shape: PoolLayout):
   """How many of this device's blocks hold real rows (inside shard_map)."""
   first_block = (jax.lax.axis_index(_AXIS).astype(jnp.int32) *
                  shape.blocks_per_device)
@@ -73,7 +73,7 @@ def _num_local_blocks(num_rows, shape: PoolLayout):
   return jnp.clip(real_blocks - first_block, 0, shape.blocks_per_device)
 
 
-def _over_real_blocks(fn, num_real, fill, *blocked):
+def over_real_blocks(fn, num_real, fill, *blocked):
   """Stacks fn(block...) over the first `num_real` local blocks; `fill` after.
 
   The blocks past the real rows (size bucketing) cost nothing.
@@ -226,7 +226,7 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
       return jnp.where(best > -jnp.inf, dist, jnp.inf)
 
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
-    return _over_real_blocks(one_block, _num_local_blocks(num_rows, shape),
+    return over_real_blocks(one_block, num_local_blocks(num_rows, shape),
                              jnp.inf, blocks, scale)
 
   return _shard_map(local, shape.mesh,
@@ -298,7 +298,7 @@ def covering_radius(x, centers, *, metric: str = "euclidean",
 # Greedy k-center.
 
 
-def _global_argmax(values, row_offset):
+def global_argmax(values, row_offset):
   """(value, global index) of the largest local value over the mesh.
 
   Ties go to the smallest global index. Only max/min collectives: exact.
@@ -312,16 +312,25 @@ def _global_argmax(values, row_offset):
   return best_val, best_idx
 
 
-def _fetch_rows(rows, scale, sq_norms, global_idx, row_offset):
-  """Scaled rows `global_idx` (C,) in float32 and their squared norms, on
-  every device."""
-  local = global_idx - row_offset
-  owner = (local >= 0) & (local < rows.shape[0])
-  local = jnp.clip(local, 0, rows.shape[0] - 1)
-  vecs = rows[local].astype(jnp.float32) * scale.reshape(-1)[local, None]
-  vecs = jax.lax.psum(jnp.where(owner[:, None], vecs, 0.), _AXIS)
-  sq = jax.lax.psum(jnp.where(owner, sq_norms.reshape(-1)[local], 0.), _AXIS)
-  return vecs, sq
+def fetch(local, global_idx, row_offset):
+  """Rows `global_idx` (any shape) of a row-sharded array, on every device.
+
+  Inside `shard_map`: `local` is this device's `(local_rows, ...)` part. The
+  owner of each row contributes it, every other device exact zeros: exact.
+  """
+  pos = global_idx - row_offset
+  owner = (pos >= 0) & (pos < local.shape[0])
+  taken = local[jnp.clip(pos, 0, local.shape[0] - 1)]
+  owner = owner.reshape(owner.shape + (1,) * (taken.ndim - owner.ndim))
+  return jax.lax.psum(jnp.where(owner, taken, jnp.zeros_like(taken)), _AXIS)
+
+
+def fetch_rows(rows, scale, sq_norms, global_idx, row_offset):
+  """Scaled rows `global_idx` in float32 and their squared norms, on every
+  device (inside `shard_map`; `scale`, `sq_norms` blocked)."""
+  vecs = (fetch(rows, global_idx, row_offset).astype(jnp.float32) *
+          fetch(scale.reshape(-1), global_idx, row_offset)[..., None])
+  return vecs, fetch(sq_norms.reshape(-1), global_idx, row_offset)
 
 
 def _top_candidates(dist, row_offset, count: int):
@@ -406,7 +415,7 @@ def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
   def local(rows, scale, sq_norms, num_rows, dist, k):
     row_offset = layout_lib.first_global_row(rows.shape[0])
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
-    num_real = _num_local_blocks(num_rows, shape)
+    num_real = num_local_blocks(num_rows, shape)
     picks = jnp.full((capacity,), -1, jnp.int32)
     count = jnp.int32(0)
 
@@ -418,8 +427,8 @@ def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
                           row_offset)
 
     if first_replaces:  # The first center replaces the distances to the mean.
-      value, first = _global_argmax(dist, row_offset)
-      vec, vec_sq = _fetch_rows(rows, scale, sq_norms, first[None],
+      value, first = global_argmax(dist, row_offset)
+      vec, vec_sq = fetch_rows(rows, scale, sq_norms, first[None],
                                 row_offset)
       ok = value > -jnp.inf
       dist = fold_in(jnp.where(dist == -jnp.inf, -jnp.inf, jnp.inf), vec,
@@ -430,14 +439,14 @@ def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
     def one_pass(carry):
       dist, picks, count, passes = carry
       if batch == 1:
-        values, idx = _global_argmax(dist, row_offset)
+        values, idx = global_argmax(dist, row_offset)
         values, idx = values[None], idx[None]
         bound_val, bound_idx = jnp.inf, _INT_MAX
       else:
         values, idx = _top_candidates(dist, row_offset, num_candidates + 1)
         bound_val, bound_idx = values[-1], idx[-1]
         values, idx = values[:-1], idx[:-1]
-      vecs, vec_sq = _fetch_rows(rows, scale, sq_norms, idx, row_offset)
+      vecs, vec_sq = fetch_rows(rows, scale, sq_norms, idx, row_offset)
 
       def pick(j, state):
         current, chosen, going = state
@@ -655,7 +664,7 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
 
   def local(chunks, rows, scale, key_valid, num_rows):
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
-    num_real = _num_local_blocks(num_rows, shape)
+    num_real = num_local_blocks(num_rows, shape)
 
     def one_query_chunk(i, out):
       q = jax.lax.dynamic_index_in_dim(chunks, i, keepdims=False)

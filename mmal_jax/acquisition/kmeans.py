@@ -1,21 +1,21 @@
-"""K-means (Lloyd) and k-means++ over a row-sharded pool, the same on any mesh.
+"""K-means (Lloyd) and k-means++ over a laid-out pool, the same on any mesh.
 
-Rows are laid out in fixed-size blocks over the mesh as in `layout`, with one
-more rule: every device holds a power-of-two number of blocks
-(`tree_layout`). Sums over rows (cluster sums and counts, inertia, any
-gradient summed over samples) are then added in one fixed binary tree over
-the global block index (`tree_sum`): each device adds its blocks as the
-aligned subtree they form, and the devices' partial sums are combined by the
-top of the same tree (`all_reduce_in_order`). Padding blocks, skipped with
-`lax.cond`, contribute exact zeros, so the tree over 1 device's blocks and
-over 8 devices' blocks is the same tree: results are bit-identical on any
-device count (float addition is commutative, not associative: the order is
-what must not change). Selections (k-means++ picks) are max/min collectives.
+Pools are `layout.ShardedRows` (rows as given, or L2-normalised through the
+per-row scale), whose blocks are a power of two on every device. Sums over
+rows (cluster sums and counts, inertia, any gradient summed over samples) are
+added in one fixed binary tree over the global block index (`tree_sum`):
+each device adds its blocks as the aligned subtree they form, and the
+devices' partial sums are combined by the top of the same tree
+(`all_reduce_in_order`). Blocks past the real rows, skipped with `lax.cond`,
+contribute exact zeros, so the tree over 1 device's blocks and over 8
+devices' blocks is the same tree: results are bit-identical on any device
+count and mesh shape (float addition is commutative, not associative: the
+order is what must not change). Selections (k-means++ picks) are the exact
+max/min collectives of `kernels`.
 
-Memory: a pool takes at most twice its size (power-of-two padding per device,
-never computed on); a Lloyd step holds one `(rows_per_block, C)` distance tile
-and `log2(blocks per device) + 1` partial `(C, D)` sums per device. No
-`(N, N)` or `(N, C)` array exists.
+Memory: a Lloyd step holds one `(rows_per_block, C)` distance tile and
+`log2(blocks per device) + 1` partial `(C, D)` sums per device. No `(N, N)`
+or `(N, C)` array exists.
 
 k-means++ (Arthur & Vassilvitskii 2007): the first center is drawn uniformly
 (or is the row with the largest score, e.g. BADGE's gradient norm), each next
@@ -38,72 +38,39 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mmal_jax import sharding
+from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
 
 AXIS = sharding.ROW_AXES
 ROWS = P(AXIS)
 REPLICATED = P()
-_INT_MAX = np.iinfo(np.int32).max
+
+
+def check_pick_count(k, available: int, name: str = "k",
+                     of: str = "rows to choose from") -> int:
+  """`k` as an int if it is a whole number in [1, available]."""
+  k = layout_lib.check_count(k, name, 1)
+  if k > available:
+    raise ValueError(f"{name}={k} is larger than the {available} {of}.")
+  return k
+
+
+def eligible_mask(mask, pool_layout: PoolLayout, name: str = "eligible"):
+  """`(N,)` bool (None: every row) -> blocked and sharded, padding False;
+  and how many rows it holds."""
+  mask = (np.ones(pool_layout.num_rows, np.bool_) if mask is None
+          else kernels.check_mask(mask, pool_layout.num_rows, name))
+  return layout_lib.shard_mask(mask, pool_layout, name), int(mask.sum())
+
+
+def num_units(num_rows, rows_per_block: int):
+  """Blocks holding real rows (a traced count): the units of `tree_sum`."""
+  return (num_rows + rows_per_block - 1) // rows_per_block
 
 
 # --------------------------------------------------------------------------
-# Layout and ordered sums.
-
-
-def tree_layout(num_rows: int, mesh: Mesh, block: int = DEFAULT_BLOCK
-                ) -> PoolLayout:
-  """`layout.pool_layout`'s blocking with a power of two of blocks per device.
-
-  Rows per block are `pool_layout`'s (they depend on `num_rows` and `block`
-  only); blocks per device = next_pow2(ceil(real blocks / devices)).
-  """
-  base = layout_lib.pool_layout(num_rows, mesh, block)
-  per_device = layout_lib.next_pow2(-(-num_blocks_with_rows(base) // mesh.size))
-  return PoolLayout(num_rows, base.rows_per_block, per_device * mesh.size,
-                    mesh)
-
-
-def num_blocks_with_rows(pool_layout: PoolLayout) -> int:
-  """Blocks holding at least one real row (the rest are padding)."""
-  return max(1, -(-pool_layout.num_rows // pool_layout.rows_per_block))
-
-
-@functools.partial(jax.jit, static_argnames=("pool_layout",))
-def _pad_and_shard(x, *, pool_layout: PoolLayout):
-  x = jnp.pad(x, ((0, pool_layout.padded_rows - x.shape[0]), (0, 0)))
-  rows = x.reshape(pool_layout.num_blocks, pool_layout.rows_per_block, -1)
-
-  def one_block(block):
-    stored = block.astype(jnp.float32)
-    return block, jnp.sum(stored * stored, axis=1)
-
-  return jax.shard_map(lambda r: layout_lib.map_blocks(one_block, r),
-                       mesh=pool_layout.mesh, in_specs=ROWS,
-                       out_specs=(ROWS, ROWS))(rows)
-
-
-def shard_tree_rows(x, mesh: Mesh | None = None, *,
-                    block: int = DEFAULT_BLOCK, name: str = "x"
-                    ) -> ShardedRows:
-  """Pads and shards `(N, D)` rows in `tree_layout` (rows used as given).
-
-  Raises ValueError / TypeError for a wrong rank or dtype, NaN or inf.
-  Cost: one pass over `x` plus the host-to-device copy.
-  """
-  x = layout_lib.as_feature_array(x, name)
-  if not bool(jnp.isfinite(jnp.asarray(x)).all()):
-    layout_lib.raise_non_finite(x, name)
-  pool_layout = tree_layout(x.shape[0], layout_lib.resolve_mesh(mesh), block)
-  rows, sq_norms = _pad_and_shard(jnp.asarray(x), pool_layout=pool_layout)
-  return ShardedRows(pool_layout, rows, sq_norms)
-
-
-def row_mask(mask, pool_layout: PoolLayout, name: str = "mask") -> jax.Array:
-  """`(N,)` bool (None: all True) -> blocked and sharded, padding False."""
-  if mask is None:
-    mask = np.ones(pool_layout.num_rows, np.bool_)
-  return layout_lib.shard_mask(np.asarray(mask), pool_layout, name)
+# Ordered sums.
 
 
 def _pairwise(x):
@@ -138,11 +105,12 @@ def tree_sum(fn: Callable[[jax.Array], Any], num_local: int, num_units: int):
   """Inside `shard_map`: the sum over global units of `fn(local index)`.
 
   Device d owns units `d * num_local + j`, j < `num_local` (a power of two);
-  units >= `num_units` are skipped (zeros). The local units are added as the
-  aligned subtree they form in the binary tree over all units (a binary
-  counter over `scan`, `log2(num_local) + 1` partial sums), then combined
-  over devices by `all_reduce_in_order`: the same tree, hence the same bits,
-  on any device count. `fn` returns a pytree of arrays; so does this.
+  units >= `num_units` (may be traced) are skipped (zeros). The local units
+  are added as the aligned subtree they form in the binary tree over all
+  units (a binary counter over `scan`, `log2(num_local) + 1` partial sums),
+  then combined over devices by `all_reduce_in_order`: the same tree, hence
+  the same bits, on any device count. `fn` returns a pytree of arrays; so
+  does this.
   """
   if num_local & (num_local - 1):
     raise ValueError(f"tree_sum needs a power of two of units per device, got "
@@ -178,36 +146,7 @@ def tree_sum(fn: Callable[[jax.Array], Any], num_local: int, num_units: int):
 
 
 # --------------------------------------------------------------------------
-# Exact selections inside shard_map.
-
-
-def row_offset(rows) -> jax.Array:
-  """Global index of this device's first row (rows: local `(bpd, rpb, ...)`)."""
-  return (jax.lax.axis_index(AXIS).astype(jnp.int32) * rows.shape[0] *
-          rows.shape[1])
-
-
-def global_argmax(values, offset):
-  """(value, global index) of the largest of every device's `values`.
-
-  Ties go to the smallest global index. max/min collectives only: exact.
-  """
-  flat = values.reshape(-1)
-  local = jnp.argmax(flat).astype(jnp.int32)
-  best = jax.lax.pmax(flat[local], AXIS)
-  index = jax.lax.pmin(jnp.where(flat[local] == best, offset + local,
-                                 _INT_MAX), AXIS)
-  return best, index
-
-
-def fetch(local_rows, index, offset):
-  """Row `index` (global) of a row-sharded `(bpd, rpb, ...)` array, on every
-  device. The owner contributes the row, the others exact zeros."""
-  flat = local_rows.reshape((-1,) + local_rows.shape[2:])
-  local = index - offset
-  owner = (local >= 0) & (local < flat.shape[0])
-  row = flat[jnp.clip(local, 0, flat.shape[0] - 1)]
-  return jax.lax.psum(jnp.where(owner, row, jnp.zeros_like(row)), AXIS)
+# k-means++ seeding.
 
 
 def _block_noise(key, offset, num_local: int, rows_per_block: int):
@@ -242,11 +181,12 @@ def plusplus_local(k: int, key, eligible, offset, *,
     k: number of picks (<= eligible rows; the caller checks).
     key: PRNG key, replicated.
     eligible: local `(bpd, rpb)` bool, rows that may be picked.
-    offset: `row_offset` of the local rows.
+    offset: global index of the first local row
+      (`layout.first_global_row`).
     sq_distance: center record -> local `(bpd, rpb)` squared distances of
       every row to that center.
     center_record: global row index -> the replicated record of that row
-      that `sq_distance` takes (e.g. the row itself, via `fetch`).
+      that `sq_distance` takes (e.g. the row itself, `kernels.fetch_rows`).
     first_scores: optional local `(bpd, rpb)`: the first pick is the eligible
       row with the largest score; None: uniform at random.
 
@@ -266,14 +206,14 @@ def plusplus_local(k: int, key, eligible, offset, *,
     log_weights = jnp.where(none_left, fallback, log_weights)
     noise = _block_noise(jax.random.fold_in(key, step), offset, num_local,
                          rows_per_block)
-    return global_argmax(jnp.where(open_rows, log_weights + noise, -jnp.inf),
-                         offset)[1]
+    return kernels.global_argmax(
+        jnp.where(open_rows, log_weights + noise, -jnp.inf), offset)[1]
 
   if first_scores is None:
     first = draw(0, jnp.where(eligible, 0., -jnp.inf), eligible)
   else:
-    first = global_argmax(jnp.where(eligible, first_scores, -jnp.inf),
-                          offset)[1]
+    first = kernels.global_argmax(
+        jnp.where(eligible, first_scores, -jnp.inf), offset)[1]
 
   def add(index, state):
     picks, count, dist, open_rows = state
@@ -294,67 +234,64 @@ def plusplus_local(k: int, key, eligible, offset, *,
   return picks
 
 
-# --------------------------------------------------------------------------
-# Explicit rows: k-means++ and Lloyd.
+def _scaled_dots(x, x_scale, c):
+  """<scaled row, c> for a block `(rpb, D)` (storage dtype) and c `(..., D)`
+  float32; products in the storage dtype, accumulated in float32."""
+  dots = jnp.einsum("rd,...d->r...", x, c.astype(x.dtype),
+                    preferred_element_type=jnp.float32)
+  return dots * x_scale.reshape(x_scale.shape + (1,) * (dots.ndim - 1))
 
 
-def _sq_distance_rows(rows, sq_norms, center):
-  """Local `(bpd, rpb)` ||x - c||^2 of rows to one center (c, ||c||^2)."""
+def _sq_distances(blocks, scale, sq_norms, num_real, center):
+  """Local `(bpd, rpb)` ||x - c||^2 of the rows to one center (c, ||c||^2);
+  0 on blocks past the real rows."""
   c, c_sq = center
-  return layout_lib.map_blocks(
-      lambda x, x_sq: jnp.maximum(
-          x_sq + c_sq - 2. * jnp.einsum("rd,d->r", x, c.astype(x.dtype),
-                                        preferred_element_type=jnp.float32),
-          0.), rows, sq_norms)
+  return kernels.over_real_blocks(
+      lambda x, s, x_sq: jnp.maximum(
+          x_sq + c_sq - 2. * _scaled_dots(x, s, c), 0.),
+      num_real, 0., blocks, scale, sq_norms)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "k"))
-def _plusplus_kernel(rows, sq_norms, eligible, key, *, mesh, k):
-  def local(rows, sq_norms, eligible, key):
-    offset = row_offset(rows)
-    record = lambda i: (fetch(rows, i, offset).astype(jnp.float32),
-                        fetch(sq_norms, i, offset))
+@functools.partial(jax.jit, static_argnames=("shape", "k"))
+def _plusplus_kernel(rows, scale, sq_norms, num_rows, eligible, key, *,
+                     shape: PoolLayout, k: int):
+  def local(rows, scale, sq_norms, num_rows, eligible, key):
+    offset = layout_lib.first_global_row(rows.shape[0])
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    num_real = kernels.num_local_blocks(num_rows, shape)
     return plusplus_local(
         k, key, eligible, offset,
-        sq_distance=functools.partial(_sq_distance_rows, rows, sq_norms),
-        center_record=record)
+        sq_distance=functools.partial(_sq_distances, blocks, scale, sq_norms,
+                                      num_real),
+        center_record=lambda i: kernels.fetch_rows(rows, scale, sq_norms, i,
+                                                   offset))
 
-  return jax.shard_map(local, mesh=mesh,
-                       in_specs=(ROWS, ROWS, ROWS, REPLICATED),
-                       out_specs=REPLICATED, check_vma=False)(
-                           rows, sq_norms, eligible, key)
-
-
-def _check_k(k, available: int, what: str = "k") -> int:
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-    raise ValueError(f"{what} must be a positive integer, got {k!r}.")
-  if k > available:
-    raise ValueError(f"{what}={k} is larger than the {available} rows to "
-                     f"choose from.")
-  return int(k)
+  return jax.shard_map(
+      local, mesh=shape.mesh,
+      in_specs=(ROWS, ROWS, ROWS, REPLICATED, ROWS, REPLICATED),
+      out_specs=REPLICATED, check_vma=False)(
+          rows, scale, sq_norms, num_rows, eligible, key)
 
 
 def kmeans_plusplus_sharded(pool: ShardedRows, k: int, *, seed: int,
                             eligible=None) -> np.ndarray:
-  """k-means++ seeding (D^2 sampling) of `k` rows of a pool in `tree_layout`.
+  """k-means++ seeding (D^2 sampling) of `k` rows of a laid-out pool.
 
   Args:
-    pool: from `shard_tree_rows` (any `ShardedRows` works: no sums here).
+    pool: from `layout.shard_rows` (distances between scaled rows).
     k: number of seeds, at most the eligible rows.
     seed: the draw; same seed, same picks, on any mesh.
     eligible: optional `(N,)` bool, rows that may be picked.
 
   Returns:
-    `(k,)` int64 distinct row indices in pick order. Cost: k passes over the
-    pool, `O(k N D)` flops.
+    `(k,)` int64 distinct row indices in pick order. Compiled once per pool
+    size bucket and k. Cost: k passes over the pool, `2 k N D` flops.
   """
-  mask = row_mask(eligible, pool.layout, "eligible")
-  available = (pool.layout.num_rows if eligible is None
-               else int(np.asarray(eligible).sum()))
-  k = _check_k(k, available)
-  picks = _plusplus_kernel(pool.rows, pool.sq_norms, mask,
-                           jax.random.PRNGKey(seed), mesh=pool.layout.mesh,
-                           k=k)
+  mask, available = eligible_mask(eligible, pool.layout)
+  k = check_pick_count(k, available)
+  picks = _plusplus_kernel(pool.rows, pool.scale, pool.sq_norms,
+                           pool.num_rows, mask, jax.random.PRNGKey(seed),
+                           shape=pool.layout.shape, k=k)
   return np.asarray(picks, np.int64)
 
 
@@ -365,8 +302,12 @@ def kmeans_plusplus(x, k: int, *, seed: int = 0, eligible=None,
 
   See `kmeans_plusplus_sharded`. Cost: `O(k N D)` flops, k passes over x.
   """
-  return kmeans_plusplus_sharded(shard_tree_rows(x, mesh, block=block), k,
-                                 seed=seed, eligible=eligible)
+  return kmeans_plusplus_sharded(layout_lib.shard_rows(x, mesh, block=block),
+                                 k, seed=seed, eligible=eligible)
+
+
+# --------------------------------------------------------------------------
+# Lloyd.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,38 +320,40 @@ class KMeansResult:
   iterations: int
 
 
-def _assign(x, centroids):
+def _assign(x, x_scale, centroids):
   """Nearest centroid of each row of a block (ties: smaller index) and
   ||c||^2 - 2<x, c> for it."""
   c_sq = jnp.sum(centroids * centroids, axis=1)
-  score = c_sq[None, :] - 2. * jnp.einsum(
-      "rd,cd->rc", x, centroids.astype(x.dtype),
-      preferred_element_type=jnp.float32)
+  score = c_sq[None, :] - 2. * _scaled_dots(x, x_scale, centroids)
   labels = jnp.argmin(score, axis=1)
   return labels, jnp.take_along_axis(score, labels[:, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "num_units",
-                                             "max_iters"))
-def _lloyd_kernel(rows, sq_norms, valid, centroids, tol, *, mesh, num_units,
-                  max_iters):
+@functools.partial(jax.jit, static_argnames=("shape", "max_iters"))
+def _lloyd_kernel(rows, scale, sq_norms, num_rows, valid, centroids, tol, *,
+                  shape: PoolLayout, max_iters: int):
   num_clusters = centroids.shape[0]
 
-  def local(rows, sq_norms, valid, centroids, tol):
+  def local(rows, scale, sq_norms, num_rows, valid, centroids, tol):
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    units = num_units(num_rows, shape.rows_per_block)
+
     def stats(c, j):
-      labels, score = _assign(rows[j], c)
+      x, x_scale = blocks[j], scale[j]
+      labels, score = _assign(x, x_scale, c)
       ok = valid[j]
       one_hot = ((labels[:, None] == jnp.arange(num_clusters)[None, :])
                  & ok[:, None]).astype(jnp.float32)
-      sums = jnp.einsum("rc,rd->cd", one_hot, rows[j].astype(jnp.float32))
+      sums = jnp.einsum("rc,rd->cd", one_hot,
+                        x.astype(jnp.float32) * x_scale[:, None])
       inertia = jnp.sum(jnp.where(ok, jnp.maximum(sq_norms[j] + score, 0.),
                                   0.))
       return sums, one_hot.sum(axis=0), inertia
 
     def update(state):
       c, it, _ = state
-      sums, counts, _ = tree_sum(functools.partial(stats, c), rows.shape[0],
-                                 num_units)
+      sums, counts, _ = tree_sum(functools.partial(stats, c), blocks.shape[0],
+                                 units)
       # Multiplies by 1 / count: a division by a broadcast may compile
       # differently on different meshes (see cold_start).
       new = jnp.where(counts[:, None] > 0,
@@ -421,23 +364,25 @@ def _lloyd_kernel(rows, sq_norms, valid, centroids, tol, *, mesh, num_units,
     c, iters, _ = jax.lax.while_loop(
         lambda s: (s[1] < max_iters) & (s[2] > tol), update,
         (centroids, jnp.int32(0), jnp.float32(jnp.inf)))
-    labels = layout_lib.map_blocks(lambda x: _assign(x, c)[0], rows)
-    _, _, inertia = tree_sum(functools.partial(stats, c), rows.shape[0],
-                             num_units)
+    labels = layout_lib.map_blocks(lambda x, s: _assign(x, s, c)[0], blocks,
+                                   scale)
+    _, _, inertia = tree_sum(functools.partial(stats, c), blocks.shape[0],
+                             units)
     return c, labels.astype(jnp.int32), inertia, iters
 
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(ROWS, ROWS, ROWS, REPLICATED, REPLICATED),
+      local, mesh=shape.mesh,
+      in_specs=(ROWS, ROWS, ROWS, REPLICATED, ROWS, REPLICATED, REPLICATED),
       out_specs=(REPLICATED, ROWS, REPLICATED, REPLICATED), check_vma=False)(
-          rows, sq_norms, valid, centroids, tol)
+          rows, scale, sq_norms, num_rows, valid, centroids, tol)
 
 
 def kmeans_sharded(pool: ShardedRows, init, *, valid=None,
                    max_iters: int = 100, tol: float = 0.) -> KMeansResult:
-  """Lloyd's K-means from `init` centroids on a pool in `tree_layout`.
+  """Lloyd's K-means from `init` centroids on a laid-out pool.
 
   Args:
-    pool: from `shard_tree_rows`.
+    pool: from `layout.shard_rows` (clusters of the scaled rows).
     init: `(C, D)` initial centroids.
     valid: optional `(N,)` bool: rows that take part (others get label -1).
     max_iters: most Lloyd steps.
@@ -447,9 +392,10 @@ def kmeans_sharded(pool: ShardedRows, init, *, valid=None,
   Returns:
     `KMeansResult`. A cluster that empties keeps its centroid (scikit-learn
     instead moves it to a far point). Ties go to the smaller centroid index.
-    Cost per step: `2 N C D` flops for the distances and `2 N C D` for the
-    cluster sums (a one-hot product, deterministic where scatter-adds are
-    not); memory `O(rows_per_block * C)` per tile.
+    Compiled once per pool size bucket and C. Cost per step: `2 N C D` flops
+    for the distances and `2 N C D` for the cluster sums (a one-hot product,
+    deterministic where scatter-adds are not); memory
+    `O(rows_per_block * C)` per tile.
   """
   init = np.asarray(init, np.float32)
   if init.ndim != 2 or init.shape[1] != pool.dim or init.shape[0] < 1:
@@ -457,18 +403,15 @@ def kmeans_sharded(pool: ShardedRows, init, *, valid=None,
                      f"{init.shape}.")
   if not np.isfinite(init).all():
     raise ValueError("init centroids hold NaN or inf.")
-  if not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
-    raise ValueError(f"max_iters must be a positive integer, got "
-                     f"{max_iters!r}.")
+  max_iters = layout_lib.check_count(max_iters, "max_iters", 1)
   mesh = pool.layout.mesh
-  mask = row_mask(valid, pool.layout, "valid")
+  mask, _ = eligible_mask(valid, pool.layout, "valid")
   c, labels, inertia, iters = _lloyd_kernel(
-      pool.rows, pool.sq_norms, mask,
-      jax.device_put(init, sharding.replicated(mesh)), jnp.float32(tol),
-      mesh=mesh, num_units=num_blocks_with_rows(pool.layout),
-      max_iters=int(max_iters))
-  labels = np.asarray(labels).reshape(-1)[:pool.layout.num_rows].astype(
-      np.int64)
+      pool.rows, pool.scale, pool.sq_norms, pool.num_rows, mask,
+      sharding.put_global(init, sharding.replicated(mesh)),
+      sharding.put_global(np.float32(tol), sharding.replicated(mesh)),
+      shape=pool.layout.shape, max_iters=max_iters)
+  labels = kernels.to_host(labels, pool.layout).astype(np.int64)
   if valid is not None:
     labels = np.where(np.asarray(valid), labels, -1)
   return KMeansResult(np.asarray(c), labels, float(inertia), int(iters))
@@ -480,18 +423,18 @@ def kmeans(x, num_clusters: int, *, seed: int = 0, init=None, valid=None,
   """K-means of `(N, D)` rows `x` into `num_clusters` clusters, sharded.
 
   Initialised with `init` `(C, D)` centroids if given, else k-means++
-  seeding with `seed` (`kmeans_plusplus_sharded`). Rows are used as given.
-  See `kmeans_sharded` for the rest. Cost: `O(C N D)` flops for the seeding
-  and per Lloyd step; identical results on any device count.
+  seeding with `seed` (`kmeans_plusplus_sharded`). Rows are used as given
+  (`x` as `layout.shard_rows` takes it). See `kmeans_sharded` for the rest.
+  Cost: `O(C N D)` flops for the seeding and per Lloyd step; identical
+  results on any device count.
   """
-  pool = shard_tree_rows(x, mesh, block=block)
+  pool = layout_lib.shard_rows(x, mesh, block=block)
   if init is None:
-    available = (pool.layout.num_rows if valid is None
-                 else int(np.asarray(valid).sum()))
-    num_clusters = _check_k(num_clusters, available, "num_clusters")
+    _, available = eligible_mask(valid, pool.layout, "valid")
+    num_clusters = check_pick_count(num_clusters, available, "num_clusters")
     picks = kmeans_plusplus_sharded(pool, num_clusters, seed=seed,
                                     eligible=valid)
-    init = np.asarray(x, np.float32)[picks]
+    init = np.asarray(kernels.gather_rows(pool, picks).values)[:num_clusters]
   elif np.shape(init)[0] != num_clusters:
     raise ValueError(f"init has {np.shape(init)[0]} centroids, "
                      f"num_clusters={num_clusters}.")

@@ -13,9 +13,12 @@ of devices and any mesh shape:
   tile sees identical inputs on any mesh and XLA computes it identically.
 
 Shapes are bucketed so that a new pool size does not recompile the kernels:
-`rows_per_block` and the number of blocks (a power of two, then a multiple of
-the device count) are the same for every `N` in `(2^j, 2^(j+1)]`. The real row
-count travels as a traced scalar; padding rows are masked out.
+`rows_per_block` and the number of blocks (a power of two per device) are the
+same for every `N` in `(2^j, 2^(j+1)]`. The real row count travels as a
+traced scalar; padding rows are masked out. A power of two of blocks per
+device also makes each device's blocks one aligned subtree of the binary tree
+over all blocks, which ordered sums (`kmeans.tree_sum`) rely on; on a
+power-of-two mesh the number of blocks is simply a power of two.
 
 L2 normalisation is never materialised: a pool keeps its rows as given and a
 per-row `scale` (1 / ||x||, or 1), which the kernels apply to the products,
@@ -100,13 +103,14 @@ class PoolLayout:
 
 def pool_layout(num_rows: int, mesh: Mesh, block: int = DEFAULT_BLOCK
                 ) -> PoolLayout:
-  """The block layout of `num_rows` rows: blocks of at most `block` rows."""
+  """The block layout of `num_rows` rows: blocks of at most `block` rows,
+  a power of two of them on each device."""
   block = check_block(block)
   rows_per_block = min(
       block, max(_MIN_ROWS_PER_BLOCK, next_pow2(-(-num_rows // _MIN_BLOCKS))))
   num_blocks = next_pow2(-(-max(num_rows, 1) // rows_per_block))
-  num_blocks = -(-num_blocks // mesh.size) * mesh.size
-  return PoolLayout(num_rows, rows_per_block, num_blocks, mesh)
+  per_device = next_pow2(-(-num_blocks // mesh.size))
+  return PoolLayout(num_rows, rows_per_block, per_device * mesh.size, mesh)
 
 
 @dataclasses.dataclass(frozen=True)

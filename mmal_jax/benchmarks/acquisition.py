@@ -13,13 +13,17 @@ distance to the nearest of C = Q centers) in GFLOP/s, against a large
 FAISS (`faiss-cpu`, optional: `IndexFlatIP.search(k=2)` for top-2,
 `IndexFlatL2.search(k=1)` for the nearest center) on the same inputs.
 
-Part 2, seconds per acquisition round of `mmal`, `coreset` and `uncertainty`
-for N items per modality (two modalities, D = 256, budget 256, coreset 1024,
-1% annotated), embeddings handed over laid out (`layout.shard_rows`'s
-contract). `mmal` and `coreset` with the min-distance cache kept across
-rounds (update with the previous round's purchases + the strategy), `mmal`
-with the cache rebuilt (what retraining forces every round: the honest
-figure), and the rebuild alone; log-log slopes over N.
+Part 2, seconds per acquisition round of `mmal`, `coreset`, `uncertainty`
+and `badge` for N items per modality (two modalities, D = 256, budget 256,
+coreset 1024, 1% annotated), embeddings handed over laid out
+(`layout.shard_rows`'s contract). `mmal` and `coreset` with the min-distance
+cache kept across rounds (update with the previous round's purchases + the
+strategy), `mmal` with the cache rebuilt (what retraining forces every round:
+the honest figure), and the rebuild alone; log-log slopes over N. The
+quadratic strategies (`uncertainty`, `badge`) stop at the first size where
+their round is predicted to exceed `--uncertainty_cap` seconds (quadratic
+growth from their last size; badge's first size from a timed budget-1 round,
+its 2 statistics passes and 1 pick pass, scaled to budget + 2 passes).
 
 Part 3, one greedy k-center step at N = 200k, D = 512, float32: the kernel
 (one pass per pick, and up to 16 exact picks per pass) against a float32 numpy
@@ -57,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmal_jax import sharding
+from mmal_jax.acquisition import badge as badge_lib
 from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
@@ -71,8 +76,8 @@ _BUDGET = flags.DEFINE_integer("budget", 256, "Queries per round.")
 _CORESET = flags.DEFINE_integer("coreset_size", 1024, "MMAL coreset size.")
 _ANNOTATED = flags.DEFINE_float("annotated", 0.01, "Annotated fraction.")
 _UNC_CAP = flags.DEFINE_float(
-    "uncertainty_cap", 120.0, "Skip uncertainty at sizes where its round is "
-    "predicted (quadratic growth from the last size) to take longer (s).")
+    "uncertainty_cap", 120.0, "Skip uncertainty and badge at sizes where "
+    "their round is predicted to take longer (s).")
 _STEP_N = flags.DEFINE_integer("step_n", None, "Pool size, part 3.")
 _STEP_DIM = flags.DEFINE_integer("step_dim", 512, "Dimension, part 3.")
 _MEMORY_N = flags.DEFINE_integer("memory_n", None, "Pool size, part 4.")
@@ -219,7 +224,7 @@ def round_costs(sizes, *, dim, budget, coreset_size, annotated_fraction,
                 uncertainty_cap, mesh, repeats) -> dict:
   """Part 2: per-round seconds of each strategy for each pool size."""
   names = ("mmal", "mmal_with_rebuild", "cache_rebuild", "coreset",
-           "uncertainty")
+           "uncertainty", "badge")
   rows = {name: {} for name in names}
   for n in sizes:
     embeddings, annotated, newly = _laid_out_pool(n, dim, mesh, n,
@@ -247,12 +252,21 @@ def round_costs(sizes, *, dim, budget, coreset_size, annotated_fraction,
             embeddings, annotated, mesh=mesh),
         "coreset": cached("coreset"),
     }
-    last = rows["uncertainty"]
-    last_n = max(last, default=None)
-    if (not last or last[last_n]["median"] * (n / last_n) ** 2 <=
-        uncertainty_cap) and len(last) == len(rows["mmal"]):
-      contenders["uncertainty"] = lambda: strategies.uncertainty(
-          embeddings, annotated, **common)
+    quadratic = {
+        "uncertainty": (lambda: strategies.uncertainty(
+            embeddings, annotated, **common), lambda: 0.),
+        "badge": (lambda: badge_lib.badge(embeddings, annotated, **common),
+                  lambda: _badge_guess(embeddings, annotated, common)),
+    }
+    for name, (run, first_guess) in quadratic.items():
+      last = rows[name]
+      if len(last) != len(rows["mmal"]):
+        continue  # Skipped at a smaller size already.
+      last_n = max(last, default=None)
+      predicted = (last[last_n]["median"] * (n / last_n) ** 2 if last
+                   else first_guess())
+      if predicted <= uncertainty_cap:
+        contenders[name] = run
     times = _interleaved(contenders, repeats)
     for name, t in times.items():
       rows[name][n] = _stats(t)
@@ -260,6 +274,18 @@ def round_costs(sizes, *, dim, budget, coreset_size, annotated_fraction,
         f"{k}={v[n]['median']:.3f}s" for k, v in rows.items() if n in v),
           flush=True)
   return rows
+
+
+def _badge_guess(embeddings, annotated, common) -> float:
+  """Predicted seconds of a badge round: a budget-1 round (2 statistics
+  passes and 1 pick pass) timed after its compilation, scaled to the budget's
+  `budget + 2` passes."""
+  probe = lambda: badge_lib.badge(embeddings, annotated,
+                                  **dict(common, budget=1))
+  jax.block_until_ready(probe())
+  start = time.perf_counter()
+  jax.block_until_ready(probe())
+  return (time.perf_counter() - start) * (common["budget"] + 2) / 3
 
 
 def _fit_slope(row: dict) -> float | None:
@@ -442,7 +468,7 @@ def _plot(rows, slopes, path):
 
   fig, ax = plt.subplots(figsize=(6.4, 4.6))
   styles = {"mmal": "o-", "mmal_with_rebuild": "o--", "coreset": "s-",
-            "uncertainty": "^-", "cache_rebuild": "x:"}
+            "uncertainty": "^-", "badge": "v-", "cache_rebuild": "x:"}
   for name, row in rows.items():
     if row:
       sizes = sorted(row)
