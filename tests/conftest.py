@@ -10,15 +10,48 @@ hypothesis.settings.register_profile(
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile("mmal")
 
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
+from jax._src import lru_cache  # noqa: E402
 
 # Tests build the same small programs again and again (every end-to-end run
 # compiles its train step anew): share the compiled executables on disk.
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "mmal_jax_test_cache"))
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmal_jax_test_cache")
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _atomic_put(self, key: str, value: bytes) -> None:
+  """jax's cache writes an entry in place: a process killed mid-write, or one
+  reading while another writes, leaves a torn executable that crashes (a
+  segfault) whoever loads it next. Write a temporary file, then rename."""
+  path = os.path.join(str(self.path), key + lru_cache._CACHE_SUFFIX)  # pylint: disable=protected-access
+  if os.path.exists(path):
+    return
+  temporary = f"{path}.{os.getpid()}.partial"
+  with open(temporary, "wb") as f:
+    f.write(value)
+  os.replace(temporary, path)
+
+
+lru_cache.LRUCache.put = _atomic_put
+_CHILD_CACHES = tempfile.TemporaryDirectory(prefix="mmal_jax_child_caches_")
+
+
+def child_cache_env() -> dict:
+  """Environment giving one subprocess (`python -m mmal_jax.main`, which
+  writes the cache jax's way) its own copy of the shared cache, as hard
+  links: it reads every entry, and what it writes, even when killed
+  mid-write or beside other children, never reaches another process."""
+  private = tempfile.mkdtemp(dir=_CHILD_CACHES.name)
+  if os.path.isdir(CACHE_DIR):
+    shutil.copytree(CACHE_DIR, private, copy_function=os.link,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.partial"))
+  return {"JAX_COMPILATION_CACHE_DIR": private,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 import itertools  # noqa: E402
 

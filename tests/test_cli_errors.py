@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
+
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 _PARALLEL = 4
@@ -28,13 +30,9 @@ def write_config(path, overrides: str = "") -> str:
 
 
 def main_env() -> dict:
-  """The test's environment plus the shared compilation cache."""
-  env = dict(os.environ)
-  cache = jax.config.jax_compilation_cache_dir
-  if cache:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-  return env
+  """The test's environment (`run_main` adds each process's own copy of
+  the compilation cache)."""
+  return dict(os.environ)
 
 
 def run_main(commands: dict, env: dict | None = None) -> dict:
@@ -45,7 +43,8 @@ def run_main(commands: dict, env: dict | None = None) -> dict:
   for start in range(0, len(names), _PARALLEL):
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "mmal_jax.main", *commands[name]], cwd=_ROOT,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env={**env, **conftest.child_cache_env()}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
              for name in names[start:start + _PARALLEL]}
     for name, proc in procs.items():
       stdout, stderr = proc.communicate(timeout=300)

@@ -48,7 +48,7 @@ def greedy_nearest_unused(x, queries):
 def objective(theta, x, num_modalities, tau, lambda_div, lambda_align):
   """Numpy float64: D - lambda_div R - lambda_align A (eqs. 6-8)."""
   theta = np.asarray(theta, np.float64)
-  b, dim = theta.shape[0], theta.shape[-1]
+  dim = theta.shape[-1]
   tn = theta / np.linalg.norm(theta, axis=-1, keepdims=True)
   xs = np.asarray(x, np.float64).reshape(len(x), num_modalities, dim)
   sims = np.einsum("imd,jmd->ij", xs, tn) / (num_modalities * tau)

@@ -10,11 +10,12 @@ this run goes through `mmal_jax.fs` (gcsfs) and orbax (tensorstore).
 import os
 import subprocess
 import sys
-import tempfile
 
 import gcsfs
 import jax
 import pytest
+
+import conftest
 from tensorboard.backend.event_processing import event_file_loader
 
 import test_loop
@@ -39,11 +40,7 @@ pytestmark = [
 
 def _main(workdir, cwd, env, kill_at=None):
   """`python -m mmal_jax.main` on the tiny experiment; (status, stderr)."""
-  env = dict(env, PYTHONPATH=_ROOT,
-             # The tests' compilation cache (conftest.py) for the subprocess.
-             JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
-                                                    "mmal_jax_test_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  env = dict(env, PYTHONPATH=_ROOT, **conftest.child_cache_env())
   env.pop("MMAL_KILL_AT", None)
   if kill_at:
     env["MMAL_KILL_AT"] = kill_at
