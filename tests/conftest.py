@@ -16,11 +16,12 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 from jax._src import lru_cache  # noqa: E402
 
-# Tests build the same small programs again and again (every end-to-end run
-# compiles its train step anew): share the compiled executables on disk.
+# The CLI and multi-process tests start many short processes that build the
+# same small programs: they share compiled executables on disk. The pytest
+# process itself keeps its in-memory caches only: serialising executables in
+# a process that has loaded TensorFlow and run hundreds of programs crashed
+# XLA (a segfault in `put_executable_and_time`).
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmal_jax_test_cache")
-jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _atomic_put(self, key: str, value: bytes) -> None:
@@ -36,22 +37,33 @@ def _atomic_put(self, key: str, value: bytes) -> None:
   os.replace(temporary, path)
 
 
-lru_cache.LRUCache.put = _atomic_put
+def enable_compilation_cache() -> None:
+  """The shared cache, written atomically, for a test's worker process."""
+  lru_cache.LRUCache.put = _atomic_put
+  jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 _CHILD_CACHES = tempfile.TemporaryDirectory(prefix="mmal_jax_child_caches_")
 
 
-def child_cache_env() -> dict:
-  """Environment giving one subprocess (`python -m mmal_jax.main`, which
-  writes the cache jax's way) its own copy of the shared cache, as hard
-  links: it reads every entry, and what it writes, even when killed
-  mid-write or beside other children, never reaches another process."""
-  private = tempfile.mkdtemp(dir=_CHILD_CACHES.name)
-  if os.path.isdir(CACHE_DIR):
-    shutil.copytree(CACHE_DIR, private, copy_function=os.link,
-                    dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("*.partial"))
-  return {"JAX_COMPILATION_CACHE_DIR": private,
+def child_cache_env(private: bool = True) -> dict:
+  """Environment giving a `python -m mmal_jax.main` subprocess (which writes
+  the cache jax's way, in place) the shared cache: with `private`, its own
+  copy as hard links, for processes that run beside others (what they write
+  never reaches another process); else the shared folder itself, for one
+  process at a time (SIGKILLs at `faults` points never land mid-write:
+  jax writes an entry right after compiling, in the main thread)."""
+  folder = CACHE_DIR
+  if private:
+    folder = tempfile.mkdtemp(dir=_CHILD_CACHES.name)
+    if os.path.isdir(CACHE_DIR):
+      shutil.copytree(CACHE_DIR, folder, copy_function=os.link,
+                      dirs_exist_ok=True,
+                      ignore=shutil.ignore_patterns("*.partial"))
+  return {"JAX_COMPILATION_CACHE_DIR": folder,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
 
 import itertools  # noqa: E402
 

@@ -41,11 +41,12 @@ def run_main(commands: dict, env: dict | None = None) -> dict:
   env = env or main_env()
   out, names = {}, list(commands)
   for start in range(0, len(names), _PARALLEL):
+    batch = names[start:start + _PARALLEL]
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "mmal_jax.main", *commands[name]], cwd=_ROOT,
-        env={**env, **conftest.child_cache_env()}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-             for name in names[start:start + _PARALLEL]}
+        env={**env, **conftest.child_cache_env(private=len(batch) > 1)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in batch}
     for name, proc in procs.items():
       stdout, stderr = proc.communicate(timeout=300)
       out[name] = (proc.returncode, stdout, stderr)

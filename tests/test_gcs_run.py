@@ -40,7 +40,7 @@ pytestmark = [
 
 def _main(workdir, cwd, env, kill_at=None):
   """`python -m mmal_jax.main` on the tiny experiment; (status, stderr)."""
-  env = dict(env, PYTHONPATH=_ROOT, **conftest.child_cache_env())
+  env = dict(env, PYTHONPATH=_ROOT, **conftest.child_cache_env(private=False))
   env.pop("MMAL_KILL_AT", None)
   if kill_at:
     env["MMAL_KILL_AT"] = kill_at
