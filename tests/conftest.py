@@ -1,4 +1,6 @@
-"""Shared test set-up: quiet TensorFlow, hypothesis without deadlines (jit compiles)."""
+"""Shared test set-up: quiet TensorFlow, hypothesis without deadlines (jit
+compiles), the compilation cache, a GCS emulator."""
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -15,12 +17,11 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 from jax._src import lru_cache  # noqa: E402
+import pytest  # noqa: E402
 
-# The CLI and multi-process tests start many short processes that build the
-# same small programs: they share compiled executables on disk. The pytest
-# process itself keeps its in-memory caches only: serialising executables in
-# a process that has loaded TensorFlow and run hundreds of programs crashed
-# XLA (a segfault in `put_executable_and_time`).
+# Tests build the same small programs again and again (every end-to-end run
+# compiles its train step anew, CLI and multi-process tests start many short
+# processes): they share compiled executables on disk.
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmal_jax_test_cache")
 
 
@@ -44,7 +45,20 @@ def enable_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+enable_compilation_cache()
 _CHILD_CACHES = tempfile.TemporaryDirectory(prefix="mmal_jax_child_caches_")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees each module's compiled programs when it ends. Every executable
+  maps its code into the process (~2000 maps per tiny experiment run, kept
+  by jax's caches); a whole suite in one process passed the kernel's
+  vm.max_map_count (65530) and XLA then segfaulted. Later modules reload
+  what they need from the disk cache."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 def child_cache_env(private: bool = True) -> dict:
@@ -66,8 +80,6 @@ def child_cache_env(private: bool = True) -> dict:
 
 
 import itertools  # noqa: E402
-
-import pytest  # noqa: E402
 
 _bucket_ids = itertools.count()
 

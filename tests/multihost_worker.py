@@ -25,9 +25,7 @@ os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count="
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-import conftest  # noqa: E402
-
-conftest.enable_compilation_cache()
+import conftest  # noqa: E402,F401  (the tests' shared compilation cache)
 import numpy as np  # noqa: E402
 
 STRATEGY = "mmal"
