@@ -25,15 +25,6 @@ from mmal_jax import mmcsal
 
 
 def get_config():
-  config = mmcsal.base_config()
-  config.data.update(source="features", modalities=("image", "text"),
-                     test_fraction=0.25)
-  config.seeds = tuple(range(10))
-  tower = dict(kind="linear", hidden_dims=())
-  config.model.update(image=tower, text=tower, out_dim=512)
-  config.stage1.update(epochs=25, warmup_epochs=5, batch_size=256,
-                       num_prototypes=1000, kmeans_iters=20, per_seed=False,
-                       embed_batch_size=4096)
-  config.downstream.update(features="inputs", hidden_dims=(), steps=500,
-                           lr=1e-3, wd=1e-4)
-  return config
+  return mmcsal.feature_protocol(
+      ("image", "text"), test_fraction=0.25, num_seeds=10,
+      epochs=25, warmup_epochs=5, num_prototypes=1000)

@@ -137,6 +137,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def feature_protocol(modalities: tuple[str, str], *, test_fraction: float,
+                     num_seeds: int, epochs: int, warmup_epochs: int,
+                     num_prototypes: int) -> ml_collections.ConfigDict:
+  """`base_config()` with the paper's protocol on precomputed features
+  (Sec. 4.3): linear projectors to 512-d, batch 256, 20 K-means iterations,
+  a linear classifier on the concatenated input features (500 steps)."""
+  config = base_config()
+  config.data.update(source="features", modalities=tuple(modalities),
+                     test_fraction=test_fraction)
+  config.seeds = tuple(range(num_seeds))
+  tower = dict(kind="linear", hidden_dims=())
+  config.model.update(image=tower, text=tower, out_dim=512)
+  config.stage1.update(epochs=epochs, warmup_epochs=warmup_epochs,
+                       batch_size=256, num_prototypes=num_prototypes,
+                       kmeans_iters=20, per_seed=False, embed_batch_size=4096)
+  config.downstream.update(features="inputs", hidden_dims=(), steps=500,
+                           lr=1e-3, wd=1e-4)
+  return config
+
+
 def _fail(message: str):
   raise config_lib.ConfigError(message)
 
