@@ -6,6 +6,7 @@ the epochs are shrunk; the source, regime, loss and optimizer are the
 config's."""
 import os
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -16,6 +17,10 @@ from mmal_jax import evaluators
 from mmal_jax import loop
 from mmal_jax import report
 from test_sources import write_colorswap, write_shard
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() > 1, reason="1-device pass only: the sources do not "
+    "depend on the device count, and the sharded loop is test_loop's")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs")
