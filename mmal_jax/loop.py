@@ -172,22 +172,19 @@ class Experiment:
     data = None
     data_problems = sources.check(config.data)
     found += data_problems
-    try:
-      if data_problems:
-        raise _Skip()
-      data = _with_pool(sources.build(config.data), config)
-    except _Skip:
-      pass
-    except config_lib.ConfigError as e:
-      found.append(str(e))
-    except (OSError, ValueError) as e:
-      found.append(f"Cannot load the {config.data.source!r} data: {e} Fix the "
-                   f"file or the config.data fields that name it.")
+    if not data_problems:  # Build only what `check` found nothing wrong in.
+      try:
+        data = _with_pool(sources.build(config.data), config)
+      except config_lib.ConfigError as e:
+        found.append(str(e))
+      except (OSError, ValueError) as e:
+        found.append(f"Cannot load the {config.data.source!r} data: {e} Fix "
+                     f"the file or the config.data fields that name it.")
     num_units = 0
     if data is not None and values_ok:
-      found += _data_problems(config, data)
       num_units = pool_lib.count_units(
           pool_lib.matching_components(data.pool))
+      found += _data_problems(config, data, num_units)
     if found:
       config_lib.raise_problems(found)
     mesh = (sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
@@ -314,12 +311,10 @@ def _with_pool(data: sources.Sources, config) -> sources.Sources:
       data, pool=data.stream.buffer(0, size, seed=config.data.seed))
 
 
-class _Skip(Exception):
-  """The data config has problems already listed: do not build it."""
-
-
-def _data_problems(config, data: sources.Sources) -> list[str]:
-  """What the built data cannot do for this config."""
+def _data_problems(config, data: sources.Sources, num_units: int
+                   ) -> list[str]:
+  """What the built data (its pool holding `num_units` matched units) cannot
+  do for this config."""
   found = []
   for name, pool in (("pool", data.pool), ("eval pool", data.eval_pool)):
     if set(pool.modalities) != set(MODALITIES):
@@ -333,7 +328,6 @@ def _data_problems(config, data: sources.Sources) -> list[str]:
       found.append(f"config.feature_dims gives {m} features of width {dim}, "
                    f"but the data's are {got}: give presets.features() the "
                    f"files' widths.")
-  num_units = pool_lib.count_units(pool_lib.matching_components(data.pool))
   needed = config.budget * config.num_rounds
   if needed > num_units:
     found.append(f"config.budget x config.num_rounds = {needed} queries, but "

@@ -77,7 +77,7 @@ class Towers:
     self.tokenizer = _EosPadded(tokenizers.get_tokenizer(
         config.tokenizer, vocab_size=config.model.text.get("vocab_size")))
     self._compiled = {}
-    self._pp = {}
+    self._pp = (None, None)  # (pool, its pp strings): the latest pool's.
     # One function object per modality, so embed_pool compiles once per bucket.
     self._apply = {
         "image": lambda p, x: self.model.apply({"params": p}, x, None)[0],
@@ -87,15 +87,14 @@ class Towers:
     """The pp string per modality of `pool`: `config.pp.<modality>` where
     given, else `pipeline.default_pp` for the model's resolution, text
     length and tokenizer."""
-    key = id(pool)
-    if key not in self._pp:
+    if self._pp[0] is not pool:  # Cached for the latest pool only.
       out = pipeline.default_pp(pool, res=self.config.res,
                                 text_len=self.config.text_len,
                                 tokenizer=self.config.tokenizer)
       given = self.config.get("pp", None) or {}
       out.update({m: given[m] for m in out if given.get(m)})
-      self._pp = {key: out}  # Pools change rarely; keep the latest only.
-    return self._pp[key]
+      self._pp = (pool, out)
+    return self._pp[1]
 
   def prepare(self, pool: UnalignedPool) -> preprocess.PrepareFn:
     """`prepare(modality, indices)`: model inputs for items of `pool`."""

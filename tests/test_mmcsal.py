@@ -1,5 +1,4 @@
 """The cold-start experiment: data, Stage 1, classifier, driver, plot."""
-import importlib.util
 import io
 import json
 import os
@@ -23,10 +22,7 @@ CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 
 
 def load_config(name, *args):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  return config_lib.from_file(str(CONFIGS / f"{name}.py"), *args)
 
 
 def tiny_config(**data):
