@@ -35,8 +35,13 @@ Fields (defaults below):
     score for grouped sources, else text-to-image R@1: `main_metric`),
     metrics (the tables and curves; empty: every metric), embedding_plot
     (write embedding.png, Fig. 4 left), embedding_plot_points.
-  oracle: "simulated" (the dataset's matching) or "file" (people answer
-    WORKDIR/queries/round_T.jsonl in WORKDIR/answers/round_T.jsonl).
+  oracle: kind: "simulated" (the dataset's matching) or "file" (people
+    answer WORKDIR/queries/round_T.jsonl in WORKDIR/answers/round_T.jsonl,
+    by hand or on the annotation page), timeout_s (how long the file oracle
+    waits before the run exits with status 3); for the annotation page:
+    top_k (matches shown per query), num_ranked (ranked matches stored per
+    query), browse_dim (width of the vectors stored for browsing by
+    similarity; 0: none).
 """
 from __future__ import annotations
 
@@ -112,7 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
       # embedding.png: t-SNE of the pool's images (first seed's initial
       # towers) with each strategy's bought items (paper 1, Fig. 4 left).
       embedding_plot=False, embedding_plot_points=3000))
-  c.oracle = ml_collections.ConfigDict(dict(kind="simulated", timeout_s=0.0))
+  # top_k, num_ranked, browse_dim: what the annotation page gets with the
+  # file oracle (mmal_jax.annotate.ranking): matches shown per query, ranked
+  # matches stored per query, width of the vectors kept for browsing by
+  # similarity (0: none).
+  c.oracle = ml_collections.ConfigDict(dict(
+      kind="simulated", timeout_s=0.0, top_k=9, num_ranked=60,
+      browse_dim=64))
   return c
 
 
@@ -261,6 +272,14 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append("config.train.warmup_fraction must be in [0, 1).")
   if not config.oracle.timeout_s >= 0:
     out.append("config.oracle.timeout_s must be >= 0.")
+  ranking = [_integer("oracle.top_k", config.oracle.top_k),
+             _integer("oracle.num_ranked", config.oracle.num_ranked),
+             _integer("oracle.browse_dim", config.oracle.browse_dim, 0)]
+  out += [p for p in ranking if p]
+  if not any(ranking) and config.oracle.num_ranked < config.oracle.top_k:
+    out.append(f"config.oracle.num_ranked={config.oracle.num_ranked} must be "
+               f">= config.oracle.top_k={config.oracle.top_k} (the page "
+               f"shows top_k of the ranked matches).")
   if (config.init.kind == "pretrain" and
       config.data.source not in sources.WITH_PRETRAIN):
     out.append(f"config.init.kind='pretrain' needs a data source with a "

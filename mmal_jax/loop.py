@@ -18,7 +18,9 @@ Workdir (any `mmal_jax.fs` path: local or gs://):
                                  `run_state`), annotation.json (the annotated
                                  set) and annotated/round_<t>.json (snapshots),
   tensorboard/<strategy>_seed_<s>/  TensorBoard summaries,
-  queries/, answers/             the file oracle's exchange (one run only).
+  queries/, answers/             the file oracle's exchange (one run only);
+                                 queries/round_<t>.ranking.npz and
+                                 annotate/ for the annotation page.
 
 Resuming: the run's orbax checkpoint is the source of truth; every other
 file is an output written from it and rewritten if missing or damaged. On a
@@ -55,6 +57,7 @@ from mmal_jax import summaries
 from mmal_jax import train
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import STRATEGIES
+from mmal_jax.annotate import ranking
 from mmal_jax.data import oracle as oracle_lib
 from mmal_jax.data import pool as pool_lib
 from mmal_jax.data import sources
@@ -615,6 +618,11 @@ class Run:
           **self.config.strategy_hparams.get(self.strategy, {}))
       timing["acquire_s"] = time.perf_counter() - start
       queries = [(m, int(items[m][i])) for m, i in picked]
+      if isinstance(self.oracle, oracle_lib.FileOracle):  # For the page.
+        o = self.config.oracle
+        ranking.write(ranking.path(self.x.workdir, t), embeddings, items,
+                      picked, mesh=self.x.mesh, top_k=o.top_k,
+                      num_ranked=o.num_ranked, browse_dim=o.browse_dim)
       faults.point("acquired")
     self.state.apply(self.oracle.answer(t, queries))
     return timing

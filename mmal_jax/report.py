@@ -1,7 +1,9 @@
 """Results of a multi-strategy run: Markdown table, AL curves, annotation savings.
 
 Reads the rows of `WORKDIR/metrics.jsonl` (one per strategy, seed and round)
-and writes `WORKDIR/results.md` and `WORKDIR/al_curves.png` (through
+and the annotation page's records (`WORKDIR/annotate/`, see
+`annotate.store`), and writes `WORKDIR/results.md` and
+`WORKDIR/al_curves.png` (through
 `mmal_jax.fs`, so the workdir may be on gs://).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from absl import logging
 import numpy as np
 
 from mmal_jax import fs
+from mmal_jax.annotate import store as annotation_store
 
 # Bookkeeping columns of a metrics row; every other number is a metric.
 ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
@@ -234,7 +237,8 @@ def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
           title: str = "Results", save: bool = True,
           rows: Sequence[dict] | None = None) -> str:
   """Writes WORKDIR/results.md and WORKDIR/al_curves.png (local or gs://,
-  each atomically) unless `save` is False; returns the Markdown.
+  each atomically) unless `save` is False; returns the Markdown (with the
+  annotation page's table when WORKDIR/annotate/ holds its records).
 
   `rows` default to those of WORKDIR/metrics.jsonl.
   """
@@ -242,6 +246,7 @@ def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
     rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
   metrics = list(metrics) if metrics else metric_names(rows)
   text = markdown(rows, metrics, main_metric, title)
+  text += "\n".join(annotation_store.markdown(workdir))
   if save:
     fs.write_text(os.path.join(workdir, "results.md"), text)
     plot(rows, metrics, os.path.join(workdir, "al_curves.png"))
