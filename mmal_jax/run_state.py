@@ -19,6 +19,8 @@ bought annotations is waited for before anything else is written. Restores put
 every array back with the sharding of the target given (the current mesh,
 which may differ from the one the checkpoint was written on). A step whose
 files are damaged is skipped with a warning, falling back to the previous one.
+A background save that fails (orbax raises it from the next save) is logged
+and superseded by that next save; two failing in a row stop the run.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class RunCheckpoints:
   def __init__(self, directory: str, *, max_to_keep: int = 3,
                async_save: bool = True):
     self.directory = directory
+    self._failed_saves = 0
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
@@ -86,9 +89,28 @@ class RunCheckpoints:
       items["params"] = ocp.args.StandardSave(params)
     if train is not None:
       items["train"] = ocp.args.StandardSave(train)
+    self._settle_pending()
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     if wait:
       self.manager.wait_until_finished()
+
+  def _settle_pending(self) -> None:
+    """Waits for the previous asynchronous save; a failed one is logged.
+
+    The failed step never committed (orbax ignores its temporary folder), the
+    save about to start supersedes it, and a restart in between resumes from
+    the step before. A second failure in a row is raised: it is no accident.
+    """
+    try:
+      self.manager.wait_until_finished()
+      self._failed_saves = 0
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed_saves += 1
+      if self._failed_saves > 1:
+        raise
+      logging.warning("An asynchronous checkpoint save in %s failed (%s: %s);"
+                      " the next save supersedes it.", self.directory,
+                      type(e).__name__, str(e).splitlines()[0][:200])
 
   def wait(self) -> None:
     """Blocks until every asynchronous save has committed."""
