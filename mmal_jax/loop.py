@@ -50,6 +50,7 @@ from mmal_jax import faults
 from mmal_jax import fs
 from mmal_jax import logfile
 from mmal_jax import plots
+from mmal_jax import progress as progress_lib
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import sharding
@@ -567,6 +568,11 @@ class Run:
     if t:
       timing["eval_s"] = time.perf_counter() - start
     row = self._row(t, timing, metrics)
+    # Device time of the round (waiting for answers left out), cumulative.
+    row["device_hours"] = (rows[-1].get("device_hours", 0.0) if rows else 0.0
+                           ) + progress_lib.device_hours(
+                               sum(v for k, v in timing.items()
+                                   if k.endswith("_s")), self.x.mesh.size)
     rows.append(row)
     self._save(t, "evaluated", rows=rows, timing={}, params=params)
     self.x.add_row(row)
@@ -601,6 +607,9 @@ class Run:
           params, self.pool, m, items[m], self.config.eval.embed_batch_size)
                                           for m in MODALITIES})
       timing["embed_s"] = time.perf_counter() - start
+      logging.info("%s round %d: embedded %s in %.1fs", self.label, t,
+                   " + ".join(f"{len(items[m])} {m}s" for m in MODALITIES),
+                   timing["embed_s"])
       annotated = {m: self.state.annotated[m][items[m]] for m in MODALITIES}
       candidates = None
       if self.buffers is not None:
@@ -617,6 +626,8 @@ class Run:
           picks_per_pass=self.config.acquisition.picks_per_pass,
           **self.config.strategy_hparams.get(self.strategy, {}))
       timing["acquire_s"] = time.perf_counter() - start
+      logging.info("%s round %d: %s picked %d queries in %.1fs", self.label,
+                   t, self.strategy, len(picked), timing["acquire_s"])
       queries = [(m, int(items[m][i])) for m, i in picked]
       if isinstance(self.oracle, oracle_lib.FileOracle):  # For the page.
         o = self.config.oracle
@@ -661,27 +672,6 @@ def _embedding_plot(experiment: Experiment, params, picked) -> None:
               f"rounds (seed {config.seeds[0]})")
 
 
-class _Progress:
-  """Rounds done and an ETA that leaves out each process's first round
-  (which includes the compilations)."""
-
-  def __init__(self, total: int, done: int):
-    self.total, self.done, self.first = total, done, done
-    self.clock = None
-
-  def __call__(self) -> None:
-    self.done += 1
-    now = time.perf_counter()
-    if self.clock is None:  # The first round: compiles; no rate yet.
-      self.clock, self.timed = now, 0
-      logging.info("Progress: %d/%d rounds", self.done, self.total)
-      return
-    self.timed += 1
-    eta = (now - self.clock) / self.timed * (self.total - self.done)
-    logging.info("Progress: %d/%d rounds, ETA %.0fs (from rounds after the "
-                 "first, which compiles)", self.done, self.total, eta)
-
-
 def run_experiment(config: ml_collections.ConfigDict, workdir: str,
                    mesh=None) -> str:
   """Runs (or resumes) every strategy x seed; returns the results Markdown."""
@@ -710,7 +700,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
     else:
       pending.append(run)
   done = sum(max(0, len(experiment.run_rows(s, seed)) - 1) for s, seed in runs)
-  progress = _Progress(len(runs) * config.num_rounds, done)
+  progress = progress_lib.Eta(len(runs) * config.num_rounds, done, "rounds")
   if not pending:
     logging.info("All %d runs are finished: nothing left to do. Results in "
                  "%s/results.md.", len(runs), workdir)

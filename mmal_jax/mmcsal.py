@@ -65,8 +65,10 @@ from mmal_jax import loop
 from mmal_jax import losses
 from mmal_jax import optim
 from mmal_jax import plots
+from mmal_jax import progress
 from mmal_jax import report
 from mmal_jax import sharding
+from mmal_jax import summaries
 from mmal_jax import tokenizers
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import kmeans as kmeans_lib
@@ -608,6 +610,7 @@ class ColdStartExperiment:
                                  max(self.budgets))
     self._inputs = None
     self._stage1 = {}
+    self.summaries = {}  # (strategy, seed): its TensorBoard writer.
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     loop.check_workdir(config, workdir)
 
@@ -703,6 +706,12 @@ class ColdStartExperiment:
            "queries": budget, "pairs": budget,
            "percent": 100. * budget / self.data.size, **timing, **metrics}
     self.log_row(row)
+    if (strategy, seed) not in self.summaries:
+      self.summaries[strategy, seed] = summaries.SummaryWriter(
+          os.path.join(self.workdir, "tensorboard", f"{strategy}_seed_{seed}"),
+          enabled=sharding.is_main_process())
+    self.summaries[strategy, seed].scalars(
+        budget, {k: v for k, v in row.items() if isinstance(v, float)})
     logging.info("[%s seed %d] %d labels (%.1f%%): accuracy %.1f%%",
                  strategy, seed, budget, row["percent"], metrics["accuracy"])
     return row
@@ -765,11 +774,16 @@ def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
   start = time.perf_counter()
   experiment = ColdStartExperiment(config, workdir, mesh)
   done = experiment.done()
-  for strategy in config.strategies:
-    for seed in config.seeds:
-      for round_index in range(1, len(config.budgets) + 1):
-        if (strategy, seed, round_index) not in done:
-          experiment.run_round(strategy, seed, round_index)
+  units = [(strategy, seed, round_index) for strategy in config.strategies
+           for seed in config.seeds
+           for round_index in range(1, len(config.budgets) + 1)]
+  eta = progress.Eta(len(units), len(done & set(units)), "selections")
+  for unit in units:
+    if unit not in done:
+      experiment.run_round(*unit)
+      eta()
+  for writer in experiment.summaries.values():
+    writer.close()
   for strategy in config.strategies:  # The gap table covers every variant.
     for seed in config.seeds:
       experiment.representations(selector_of(config, strategy)[1], seed)

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from mmal_jax import optim
+from mmal_jax import progress as progress_lib
 from mmal_jax import sharding
 from mmal_jax import tokenizers
 from mmal_jax import train_step
@@ -161,8 +162,10 @@ class Towers:
       on_checkpoint: `on_checkpoint(step, state)` every `checkpoint_every`
         steps and after the last one (the state is checked finite first).
       summaries: a `summaries.SummaryWriter` for per-step scalars
-        (`train/loss`, `train/lr`, `train/t`, `train/b`, `train/grad_norm`)
-        at `summary_step + step`; fetched from the devices every `log_every`
+        (`train/loss`, `train/lr`, `train/t`, `train/b`, `train/grad_norm`;
+        `train/examples_per_s`, `train/steps_per_s`,
+        `train/examples_per_s_per_device` from the second fetch on, the
+        first holding the compilation) at `summary_step + step`; fetched from the devices every `log_every`
         steps (one transfer each time, not one per step).
       label: prefix of the progress log lines and error messages.
       lr_name: the config field of `optim_config.lr`, named on divergence.
@@ -197,13 +200,15 @@ class Towers:
     batches = pipeline.train_batches(
         pool, pairs, batch_size, self.pp(pool), seed=seed, mesh=self.mesh,
         num_epochs=epochs, start_step=start)
-    pending, loss = [], None
+    pending, loss, rates = [], None, None
     log_epochs = per_epoch * max(1, epochs // 5)
+    throughput = progress_lib.Throughput(batch_size, self.mesh.size)
 
     def drain():
       """Fetches the pending steps' metrics, logs them, checks the loss."""
-      nonlocal loss
+      nonlocal loss, rates
       fetched = jax.device_get([m for _, m in pending])
+      rates = throughput.mark(pending[-1][0]) or rates
       for (step, _), metrics in zip(pending, fetched):
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
@@ -218,6 +223,9 @@ class Towers:
               "train/loss": loss, "train/lr": lr,
               **{f"train/{k}": float(v) for k, v in metrics.items()
                  if k != "loss"}})
+      if summaries is not None and rates is not None:
+        summaries.scalars(summary_step + pending[-1][0],
+                          {f"train/{k}": v for k, v in rates.items()})
       pending.clear()
 
     for step, batch in enumerate(batches, start + 1):
@@ -230,10 +238,15 @@ class Towers:
         drain()
       if progress:
         elapsed = time.perf_counter() - start_time
-        eta = elapsed / (step - start) * (total - step)
-        logging.info("%s epoch %d/%d step %d/%d loss %.4f (%.1fs, ETA %.1fs)",
-                     label, -(-step // per_epoch), epochs, step, total, loss,
-                     elapsed, eta)
+        speed = ""
+        if rates is not None:
+          speed = (f", {rates['examples_per_s']:.1f} examples/s "
+                   f"({rates['examples_per_s_per_device']:.1f}/device), "
+                   f"{rates['steps_per_s']:.2f} steps/s, ETA "
+                   f"{progress_lib.hms((total - step) / rates['steps_per_s'])}")
+        logging.info("%s epoch %d/%d step %d/%d loss %.4f (%s%s)", label,
+                     -(-step // per_epoch), epochs, step, total, loss,
+                     progress_lib.hms(elapsed), speed)
       if checkpoint:
         on_checkpoint(step, state)
     return FitResult(state["params"], total,

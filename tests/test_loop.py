@@ -1,10 +1,13 @@
 """End-to-end active-learning runs on tiny data: pool, stream, resume, file oracle, COCO."""
 import json
+import logging
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import config_lib
 from mmal_jax import loop
@@ -63,7 +66,8 @@ def _state(workdir, strategy, seed=0):
       workdir, "runs", strategy, f"seed_{seed}", "annotation.json"))
 
 
-def test_pool_run_writes_every_output(tmp_path, monkeypatch):
+def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
+  caplog.set_level(logging.INFO)
   workdir = str(tmp_path / "pool")
   drawn = []
   real_plot = loop.plots.embedding_plot
@@ -95,6 +99,22 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch):
     assert AnnotationState.from_json(open(snapshot).read()).cost == 8
   events = list((tmp_path / "pool" / "tensorboard").rglob("events.out.*"))
   assert len(events) == 2
+  for path in events:
+    tags = {v.tag for e in event_file_loader.LegacyEventFileLoader(
+        str(path)).Load() for v in e.summary.value}
+    assert {"train/examples_per_s", "train/steps_per_s",
+            "train/examples_per_s_per_device", "percent"} <= tags, tags
+  for strategy in ("random", "mmal"):
+    hours = [r["device_hours"] for r in sorted(
+        (r for r in rows if r["strategy"] == strategy),
+        key=lambda r: r["round"])]
+    assert hours[0] == 0.0 and hours[0] < hours[1] < hours[2]
+  log = caplog.text
+  assert re.search(r"Progress: 4/4 rounds, ETA 0:00:00", log), log
+  assert re.search(r"examples/s \(\d+\.\d/device\), \d+\.\d+ steps/s, "
+                   r"ETA \d+:\d\d:\d\d", log)
+  assert re.search(r"round 2: embedded \d+ images \+ \d+ texts in", log)
+  assert "round 2: mmal picked 8 queries in" in log
   (z, picked), = drawn  # The pool's images; each strategy's bought images.
   assert z.shape[0] == 48
   for strategy in ("random", "mmal"):

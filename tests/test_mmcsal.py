@@ -1,6 +1,7 @@
 """The cold-start experiment: data, Stage 1, classifier, driver, plot."""
 import io
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import config_lib
 from mmal_jax import fs
@@ -259,7 +261,8 @@ def test_classifier_learns_separable_classes():
 
 
 @pytest.mark.slow
-def test_run_writes_the_workdir_and_resumes(tmp_path):
+def test_run_writes_the_workdir_and_resumes(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
   workdir = str(tmp_path / "run")
   config = mmcsal.validate(tiny_config())
   config.unlock()
@@ -284,6 +287,17 @@ def test_run_writes_the_workdir_and_resumes(tmp_path):
                "config.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "## accuracy" in text and "Modality gap" in text and "| w/ |" in text
+  assert "Progress: 8/8 selections, ETA 0:00:00" in caplog.text
+  for strategy in config.strategies:
+    events, = (tmp_path / "run" / "tensorboard" / f"{strategy}_seed_0").glob(
+        "events.out.*")
+    accuracy = {e.step: v.simple_value for e in event_file_loader.
+                LegacyEventFileLoader(str(events)).Load()
+                for v in e.summary.value if v.tag == "accuracy"}
+    assert len(accuracy) == len(config.budgets)
+    assert accuracy == pytest.approx({
+        r["queries"]: r["accuracy"] for r in rows
+        if r["strategy"] == strategy}, rel=1e-6)
   assert open(os.path.join(workdir, "results.md")).read() == text
   # Rerunning the same config adds nothing; another config is refused.
   assert mmcsal.run_cold_start(config, workdir) == text
