@@ -20,10 +20,11 @@ import numpy as np
 from mmal_jax import fs
 from mmal_jax.annotate import store as annotation_store
 
+# Columns of a metrics row that time the run (they differ between reruns).
+TIMING_KEYS = ("embed_s", "acquire_s", "train_s", "eval_s", "device_hours")
 # Bookkeeping columns of a metrics row; every other number is a metric.
 ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
-            "embed_s", "acquire_s", "train_s", "train_steps", "eval_s",
-            "modality_counts")
+            "train_steps", "modality_counts") + TIMING_KEYS
 
 
 class MetricsFileError(ValueError):

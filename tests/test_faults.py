@@ -27,7 +27,7 @@ from test_loop import tiny_config
 
 # One strategy; a train checkpoint every step (rounds of 2 and 4 steps).
 OVERRIDES = {"strategies": ("mmal",), "train.checkpoint_every": 1}
-TIMINGS = ("embed_s", "acquire_s", "train_s", "eval_s")
+TIMINGS = report.TIMING_KEYS
 RUN = os.path.join("runs", "mmal", "seed_0")
 
 

@@ -28,7 +28,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = os.path.join(_ROOT, "tests", "tiny_experiment.py") + ":mmal"
 # Every training step is checkpointed, so a kill mid-training resumes there.
 _OVERRIDES = {"train.checkpoint_every": 1}
-_TIMING = {"acquire_s", "train_s", "eval_s", "embed_s"}
+_TIMING = set(report.TIMING_KEYS)
 
 pytestmark = [
     pytest.mark.slow,

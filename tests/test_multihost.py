@@ -29,7 +29,7 @@ pytestmark = [
         "device counts (8 per job): run once, in the 1-device pass")]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_TIMING = {"acquire_s", "train_s", "eval_s", "embed_s"}
+_TIMING = set(report.TIMING_KEYS)
 _RUN = os.path.join("runs", "mmal", "seed_0")
 # Round 1 trains 2 steps, round 2 4 (checkpointed at each): the 4th
 # checkpoint is mid-way through round 2.
