@@ -84,8 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.strategies = ("random", "coreset", "uncertainty", "mmal")
   c.strategy_hparams = ml_collections.ConfigDict(dict(
       random={}, coreset={}, uncertainty={},
+      # distances_on="raw": coverage distances on the towers' outputs before
+      # normalisation (the Euclidean-vs-cosine ablation; see strategies).
       mmal=dict(coreset_size=config_dict.placeholder(int),  # 4 x budget
-                modality="auto", metric="euclidean")))
+                modality="auto", metric="euclidean",
+                distances_on="normalized")))
   c.acquisition = ml_collections.ConfigDict(dict(
       block=1024, feature_dtype="float32", picks_per_pass=16))
   # The first round (nothing annotated): "" = each strategy's own cold start
@@ -202,6 +205,10 @@ def _strategy_problems(config) -> list[str]:
     if "metric" in hparams and hparams["metric"] not in kernels.METRICS:
       problems.append(f"{field}.metric={hparams['metric']!r} is not one of "
                       f"{list(kernels.METRICS)}.")
+    if ("distances_on" in hparams and
+        hparams["distances_on"] not in strategies.DISTANCES_ON):
+      problems.append(f"{field}.distances_on={hparams['distances_on']!r} is "
+                      f"not one of {list(strategies.DISTANCES_ON)}.")
     if "modality" in hparams:
       choices = list(strategies.MODALITY_CHOICES) + list(MODALITIES)
       if hparams["modality"] not in choices:

@@ -601,11 +601,13 @@ class Run:
     timing = {"embed_s": 0.0, "acquire_s": 0.0}
     if queries is None:
       items = self._candidates(t)
+      hparams = dict(self.config.strategy_hparams.get(self.strategy, {}))
       start = time.perf_counter()
       # Left on the mesh in the kernels' layout: nothing goes to the hosts.
+      # distances_on="raw": the towers' outputs before normalisation.
       embeddings = jax.block_until_ready({m: self.x.towers.embed_rows(
-          params, self.pool, m, items[m], self.config.eval.embed_batch_size)
-                                          for m in MODALITIES})
+          params, self.pool, m, items[m], self.config.eval.embed_batch_size,
+          raw=hparams.get("distances_on") == "raw") for m in MODALITIES})
       timing["embed_s"] = time.perf_counter() - start
       logging.info("%s round %d: embedded %s in %.1fs", self.label, t,
                    " + ".join(f"{len(items[m])} {m}s" for m in MODALITIES),
@@ -624,7 +626,7 @@ class Run:
           mesh=self.x.mesh, block=self.config.acquisition.block,
           feature_dtype=self.config.acquisition.feature_dtype,
           picks_per_pass=self.config.acquisition.picks_per_pass,
-          **self.config.strategy_hparams.get(self.strategy, {}))
+          **hparams)
       timing["acquire_s"] = time.perf_counter() - start
       logging.info("%s round %d: %s picked %d queries in %.1fs", self.label,
                    t, self.strategy, len(picked), timing["acquire_s"])

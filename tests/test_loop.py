@@ -1,4 +1,5 @@
 """End-to-end active-learning runs on tiny data: pool, stream, resume, file oracle, COCO."""
+import functools
 import json
 import logging
 import os
@@ -252,16 +253,31 @@ def _write_features(folder, num_pairs=60, dims=(8, 6), seed=0):
           "data.pairs": str(folder / "pairs.npy")}
 
 
-def test_features_config_runs_on_npy_files(tmp_path):
+def test_features_config_runs_on_npy_files(tmp_path, monkeypatch):
   config = _load_config("features.py")
   files = _write_features(tmp_path)
   overrides = {**files, "feature_dims": (8, 6), "strategies": ("random",
                "mmal"), "seeds": (0,), "budget": 8, "num_rounds": 2,
-               "strategy_hparams.mmal.coreset_size": 16, "train.epochs": 2,
+               "strategy_hparams.mmal.coreset_size": 16,
+               "strategy_hparams.mmal.distances_on": "raw", "train.epochs": 2,
                "train.batch_size": 8, "eval.embed_batch_size": 16}
   _override(config, overrides)
   workdir = str(tmp_path / "run")
+  norms = []
+  real_mmal = loop.STRATEGIES["mmal"]
+
+  @functools.wraps(real_mmal)
+  def mmal(embeddings, annotated, **kw):
+    assert kw["distances_on"] == "raw"
+    norms.extend(np.linalg.norm(np.asarray(z)[:len(annotated[m])], axis=1)
+                 for m, z in embeddings.items())
+    return real_mmal(embeddings, annotated, **kw)
+
+  monkeypatch.setitem(loop.STRATEGIES, "mmal", mmal)
   loop.run_experiment(config_lib.validate(config), workdir)
+  # distances_on="raw": mmal saw the towers' outputs before normalisation.
+  assert len(norms) == 2 * 2 and not np.allclose(np.concatenate(norms), 1.0,
+                                                 atol=1e-3)
   rows = _rows(workdir)
   assert sorted((r["strategy"], r["round"]) for r in rows) == [
       (s, t) for s in ("mmal", "random") for t in range(3)]
