@@ -12,11 +12,17 @@ Round 0 only evaluates the initial towers.
 
 Workdir (any `mmal_jax.fs` path: local or gs://):
   config.json, metrics.jsonl, results.md, al_curves.png, logs/,
-  pretrained/params.npz          the towers pre-trained once (init "pretrain"),
-                                 pretrained/ckpt/ while that runs,
+  pretrained/params.npz          the towers pre-trained once (init "pretrain":
+                                 on the shapes source's own set, or the pairs
+                                 data.pretrain_fraction / pretrain_pairs hold
+                                 out of the pool), pretrained/ckpt/ while
+                                 that runs,
   runs/<strategy>/seed_<s>/      ckpt/ (orbax: the whole run state, see
                                  `run_state`), annotation.json (the annotated
-                                 set) and annotated/round_<t>.json (snapshots),
+                                 set), annotated/round_<t>.json (snapshots)
+                                 and, once finished, final_params.npz (the
+                                 last round's towers, a big_vision .npz that
+                                 `init.checkpoint` loads),
   tensorboard/<strategy>_seed_<s>/  TensorBoard summaries,
   queries/, answers/             the file oracle's exchange (one run only);
                                  queries/round_<t>.ranking.npz and
@@ -507,6 +513,7 @@ class Run:
       self._evaluate_and_log(0, initial_params, {}, rows)
       t, params, resume, timing, acquired = 1, initial_params, None, {}, False
     elif self.finished:
+      self.export_towers(None, initial_params)
       return
     else:
       t = meta["round"] + (meta["phase"] == "evaluated")
@@ -529,6 +536,30 @@ class Run:
         on_round()
       t, resume, timing, acquired = t + 1, None, {}, False
     self.checkpoints.wait()
+    self.export_towers(params)
+
+  @property
+  def towers_path(self) -> str:
+    return os.path.join(self.dir, "final_params.npz")
+
+  def export_towers(self, params, like_params=None) -> None:
+    """Writes the finished run's towers as a big_vision .npz, `towers_path`,
+    unless there: the next experiment's `init.checkpoint`.
+
+    `params`: the last round's; None: restored from the run's last
+    checkpoint step (a finished run restores no arrays on resume) in the
+    shapes of `like_params`. Every process takes part (FSDP shards); process
+    0 writes, atomically. Cost: one host copy and write of the parameters.
+    """
+    if fs.exists(self.towers_path):
+      return
+    if params is None:
+      params = self.checkpoints.restore_arrays(self.checkpoints.steps()[-1],
+                                               "params", like_params)
+    params = jax.tree.map(sharding.to_host, params)
+    if sharding.is_main_process():
+      checkpoint.save(params, self.towers_path)
+    sharding.barrier("final_params")
 
   def _train(self, t: int, initial_params, params, resume, rows, timing):
     """Round t's training; returns the trained params."""
@@ -698,6 +729,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
     run.resume(initial_params(seed))
     bought[strategy, seed] = run
     if run.finished:
+      # Killed before it was written.
+      run.export_towers(run.arrays, initial_params(seed))
       run.close()
     else:
       pending.append(run)

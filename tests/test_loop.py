@@ -260,7 +260,10 @@ def test_features_config_runs_on_npy_files(tmp_path, monkeypatch):
                "mmal"), "seeds": (0,), "budget": 8, "num_rounds": 2,
                "strategy_hparams.mmal.coreset_size": 16,
                "strategy_hparams.mmal.distances_on": "raw", "train.epochs": 2,
-               "train.batch_size": 8, "eval.embed_batch_size": 16}
+               "train.batch_size": 8, "eval.embed_batch_size": 16,
+               # Warm start from a quarter of the pool's pairs.
+               "init.kind": "pretrain", "data.pretrain_fraction": 0.25,
+               "pretrain.epochs": 1, "pretrain.batch_size": 8}
   _override(config, overrides)
   workdir = str(tmp_path / "run")
   norms = []
@@ -283,6 +286,20 @@ def test_features_config_runs_on_npy_files(tmp_path, monkeypatch):
       (s, t) for s in ("mmal", "random") for t in range(3)]
   assert all("retrieval/t2i_r@1" in r for r in rows)
   assert "retrieval/t2i_r@1" in (tmp_path / "run" / "results.md").read_text()
+  assert (tmp_path / "run" / "pretrained" / "params.npz").exists()
+  # Each run's final towers, reused as the next experiment's init.checkpoint:
+  # they give the run's last metrics.
+  final = tmp_path / "run" / "runs" / "mmal" / "seed_0" / "final_params.npz"
+  reuse = _load_config("features.py")
+  _override(reuse, {**overrides, "init.kind": "checkpoint",
+                    "init.checkpoint": str(final),
+                    "data.pretrain_fraction": 0.0})
+  experiment = loop.Experiment.create(config_lib.validate(reuse),
+                                      str(tmp_path / "reuse"))
+  last = max((r for r in rows if r["strategy"] == "mmal"),
+             key=lambda r: r["round"])
+  metrics = experiment.evaluate(experiment.initial_params(0), 2)
+  np.testing.assert_equal(metrics, {k: last[k] for k in metrics})
   wrong = _load_config("features.py")
   _override(wrong, {**overrides, "feature_dims": (8, 7)})
   with pytest.raises(config_lib.ConfigError, match="feature_dims gives text "
