@@ -559,6 +559,17 @@ def unit_items(pool: UnalignedPool, pairs: np.ndarray,
   return {m: np.isin(c, ids) for m, c in component.items()}
 
 
+def first_pair_of_units(pool: UnalignedPool,
+                        pairs: np.ndarray) -> np.ndarray:
+  """`(P,)` bool: the first row of `pairs` (`(P, 2)` image, text indices of
+  `pool`) in each matched unit, so that drawing rows among them draws units.
+  Cost: `matching_components`, then O(P log P)."""
+  component = matching_components(pool)["image"][pairs[:, 0]]
+  first = np.zeros(len(pairs), bool)
+  first[np.unique(component, return_index=True)[1]] = True
+  return first
+
+
 def count_units(component: dict[str, np.ndarray]) -> int:
   """Number of units (components) in `matching_components`' output. O(N)."""
   return 1 + max(int(c.max()) for c in component.values())

@@ -33,11 +33,16 @@ which generates its own set): `pretrain_fraction` (seeded by `seed`) or
 `pretrain_pairs` (an index file: `.npy` bool flags or int row indices, or
 `.txt` one row index per line) holds known pairs out of the pool; with
 `init.kind="pretrain"` the towers are trained contrastively on them before
-round 1. Whole matched units are held out (an image with all its captions),
+round 1. `pretrain_fraction` is a fraction of the pool's matched units (an
+image with all its captions; a pair where pairs are one-to-one). Whole
+matched units are held out,
 so their items are in neither the pool nor the eval pool. `pretrain_pairs`
 indexes the rows of the `features` source's pairing file (rows of held-out
 eval pairs may not be named; a fraction is drawn among the others), and for
 the other sources the pool's true pairs in `UnalignedPool.pairs()` order.
+For `tfds`, `pretrain_split` names a split of its own instead (e.g.
+split="train[10%:]", pretrain_split="train[:10%]"; disjoint splits are the
+user's to give).
 """
 from __future__ import annotations
 
@@ -95,7 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
       pretrain_fraction=0.0, pretrain_pairs="",
       # tfds
       tfds_name="", tfds_data_dir="", image_key="image",
-      text_key="captions/text",
+      text_key="captions/text", pretrain_split="",
       # tfds and colorswap splits
       split="train", eval_split="test",
       # colorswap (parquet folder), datacomp (training shards)
@@ -140,13 +145,15 @@ def _coco(data) -> Sources:
 def has_pretrain(data) -> bool:
   """Whether `data` (a `config.data`) builds a pre-training set."""
   return (data.source in WITH_PRETRAIN or bool(data.get("pretrain_pairs")) or
-          bool(data.get("pretrain_fraction")))
+          bool(data.get("pretrain_fraction")) or
+          bool(data.get("pretrain_split")))
 
 
 def _pretrain_rows(data, num_pairs: int, eligible: np.ndarray,
                    rows_of: str) -> np.ndarray:
   """`(num_pairs,)` bool: the pre-training rows (of `rows_of`), from
-  `pretrain_pairs` or a seeded `pretrain_fraction` of the `eligible` rows."""
+  `pretrain_pairs` or a seeded `pretrain_fraction` of the `eligible` rows
+  (one per matched unit: the fraction is of units)."""
   if data.pretrain_pairs:
     return features.load_eval_pairs(data.pretrain_pairs, num_pairs,
                                     what="pretrain pairs", rows_of=rows_of)
@@ -155,8 +162,9 @@ def _pretrain_rows(data, num_pairs: int, eligible: np.ndarray,
   if not 0 < count < rows.size:
     raise ConfigError(
         f"config.data.pretrain_fraction={data.pretrain_fraction} holds out "
-        f"{count} of the pool's {rows.size} pairs; both the pre-training set "
-        f"and the pool need some: pick a fraction in (0, 1) that does.")
+        f"{count} of the pool's {rows.size} matched units (pairs); both the "
+        f"pre-training set and the pool need some: pick a fraction in (0, 1) "
+        f"that does.")
   chosen = np.zeros(num_pairs, bool)
   # Its own stream of the seed: the eval split draws from `seed` itself.
   chosen[np.random.default_rng([data.seed, 1]).choice(rows, count,
@@ -179,8 +187,8 @@ def _split_off(pool: UnalignedPool, held: dict[str, np.ndarray]
 def _hold_out_pretrain(sources: Sources, data) -> Sources:
   """`sources` with the pre-training pairs' units moved out of the pool."""
   pairs = sources.pool.pairs("image", "text")
-  chosen = _pretrain_rows(data, len(pairs), np.ones(len(pairs), bool),
-                          "the pool's list of true pairs")
+  chosen = _pretrain_rows(data, len(pairs), pool_lib.first_pair_of_units(
+      sources.pool, pairs), "the pool's list of true pairs")
   pool, pretrain = _split_off(sources.pool, pool_lib.unit_items(
       sources.pool, pairs, chosen))
   return dataclasses.replace(sources, pool=pool, pretrain_pool=pretrain)
@@ -213,7 +221,9 @@ def _features(data) -> Sources:
   in_eval["image"][pairs[held_out, 0]] = True
   in_eval["text"][pairs[held_out, 1]] = True
   touches_eval = in_eval["image"][pairs[:, 0]] | in_eval["text"][pairs[:, 1]]
-  chosen = _pretrain_rows(data, len(pairs), ~touches_eval, "the pairs file")
+  chosen = _pretrain_rows(data, len(pairs), ~touches_eval &
+                          pool_lib.first_pair_of_units(full, pairs),
+                          "the pairs file")
   if (chosen & touches_eval).any():
     rows = np.flatnonzero(chosen & touches_eval)
     raise ConfigError(
@@ -236,7 +246,10 @@ def _tfds(data) -> Sources:
   eval_pool = tfds_source.load_tfds(data.tfds_name, data.eval_split,
                                     max_images=data.eval_max_images or None,
                                     **kw)
-  return Sources(pool, eval_pool)
+  pretrain = None
+  if data.pretrain_split:
+    pretrain = tfds_source.load_tfds(data.tfds_name, data.pretrain_split, **kw)
+  return Sources(pool, eval_pool, pretrain)
 
 
 def _colorswap(data) -> Sources:
@@ -300,13 +313,19 @@ def build(data: ml_collections.ConfigDict) -> Sources:
 def _pretrain_problems(data) -> list[str]:
   """What is wrong with `pretrain_fraction` / `pretrain_pairs` (no reads)."""
   fraction, path = data.pretrain_fraction, data.pretrain_pairs
-  if not fraction and not path:
+  given = [f"config.data.{name}" for name in ("pretrain_fraction",
+                                              "pretrain_pairs",
+                                              "pretrain_split") if data[name]]
+  if not given:
     return []
   problems = []
-  if fraction and path:
-    problems.append("config.data.pretrain_fraction and "
-                    "config.data.pretrain_pairs both choose the pre-training "
-                    "pairs; give one of them.")
+  if len(given) > 1:
+    problems.append(f"{' and '.join(given)} each choose the pre-training "
+                    f"pairs; give one of them.")
+  if data.pretrain_split and data.source != "tfds":
+    problems.append(f"config.data.pretrain_split is a TFDS split; "
+                    f"config.data.source={data.source!r} takes "
+                    f"config.data.pretrain_fraction or pretrain_pairs.")
   if (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or
       not 0 <= fraction < 1):
     problems.append(f"config.data.pretrain_fraction must be in [0, 1), got "
@@ -353,7 +372,8 @@ def _file_problems(data) -> list[str]:
       unprepared = tfds_source.prepared_problem(b)
       if unprepared:
         problems.append(f"config.data.tfds_name: {unprepared}")
-      for field in ("split", "eval_split"):
+      for field in ("split", "eval_split") + (
+          ("pretrain_split",) if data.pretrain_split else ()):
         try:
           tfds_source.check_split(b, data[field])
         except ValueError as e:
