@@ -242,8 +242,12 @@ class Experiment:
     resume = None
     if latest is not None and latest[0]["phase"] == "training":
       resume = (latest[0]["train_step"], latest[1])
-    save = lambda step, state: ckpt.save(
-        {"round": 0, "phase": "training", "train_step": step}, train=state)
+
+    def save(step, state):
+      ckpt.save({"round": 0, "phase": "training", "train_step": step},
+                train=state)
+      faults.point("pretrain_checkpoint")
+
     try:
       result = self.towers.fit(
           params, pool, pool.pairs(), optim_config=optim_config,
