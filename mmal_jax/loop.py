@@ -194,7 +194,8 @@ class Experiment:
     if data is not None and values_ok:
       num_units = pool_lib.count_units(
           pool_lib.matching_components(data.pool))
-      found += _data_problems(config, data, num_units)
+      found += _data_problems(config, data, num_units, (
+          jax.device_count() if mesh is None else mesh.size))
     if found:
       config_lib.raise_problems(found)
     mesh = (sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
@@ -327,11 +328,17 @@ def _with_pool(data: sources.Sources, config) -> sources.Sources:
       data, pool=data.stream.buffer(0, size, seed=config.data.seed))
 
 
-def _data_problems(config, data: sources.Sources, num_units: int
-                   ) -> list[str]:
+def _data_problems(config, data: sources.Sources, num_units: int,
+                   num_devices: int) -> list[str]:
   """What the built data (its pool holding `num_units` matched units) cannot
-  do for this config."""
+  do for this config on `num_devices` devices."""
   found = []
+  if config.init.kind == "pretrain" and data.pretrain_pool is not None:
+    num_pairs = len(data.pretrain_pool.pairs("image", "text"))
+    if num_pairs < num_devices:
+      found.append(f"The pre-training set holds {num_pairs} pairs, fewer than "
+                   f"one batch over the {num_devices} devices: hold out more "
+                   f"(config.data.pretrain_fraction / pretrain_pairs).")
   for name, pool in (("pool", data.pool), ("eval pool", data.eval_pool)):
     if set(pool.modalities) != set(MODALITIES):
       found.append(f"The {name} has modalities {pool.modalities}; training "

@@ -116,6 +116,23 @@ def test_pretrain_options_are_checked_up_front(tmp_path):
                                                       "pretrain")
 
 
+def test_a_pretraining_set_smaller_than_a_batch_is_named(tmp_path):
+  np.savetxt(tmp_path / "one.txt", [59], fmt="%d")
+  config = _tiny_features_config(tmp_path, **{
+      "data.pretrain_fraction": 0.0,
+      "data.pretrain_pairs": str(tmp_path / "one.txt")})
+  workdir = str(tmp_path / "one")
+  if jax.device_count() == 1:  # One pair fills a batch of one device.
+    experiment = loop.Experiment.create(config, workdir)
+    assert len(experiment.data.pretrain_pool.pairs()) == 1
+    return
+  with pytest.raises(config_lib.ConfigError, match=(
+      f"The pre-training set holds 1 pairs, fewer than one batch over the "
+      f"{jax.device_count()} devices")):
+    loop.Experiment.create(config, workdir)
+  assert not os.path.exists(workdir)
+
+
 def _tiny_features_config(tmp_path, **overrides):
   config = _load_config("features.py")
   _override(config, {**_write_features(tmp_path), "feature_dims": (8, 6),
