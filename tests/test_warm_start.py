@@ -12,7 +12,6 @@ from mmal_jax import loop
 from mmal_jax import run_state
 from mmal_jax.data import sources
 from mmal_jax.data.pool import UnalignedPool
-from mmal_jax.models import checkpoint
 from test_loop import _load_config
 from test_loop import _override
 from test_loop import _write_features

@@ -35,11 +35,11 @@ which generates its own set): `pretrain_fraction` (seeded by `seed`) or
 `init.kind="pretrain"` the towers are trained contrastively on them before
 round 1. `pretrain_fraction` is a fraction of the pool's matched units (an
 image with all its captions; a pair where pairs are one-to-one). Whole
-matched units are held out,
-so their items are in neither the pool nor the eval pool. `pretrain_pairs`
-indexes the rows of the `features` source's pairing file (rows of held-out
-eval pairs may not be named; a fraction is drawn among the others), and for
-the other sources the pool's true pairs in `UnalignedPool.pairs()` order.
+matched units are held out, so their items are in neither the pool nor the
+eval pool. `pretrain_pairs` indexes the rows of the `features` source's
+pairing file (rows of held-out eval pairs may not be named; a fraction is
+drawn among the others), and for the other sources the pool's true pairs in
+`UnalignedPool.pairs()` order.
 For `tfds`, `pretrain_split` names a split of its own instead (e.g.
 split="train[10%:]", pretrain_split="train[:10%]"; disjoint splits are the
 user's to give).
@@ -56,10 +56,10 @@ from mmal_jax.config_lib import ConfigError
 from mmal_jax.data import coco
 from mmal_jax.data import colorswap
 from mmal_jax.data import features
+from mmal_jax.data import pool as pool_lib
 from mmal_jax.data import shapes
 from mmal_jax.data import tfds_source
 from mmal_jax.data import webdataset
-from mmal_jax.data import pool as pool_lib
 from mmal_jax.data.pool import UnalignedPool, split_groups
 
 # Sources whose pools have groups of 2 images + 2 captions (ColorSwap scores).
@@ -311,8 +311,9 @@ def build(data: ml_collections.ConfigDict) -> Sources:
 
 
 def _pretrain_problems(data) -> list[str]:
-  """What is wrong with `pretrain_fraction` / `pretrain_pairs` (no reads)."""
-  fraction, path = data.pretrain_fraction, data.pretrain_pairs
+  """What is wrong with `pretrain_fraction` / `pretrain_pairs` /
+  `pretrain_split` (no reads)."""
+  fraction = data.pretrain_fraction
   given = [f"config.data.{name}" for name in ("pretrain_fraction",
                                               "pretrain_pairs",
                                               "pretrain_split") if data[name]]
