@@ -20,7 +20,9 @@ Fields (defaults below):
     fields.
   model, loss, optim, res, text_len, tokenizer: from `models.presets`.
   init: where the towers start: "pretrain" (contrastive pre-training on
-    `data`'s pre-training set, cached in the workdir), "checkpoint" (a
+    `data`'s pre-training set: the shapes source's own, or the pairs that
+    `data.pretrain_fraction` / `data.pretrain_pairs` hold out of the pool;
+    cached in the workdir), "checkpoint" (a
     big_vision .npz, `init.checkpoint`), or "scratch".
   pretrain: epochs / batch_size / lr of that pre-training.
   train: per-round training on the annotated pairs: epochs, batch_size,
@@ -84,8 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.strategies = ("random", "coreset", "uncertainty", "mmal")
   c.strategy_hparams = ml_collections.ConfigDict(dict(
       random={}, coreset={}, uncertainty={},
+      # distances_on="raw": coverage distances on the towers' outputs before
+      # normalisation (the Euclidean-vs-cosine ablation; see strategies).
       mmal=dict(coreset_size=config_dict.placeholder(int),  # 4 x budget
-                modality="auto", metric="euclidean")))
+                modality="auto", metric="euclidean",
+                distances_on="normalized")))
   c.acquisition = ml_collections.ConfigDict(dict(
       block=1024, feature_dtype="float32", picks_per_pass=16))
   # The first round (nothing annotated): "" = each strategy's own cold start
@@ -202,6 +207,10 @@ def _strategy_problems(config) -> list[str]:
     if "metric" in hparams and hparams["metric"] not in kernels.METRICS:
       problems.append(f"{field}.metric={hparams['metric']!r} is not one of "
                       f"{list(kernels.METRICS)}.")
+    if ("distances_on" in hparams and
+        hparams["distances_on"] not in strategies.DISTANCES_ON):
+      problems.append(f"{field}.distances_on={hparams['distances_on']!r} is "
+                      f"not one of {list(strategies.DISTANCES_ON)}.")
     if "modality" in hparams:
       choices = list(strategies.MODALITY_CHOICES) + list(MODALITIES)
       if hparams["modality"] not in choices:
@@ -280,12 +289,20 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append(f"config.oracle.num_ranked={config.oracle.num_ranked} must be "
                f">= config.oracle.top_k={config.oracle.top_k} (the page "
                f"shows top_k of the ranked matches).")
-  if (config.init.kind == "pretrain" and
-      config.data.source not in sources.WITH_PRETRAIN):
+  if config.init.kind == "pretrain" and not sources.has_pretrain(config.data):
     out.append(f"config.init.kind='pretrain' needs a data source with a "
-               f"pre-training set ({list(sources.WITH_PRETRAIN)}); "
-               f"{config.data.source!r} has none. Use init.kind='checkpoint' "
-               f"or 'scratch'.")
+               f"pre-training set ({list(sources.WITH_PRETRAIN)}) or pairs "
+               f"of one's own held out for it (config.data.pretrain_fraction "
+               f"or config.data.pretrain_pairs); {config.data.source!r} has "
+               f"none. Set one of those, or use init.kind='checkpoint' or "
+               f"'scratch'.")
+  if (config.init.kind != "pretrain" and
+      config.data.source not in sources.WITH_PRETRAIN and
+      sources.has_pretrain(config.data)):
+    out.append(f"config.data.pretrain_fraction / pretrain_pairs hold pairs "
+               f"out of the pool for pre-training, which "
+               f"init.kind={config.init.kind!r} does not do: set "
+               f"--config.init.kind=pretrain, or drop them.")
   if config.init.kind == "checkpoint" and not config.init.checkpoint:
     out.append("config.init.kind='checkpoint' needs "
                "--config.init.checkpoint=PATH (a big_vision .npz).")

@@ -12,11 +12,17 @@ Round 0 only evaluates the initial towers.
 
 Workdir (any `mmal_jax.fs` path: local or gs://):
   config.json, metrics.jsonl, results.md, al_curves.png, logs/,
-  pretrained/params.npz          the towers pre-trained once (init "pretrain"),
-                                 pretrained/ckpt/ while that runs,
+  pretrained/params.npz          the towers pre-trained once (init "pretrain":
+                                 on the shapes source's own set, or the pairs
+                                 data.pretrain_fraction / pretrain_pairs hold
+                                 out of the pool), pretrained/ckpt/ while
+                                 that runs,
   runs/<strategy>/seed_<s>/      ckpt/ (orbax: the whole run state, see
                                  `run_state`), annotation.json (the annotated
-                                 set) and annotated/round_<t>.json (snapshots),
+                                 set), annotated/round_<t>.json (snapshots)
+                                 and, once finished, final_params.npz (the
+                                 last round's towers, a big_vision .npz that
+                                 `init.checkpoint` loads),
   tensorboard/<strategy>_seed_<s>/  TensorBoard summaries,
   queries/, answers/             the file oracle's exchange (one run only);
                                  queries/round_<t>.ranking.npz and
@@ -188,7 +194,8 @@ class Experiment:
     if data is not None and values_ok:
       num_units = pool_lib.count_units(
           pool_lib.matching_components(data.pool))
-      found += _data_problems(config, data, num_units)
+      found += _data_problems(config, data, num_units, (
+          jax.device_count() if mesh is None else mesh.size))
     if found:
       config_lib.raise_problems(found)
     mesh = (sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
@@ -236,17 +243,23 @@ class Experiment:
     resume = None
     if latest is not None and latest[0]["phase"] == "training":
       resume = (latest[0]["train_step"], latest[1])
-    save = lambda step, state: ckpt.save(
-        {"round": 0, "phase": "training", "train_step": step}, train=state)
-    result = self.towers.fit(
-        params, pool, pool.pairs(), optim_config=optim_config,
-        epochs=pre.epochs, batch_size=pre.batch_size,
-        warmup_fraction=self.config.train.warmup_fraction,
-        seed=self.config.data.seed, resume=resume, on_checkpoint=save,
-        checkpoint_every=self.config.train.checkpoint_every,
-        log_every=self.config.train.log_every, label="[pretrain]",
-        lr_name="config.pretrain.lr")
-    ckpt.close()
+
+    def save(step, state):
+      ckpt.save({"round": 0, "phase": "training", "train_step": step},
+                train=state)
+      faults.point("pretrain_checkpoint")
+
+    try:
+      result = self.towers.fit(
+          params, pool, pool.pairs(), optim_config=optim_config,
+          epochs=pre.epochs, batch_size=pre.batch_size,
+          warmup_fraction=self.config.train.warmup_fraction,
+          seed=self.config.data.seed, resume=resume, on_checkpoint=save,
+          checkpoint_every=self.config.train.checkpoint_every,
+          log_every=self.config.train.log_every, label="[pretrain]",
+          lr_name="config.pretrain.lr")
+    finally:  # Interrupted too: a pending asynchronous save still commits.
+      ckpt.close()
     # Every process takes part: FSDP shards may live on several hosts.
     params = jax.tree.map(sharding.to_host, result.params)
     if sharding.is_main_process():
@@ -315,11 +328,17 @@ def _with_pool(data: sources.Sources, config) -> sources.Sources:
       data, pool=data.stream.buffer(0, size, seed=config.data.seed))
 
 
-def _data_problems(config, data: sources.Sources, num_units: int
-                   ) -> list[str]:
+def _data_problems(config, data: sources.Sources, num_units: int,
+                   num_devices: int) -> list[str]:
   """What the built data (its pool holding `num_units` matched units) cannot
-  do for this config."""
+  do for this config on `num_devices` devices."""
   found = []
+  if config.init.kind == "pretrain" and data.pretrain_pool is not None:
+    num_pairs = len(data.pretrain_pool.pairs("image", "text"))
+    if num_pairs < num_devices:
+      found.append(f"The pre-training set holds {num_pairs} pairs, fewer than "
+                   f"one batch over the {num_devices} devices: hold out more "
+                   f"(config.data.pretrain_fraction / pretrain_pairs).")
   for name, pool in (("pool", data.pool), ("eval pool", data.eval_pool)):
     if set(pool.modalities) != set(MODALITIES):
       found.append(f"The {name} has modalities {pool.modalities}; training "
@@ -507,6 +526,7 @@ class Run:
       self._evaluate_and_log(0, initial_params, {}, rows)
       t, params, resume, timing, acquired = 1, initial_params, None, {}, False
     elif self.finished:
+      self.export_towers(None, initial_params)
       return
     else:
       t = meta["round"] + (meta["phase"] == "evaluated")
@@ -529,6 +549,30 @@ class Run:
         on_round()
       t, resume, timing, acquired = t + 1, None, {}, False
     self.checkpoints.wait()
+    self.export_towers(params)
+
+  @property
+  def towers_path(self) -> str:
+    return os.path.join(self.dir, "final_params.npz")
+
+  def export_towers(self, params, like_params=None) -> None:
+    """Writes the finished run's towers as a big_vision .npz, `towers_path`,
+    unless there: the next experiment's `init.checkpoint`.
+
+    `params`: the last round's; None: restored from the run's last
+    checkpoint step (a finished run restores no arrays on resume) in the
+    shapes of `like_params`. Every process takes part (FSDP shards); process
+    0 writes, atomically. Cost: one host copy and write of the parameters.
+    """
+    if fs.exists(self.towers_path):
+      return
+    if params is None:
+      params = self.checkpoints.restore_arrays(self.checkpoints.steps()[-1],
+                                               "params", like_params)
+    params = jax.tree.map(sharding.to_host, params)
+    if sharding.is_main_process():
+      checkpoint.save(params, self.towers_path)
+    sharding.barrier("final_params")
 
   def _train(self, t: int, initial_params, params, resume, rows, timing):
     """Round t's training; returns the trained params."""
@@ -601,11 +645,13 @@ class Run:
     timing = {"embed_s": 0.0, "acquire_s": 0.0}
     if queries is None:
       items = self._candidates(t)
+      hparams = dict(self.config.strategy_hparams.get(self.strategy, {}))
       start = time.perf_counter()
       # Left on the mesh in the kernels' layout: nothing goes to the hosts.
+      # distances_on="raw": the towers' outputs before normalisation.
       embeddings = jax.block_until_ready({m: self.x.towers.embed_rows(
-          params, self.pool, m, items[m], self.config.eval.embed_batch_size)
-                                          for m in MODALITIES})
+          params, self.pool, m, items[m], self.config.eval.embed_batch_size,
+          raw=hparams.get("distances_on") == "raw") for m in MODALITIES})
       timing["embed_s"] = time.perf_counter() - start
       logging.info("%s round %d: embedded %s in %.1fs", self.label, t,
                    " + ".join(f"{len(items[m])} {m}s" for m in MODALITIES),
@@ -624,7 +670,7 @@ class Run:
           mesh=self.x.mesh, block=self.config.acquisition.block,
           feature_dtype=self.config.acquisition.feature_dtype,
           picks_per_pass=self.config.acquisition.picks_per_pass,
-          **self.config.strategy_hparams.get(self.strategy, {}))
+          **hparams)
       timing["acquire_s"] = time.perf_counter() - start
       logging.info("%s round %d: %s picked %d queries in %.1fs", self.label,
                    t, self.strategy, len(picked), timing["acquire_s"])
@@ -696,6 +742,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str,
     run.resume(initial_params(seed))
     bought[strategy, seed] = run
     if run.finished:
+      # Killed before it was written.
+      run.export_towers(run.arrays, initial_params(seed))
       run.close()
     else:
       pending.append(run)

@@ -83,6 +83,12 @@ class Towers:
     self._apply = {
         "image": lambda p, x: self.model.apply({"params": p}, x, None)[0],
         "text": lambda p, x: self.model.apply({"params": p}, None, x)[1]}
+    # The towers' outputs before their L2 normalisation.
+    self._apply_raw = {
+        "image": lambda p, x: self.model.apply({"params": p}, x, None)[2][
+            "img/raw"],
+        "text": lambda p, x: self.model.apply({"params": p}, None, x)[2][
+            "txt/raw"]}
 
   def pp(self, pool: UnalignedPool) -> dict[str, str]:
     """The pp string per modality of `pool`: `config.pp.<modality>` where
@@ -253,18 +259,19 @@ class Towers:
                      time.perf_counter() - start_time, loss)
 
   def embed_rows(self, params, pool: UnalignedPool, modality: str, indices,
-                 batch_size: int) -> jax.Array:
+                 batch_size: int, *, raw: bool = False) -> jax.Array:
     """Embeddings of items `indices` of `pool`, left on the mesh.
 
     One `pipeline.embed_pool` pass: each process reads and embeds its own
     devices' rows; only `modality`'s tower runs. Returns a `(padded_rows, D)`
     float32 array row-sharded over the mesh whose first `len(indices)` rows
-    are the L2-normalised embeddings (the layout the acquisition kernels
-    take without a copy). Cost: one forward pass per item.
+    are the L2-normalised embeddings (`raw`: the tower's outputs before that
+    normalisation), the layout the acquisition kernels take without a copy.
+    Cost: one forward pass per item.
     """
-    return pipeline.embed_pool(self._apply[modality], params, pool, modality,
-                               indices, self.mesh, batch_size,
-                               self.pp(pool)[modality])
+    apply = (self._apply_raw if raw else self._apply)[modality]
+    return pipeline.embed_pool(apply, params, pool, modality, indices,
+                               self.mesh, batch_size, self.pp(pool)[modality])
 
   def embed(self, params, pool: UnalignedPool, modality: str, indices,
             batch_size: int) -> np.ndarray:

@@ -92,9 +92,16 @@ def test_laid_out_jax_arrays_are_used_in_place(data, fsdp):
     padded[:len(z)] = z
     laid_out[m] = sharding.put_global(padded, sharding.row_sharding(mesh))
   rnd = strategies._lay_out(laid_out, annotated, mesh=mesh, block=BLOCK)
+  raw = strategies._lay_out(laid_out, annotated, mesh=mesh, block=BLOCK,
+                            distances_on="raw")
   for m in embeddings:
     assert rnd.pools[m].rows is laid_out[m]
     assert rnd.pools[m].layout.num_rows == len(embeddings[m])
+    # Raw-output distances view the same rows unscaled: no copy either.
+    assert raw.coverage[m].rows is laid_out[m]
+    scale = np.asarray(raw.coverage[m].scale).reshape(-1)
+    assert (scale[:len(embeddings[m])] == 1).all() and not scale[
+        len(embeddings[m]):].any()
   kw = dict(mesh=mesh, block=BLOCK)
   for name, fn in sorted(STRATEGIES.items()):
     assert (fn(laid_out, annotated, budget=20, seed=0, **kw) ==

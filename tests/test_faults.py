@@ -203,6 +203,7 @@ def test_sigkill_anywhere_resumes_exactly(reference, tmp_path):
   workdir = str(tmp_path / "killed")
   env = main_env()
   kills = (
+      "pretrain_checkpoint:2",  # Pre-training's step 2 save just issued.
       "acquired:1",            # Round 1 bought, not saved yet.
       "annotation_written:1",  # annotation.json written, its snapshot not.
       "round_end:1",           # Round 1 done.
@@ -217,8 +218,13 @@ def test_sigkill_anywhere_resumes_exactly(reference, tmp_path):
     assert rc == -9, (kill, stderr[-3000:])
     if kill == "annotation_written:1":
       assert not os.path.exists(os.path.join(workdir, RUN, "annotated"))
+    if kill == "pretrain_checkpoint:2":
+      assert not os.path.exists(os.path.join(workdir, "pretrained",
+                                             "params.npz"))
   assert not os.path.exists(os.path.join(workdir, "results.md"))
   text = loop.run_experiment(_config(), workdir)  # The same run, resumed.
   assert text.startswith("Nothing left to do")
   assert os.path.exists(os.path.join(workdir, "results.md"))
   assert_same(workdir, reference)
+  jax.tree.map(np.testing.assert_array_equal, *(checkpoint.read(os.path.join(
+      w, "pretrained", "params.npz")) for w in (workdir, reference)))

@@ -90,7 +90,7 @@ def test_killed_and_resumed_cli_run_on_gcs(gcs_emulator, gcs_bucket,
   for name in ("config.json", "metrics.jsonl", "results.md", "al_curves.png",
                "logs/process_0.log", f"{run}/annotation.json",
                f"{run}/annotated/round_1.json",
-               f"{run}/annotated/round_2.json"):
+               f"{run}/annotated/round_2.json", f"{run}/final_params.npz"):
     assert name in names, name
   assert any(n.startswith(f"{run}/ckpt/") and n.endswith("_CHECKPOINT_METADATA")
              for n in names), sorted(names)

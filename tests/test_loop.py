@@ -1,4 +1,5 @@
 """End-to-end active-learning runs on tiny data: pool, stream, resume, file oracle, COCO."""
+import functools
 import json
 import logging
 import os
@@ -252,21 +253,53 @@ def _write_features(folder, num_pairs=60, dims=(8, 6), seed=0):
           "data.pairs": str(folder / "pairs.npy")}
 
 
-def test_features_config_runs_on_npy_files(tmp_path):
+def test_features_config_runs_on_npy_files(tmp_path, monkeypatch):
   config = _load_config("features.py")
   files = _write_features(tmp_path)
   overrides = {**files, "feature_dims": (8, 6), "strategies": ("random",
                "mmal"), "seeds": (0,), "budget": 8, "num_rounds": 2,
-               "strategy_hparams.mmal.coreset_size": 16, "train.epochs": 2,
-               "train.batch_size": 8, "eval.embed_batch_size": 16}
+               "strategy_hparams.mmal.coreset_size": 16,
+               "strategy_hparams.mmal.distances_on": "raw", "train.epochs": 2,
+               "train.batch_size": 8, "eval.embed_batch_size": 16,
+               # Warm start from a quarter of the pool's pairs.
+               "init.kind": "pretrain", "data.pretrain_fraction": 0.25,
+               "pretrain.epochs": 1, "pretrain.batch_size": 8}
   _override(config, overrides)
   workdir = str(tmp_path / "run")
+  norms = []
+  real_mmal = loop.STRATEGIES["mmal"]
+
+  @functools.wraps(real_mmal)
+  def mmal(embeddings, annotated, **kw):
+    assert kw["distances_on"] == "raw"
+    norms.extend(np.linalg.norm(np.asarray(z)[:len(annotated[m])], axis=1)
+                 for m, z in embeddings.items())
+    return real_mmal(embeddings, annotated, **kw)
+
+  monkeypatch.setitem(loop.STRATEGIES, "mmal", mmal)
   loop.run_experiment(config_lib.validate(config), workdir)
+  # distances_on="raw": mmal saw the towers' outputs before normalisation.
+  assert len(norms) == 2 * 2 and not np.allclose(np.concatenate(norms), 1.0,
+                                                 atol=1e-3)
   rows = _rows(workdir)
   assert sorted((r["strategy"], r["round"]) for r in rows) == [
       (s, t) for s in ("mmal", "random") for t in range(3)]
   assert all("retrieval/t2i_r@1" in r for r in rows)
   assert "retrieval/t2i_r@1" in (tmp_path / "run" / "results.md").read_text()
+  assert (tmp_path / "run" / "pretrained" / "params.npz").exists()
+  # Each run's final towers, reused as the next experiment's init.checkpoint:
+  # they give the run's last metrics.
+  final = tmp_path / "run" / "runs" / "mmal" / "seed_0" / "final_params.npz"
+  reuse = _load_config("features.py")
+  _override(reuse, {**overrides, "init.kind": "checkpoint",
+                    "init.checkpoint": str(final),
+                    "data.pretrain_fraction": 0.0})
+  experiment = loop.Experiment.create(config_lib.validate(reuse),
+                                      str(tmp_path / "reuse"))
+  last = max((r for r in rows if r["strategy"] == "mmal"),
+             key=lambda r: r["round"])
+  metrics = experiment.evaluate(experiment.initial_params(0), 2)
+  np.testing.assert_equal(metrics, {k: last[k] for k in metrics})
   wrong = _load_config("features.py")
   _override(wrong, {**overrides, "feature_dims": (8, 7)})
   with pytest.raises(config_lib.ConfigError, match="feature_dims gives text "

@@ -63,6 +63,24 @@ def test_tfds_source(tfds_dir):
       source="tfds", tfds_name="tiny_captions", tfds_data_dir=tfds_dir,
       max_images=2, split="train[2:]"))
   assert small.pool.sizes == {"image": 2, "text": 4}
+  # Pre-training pairs: a split of their own, or whole units (an image and
+  # both its captions) held out of the pool.
+  split = sources.build(data_config(
+      source="tfds", tfds_name="tiny_captions", tfds_data_dir=tfds_dir,
+      split="train[2:]", pretrain_split="train[:2]"))
+  assert split.pool.sizes == {"image": 4, "text": 8}
+  assert split.pretrain_pool.sizes == {"image": 2, "text": 4}
+  held = sources.build(data_config(
+      source="tfds", tfds_name="tiny_captions", tfds_data_dir=tfds_dir,
+      pretrain_fraction=0.5))
+  assert held.pool.sizes == held.pretrain_pool.sizes == {"image": 3,
+                                                         "text": 6}
+  assert len(held.pretrain_pool.pairs()) == len(held.pool.pairs()) == 6
+  captions = lambda pool: set(pool.items["text"])
+  assert not captions(held.pool) & captions(held.pretrain_pool)
+  assert "no split 'nope'" in " ".join(sources.check(data_config(
+      source="tfds", tfds_name="tiny_captions", tfds_data_dir=tfds_dir,
+      pretrain_split="nope")))
   assert sources.check(data_config(source="tfds", tfds_name="tiny_captions",
                                     tfds_data_dir=tfds_dir)) == []
   problems = sources.check(data_config(

@@ -245,7 +245,8 @@ def badge_sharded(pool: ShardedRows, eligible: jax.Array, classes, k: int, *,
 
 def badge(embeddings, annotated, *, budget: int, seed: int, candidates=None,
           modality: str = "random", logit_scale: float = 10.,
-          metric: str = "euclidean", min_dist=None, feature_dtype=None,
+          metric: str = "euclidean", distances_on: str = "normalized",
+          min_dist=None, feature_dtype=None,
           mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
           picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
           ) -> list[Query]:
@@ -257,10 +258,10 @@ def badge(embeddings, annotated, *, budget: int, seed: int, candidates=None,
   budget, the rest comes from the next modality of the seeded order. The
   classes of modality m are the available items of every other modality;
   with none, every gradient is 0 and the picks are uniform. `metric`,
-  `min_dist`, `picks_per_pass` are accepted for a uniform interface and
-  unused. Cost: module docstring, `O(B N_m C D)`.
+  `distances_on`, `min_dist`, `picks_per_pass` are accepted for a uniform
+  interface and unused. Cost: module docstring, `O(B N_m C D)`.
   """
-  del metric, min_dist, picks_per_pass
+  del metric, distances_on, min_dist, picks_per_pass
   rnd, budget = strategies._start(  # pylint: disable=protected-access
       embeddings, annotated, candidates, budget=budget, metric="euclidean",
       mesh=mesh, block=block, feature_dtype=feature_dtype)

@@ -16,6 +16,15 @@ where it lies, never gathered to a host.
 
 Hyper-parameters shared by all strategies:
   metric: "euclidean" (default) or "cosine" distance for coverage.
+  distances_on: "normalized" (default) or "raw": the vectors the coverage
+    distances (min-distance cache, k-center, the modality's radius) are
+    computed on. "normalized": the L2-normalised embeddings, on which
+    Euclidean distance sqrt(2 - 2 cos) is a monotone function of cosine
+    distance, so both metrics rank alike and pick the same items. "raw": the
+    embeddings as passed (the loop passes the towers' outputs before their
+    normalisation), so Euclidean distance also sees their norms; cosine
+    distance ignores norms and is the same either way. Margins (Step 3) are
+    always between normalised embeddings (the towers' matching scores).
   min_dist: optional cache `{m: (N_m,)}`: distance of each item of m to its
     nearest annotated item of m, for these embeddings and annotations (see
     `build_min_distance_cache` / `update_min_distance_cache`). Without it,
@@ -53,6 +62,9 @@ class _Round:
   """One acquisition round's inputs, validated and laid out on the mesh."""
   modalities: tuple[str, ...]
   pools: dict[str, ShardedRows]      # Embeddings, normalised by the kernels.
+  # What coverage distances are computed on: `pools`, or with
+  # distances_on="raw" and the Euclidean metric the same rows unscaled.
+  coverage: dict[str, ShardedRows]
   annotated: dict[str, np.ndarray]   # (N_m,) bool
   available: dict[str, np.ndarray]   # (N_m,) bool: unannotated and candidate.
   metric: str
@@ -104,16 +116,29 @@ def _check_embeddings(embeddings) -> dict:
   return checked
 
 
+DISTANCES_ON = ("normalized", "raw")
+
+
+def check_distances_on(distances_on: str) -> str:
+  if distances_on not in DISTANCES_ON:
+    raise ValueError(f"Unknown distances_on {distances_on!r}; expected one "
+                     f"of {DISTANCES_ON}.")
+  return distances_on
+
+
 def _lay_out(embeddings, annotated, candidates=None, *, metric="euclidean",
-             mesh=None, block=DEFAULT_BLOCK, feature_dtype=None) -> _Round:
+             distances_on="normalized", mesh=None, block=DEFAULT_BLOCK,
+             feature_dtype=None) -> _Round:
   """Validates a round's inputs and lays each modality out on the mesh.
 
   Embeddings are host arrays `(N_m, D)` or `jax.Array`s; a row-sharded one
   in the layout of `layout.shard_rows` (`N_m = len(annotated[m])` real rows
   first) is used without a copy. Cost: one pass over every embedding (norms,
-  finite check), plus the copy of those not already laid out.
+  finite check), plus the copy of those not already laid out; one more pass
+  (no copy) for raw Euclidean coverage distances.
   """
   kernels.check_metric(metric)
+  check_distances_on(distances_on)
   block = layout_lib.check_block(block)
   embeddings = _check_embeddings(embeddings)
   sizes = _num_items(embeddings, annotated)
@@ -133,7 +158,15 @@ def _lay_out(embeddings, annotated, candidates=None, *, metric="euclidean",
           name=f"embeddings[{m!r}]",
           num_rows=sizes[m] if isinstance(z, jax.Array) else None)
       for m, z in embeddings.items()}
-  return _Round(tuple(embeddings), pools, annotated, available, metric, block)
+  coverage = pools
+  if distances_on == "raw" and metric == "euclidean":
+    # The same device rows, unscaled: shard_rows takes them without a copy.
+    coverage = {m: layout_lib.shard_rows(
+        p.rows, mesh, block=block, normalize=False, dtype=p.rows.dtype,
+        name=f"embeddings[{m!r}]", num_rows=p.layout.num_rows)
+                for m, p in pools.items()}
+  return _Round(tuple(embeddings), pools, coverage, annotated, available,
+                metric, block)
 
 
 def _check_budget(rnd: _Round, budget, candidates_given: bool) -> int:
@@ -147,9 +180,10 @@ def _check_budget(rnd: _Round, budget, candidates_given: bool) -> int:
 
 
 def _start(embeddings, annotated, candidates, *, budget, metric, mesh, block,
-           feature_dtype) -> tuple[_Round, int]:
-  rnd = _lay_out(embeddings, annotated, candidates, metric=metric, mesh=mesh,
-                 block=block, feature_dtype=feature_dtype)
+           feature_dtype, distances_on="normalized") -> tuple[_Round, int]:
+  rnd = _lay_out(embeddings, annotated, candidates, metric=metric,
+                 distances_on=distances_on, mesh=mesh, block=block,
+                 feature_dtype=feature_dtype)
   return rnd, _check_budget(rnd, budget, candidates is not None)
 
 
@@ -179,7 +213,7 @@ def _masked_max(values, mask):
 
 def _distance_to_annotated(rnd: _Round, m: str, indices) -> jax.Array:
   """Blocked distance of every item of m to items `indices` of m."""
-  pool = rnd.pools[m]
+  pool = rnd.coverage[m]
   return kernels.min_distance_sharded(
       pool, kernels.gather_rows(pool, indices, block=rnd.block),
       metric=rnd.metric)
@@ -219,22 +253,25 @@ def _cache_blocks(rnd: _Round, min_dist) -> dict[str, jax.Array]:
 
 def build_min_distance_cache(embeddings, annotated, *,
                              metric: str = "euclidean",
+                             distances_on: str = "normalized",
                              mesh: Mesh | None = None,
                              block: int = DEFAULT_BLOCK,
                              feature_dtype=None) -> dict[str, np.ndarray]:
   """Distance of every item to its nearest annotated item of its modality.
 
   Args:
-    embeddings: `{m: (N_m, D)}`, L2-normalised here as the strategies do.
+    embeddings: `{m: (N_m, D)}`, L2-normalised here as the strategies do
+      (kept as given for `distances_on="raw"` Euclidean distances).
     annotated: `{m: (N_m,) bool}`.
-    metric, mesh, block, feature_dtype: as for the strategies.
+    metric, distances_on, mesh, block, feature_dtype: as for the strategies.
 
   Returns:
     `{m: (N_m,) float32 numpy}`, +inf where modality m has no annotated
     item. Cost: `2 sum_m N_m |S_m| D` flops: the honest per-round cost
     whenever the embeddings change (every round after retraining).
   """
-  rnd = _lay_out(embeddings, annotated, metric=metric, mesh=mesh, block=block,
+  rnd = _lay_out(embeddings, annotated, metric=metric,
+                 distances_on=distances_on, mesh=mesh, block=block,
                  feature_dtype=feature_dtype)
   return {m: kernels.to_host(d, rnd.pools[m].layout)
           for m, d in _cache_blocks(rnd, None).items()}
@@ -242,6 +279,7 @@ def build_min_distance_cache(embeddings, annotated, *,
 
 def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
                               metric: str = "euclidean",
+                              distances_on: str = "normalized",
                               mesh: Mesh | None = None,
                               block: int = DEFAULT_BLOCK,
                               feature_dtype=None) -> dict[str, np.ndarray]:
@@ -255,7 +293,8 @@ def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
       updates) on the same embeddings.
     embeddings: `{m: (N_m, D)}`.
     newly_annotated: `{m: int indices}` annotated since; missing keys: none.
-    metric, mesh, block, feature_dtype: as the cache was built with.
+    metric, distances_on, mesh, block, feature_dtype: as the cache was built
+      with.
 
   Returns:
     The updated cache (numpy). Cost: `2 sum_m N_m |new_m| D` flops.
@@ -265,8 +304,8 @@ def update_min_distance_cache(min_dist, embeddings, newly_annotated, *,
     sizes = {m: np.shape(min_dist[m])[0] if np.ndim(min_dist[m]) == 1 else n
              for m, n in sizes.items()}
   none = {m: np.zeros(n, np.bool_) for m, n in sizes.items()}
-  rnd = _lay_out(embeddings, none, metric=metric, mesh=mesh, block=block,
-                 feature_dtype=feature_dtype)
+  rnd = _lay_out(embeddings, none, metric=metric, distances_on=distances_on,
+                 mesh=mesh, block=block, feature_dtype=feature_dtype)
   unknown = set(newly_annotated) - set(rnd.modalities)
   if unknown:
     raise ValueError(f"newly_annotated names unknown modalities "
@@ -298,7 +337,7 @@ def _coreset(rnd: _Round, m: str, size: int, cache: dict,
   """Greedy k-center picks among m's available items, annotated items as centers."""
   has_centers = bool(rnd.annotated[m].any())
   return kernels.kcenter_greedy_sharded(
-      rnd.pools[m], size, eligible=rnd.available_mask(m),
+      rnd.coverage[m], size, eligible=rnd.available_mask(m),
       init_dist=cache[m] if has_centers else None, metric=rnd.metric,
       picks_per_pass=picks_per_pass)
 
@@ -326,7 +365,8 @@ def _add(a, b):
 
 def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
          coreset_size: int | None = None, modality: str = "auto",
-         metric: str = "euclidean", min_dist=None, feature_dtype=None,
+         metric: str = "euclidean", distances_on: str = "normalized",
+         min_dist=None, feature_dtype=None,
          mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
          picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS) -> list[Query]:
   """Algorithm 1: least-covered modality, coreset there, smallest margins.
@@ -346,8 +386,8 @@ def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
   the margins, plus the cache build `O(N |S| D)` when `min_dist` is not given.
   """
   rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
-                       metric=metric, mesh=mesh, block=block,
-                       feature_dtype=feature_dtype)
+                       metric=metric, distances_on=distances_on, mesh=mesh,
+                       block=block, feature_dtype=feature_dtype)
   coreset_size = 4 * budget if coreset_size is None else coreset_size
   if (isinstance(coreset_size, bool) or
       not isinstance(coreset_size, (int, np.integer)) or
@@ -381,7 +421,8 @@ def mmal(embeddings, annotated, *, budget: int, seed: int, candidates=None,
 
 
 def coreset(embeddings, annotated, *, budget: int, seed: int, candidates=None,
-            metric: str = "euclidean", min_dist=None, feature_dtype=None,
+            metric: str = "euclidean", distances_on: str = "normalized",
+            min_dist=None, feature_dtype=None,
             mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
             picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
             ) -> list[Query]:
@@ -391,8 +432,8 @@ def coreset(embeddings, annotated, *, budget: int, seed: int, candidates=None,
   `O(N_m B D)` plus the cache build `O(N_m |S_m| D)` without `min_dist`.
   """
   rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
-                       metric=metric, mesh=mesh, block=block,
-                       feature_dtype=feature_dtype)
+                       metric=metric, distances_on=distances_on, mesh=mesh,
+                       block=block, feature_dtype=feature_dtype)
   rng = np.random.default_rng(seed)
   plan = _allocate(_random_order(rnd, rng), rnd, budget)
   cache = (_cache_blocks(rnd, min_dist) if min_dist is not None else
@@ -403,7 +444,8 @@ def coreset(embeddings, annotated, *, budget: int, seed: int, candidates=None,
 
 
 def uncertainty(embeddings, annotated, *, budget: int, seed: int,
-                candidates=None, metric: str = "euclidean", min_dist=None,
+                candidates=None, metric: str = "euclidean",
+                distances_on: str = "normalized", min_dist=None,
                 feature_dtype=None, mesh: Mesh | None = None,
                 block: int = DEFAULT_BLOCK,
                 picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
@@ -413,14 +455,14 @@ def uncertainty(embeddings, annotated, *, budget: int, seed: int,
   Margins (summed over the other modalities) of every available item of
   every modality against the available items of the others, in both
   directions; ties go to the earlier modality, then the smaller index.
-  `metric`, `min_dist` and `picks_per_pass` are accepted for a uniform
-  interface and unused; `seed` too (the strategy is deterministic).
+  `metric`, `distances_on`, `min_dist` and `picks_per_pass` are accepted
+  for a uniform interface and unused; `seed` too (the strategy is deterministic).
   Cost: `O(N^2 D)` by design.
   """
   del seed, min_dist, picks_per_pass
   rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
-                       metric=metric, mesh=mesh, block=block,
-                       feature_dtype=feature_dtype)
+                       metric=metric, distances_on=distances_on, mesh=mesh,
+                       block=block, feature_dtype=feature_dtype)
   scored = []
   for order, m in enumerate(rnd.modalities):
     items = np.flatnonzero(rnd.available[m])
@@ -433,20 +475,21 @@ def uncertainty(embeddings, annotated, *, budget: int, seed: int,
 
 
 def random_strategy(embeddings, annotated, *, budget: int, seed: int,
-                    candidates=None, metric: str = "euclidean", min_dist=None,
+                    candidates=None, metric: str = "euclidean",
+                    distances_on: str = "normalized", min_dist=None,
                     feature_dtype=None, mesh: Mesh | None = None,
                     block: int = DEFAULT_BLOCK,
                     picks_per_pass: int = kernels.DEFAULT_PICKS_PER_PASS
                     ) -> list[Query]:
   """Passive baseline: uniform over the available items of a random modality.
 
-  `metric`, `min_dist`, `feature_dtype`, `picks_per_pass` are accepted for
-  a uniform interface and unused. Cost: `O(N D)` for the input checks.
+  `metric`, `distances_on`, `min_dist`, `feature_dtype`, `picks_per_pass`
+  are accepted for a uniform interface and unused. Cost: `O(N D)` for the input checks.
   """
   del min_dist, picks_per_pass
   rnd, budget = _start(embeddings, annotated, candidates, budget=budget,
-                       metric=metric, mesh=mesh, block=block,
-                       feature_dtype=feature_dtype)
+                       metric=metric, distances_on=distances_on, mesh=mesh,
+                       block=block, feature_dtype=feature_dtype)
   rng = np.random.default_rng(seed)
   queries = []
   for m, count in _allocate(_random_order(rnd, rng), rnd, budget):

@@ -107,8 +107,12 @@ def load_features(image_path: str | os.PathLike, text_path: str | os.PathLike,
     raise ValueError(f"{pairs_path}: {e}") from e
 
 
-def load_eval_pairs(path: str | os.PathLike, num_pairs: int) -> np.ndarray:
-  """Bool `(num_pairs,)`: the pairing-file rows in the held-out split.
+def load_eval_pairs(path: str | os.PathLike, num_pairs: int, *,
+                    what: str = "eval pairs",
+                    rows_of: str = "the pairs file") -> np.ndarray:
+  """Bool `(num_pairs,)`: the pairing-file rows in the held-out split (or
+  another selection of rows of `rows_of`, named `what` in errors, e.g. the
+  pre-training pairs).
 
   `.npy`: a bool flag per row or int row indices; `.txt`: one row index per
   line. Raises FileNotFoundError / ValueError naming the file for a missing
@@ -117,7 +121,7 @@ def load_eval_pairs(path: str | os.PathLike, num_pairs: int) -> np.ndarray:
   path = os.fspath(path)
   if path.lower().endswith(".txt"):
     if not fs.isfile(path):
-      raise FileNotFoundError(f"eval pairs file not found: {path}")
+      raise FileNotFoundError(f"{what} file not found: {path}")
     rows = []
     for lineno, line in enumerate(fs.read_text(path).splitlines(), 1):
       if line.strip():
@@ -128,17 +132,17 @@ def load_eval_pairs(path: str | os.PathLike, num_pairs: int) -> np.ndarray:
                            f"{line!r}.") from None
     value = np.array(rows, np.int64)
   else:
-    value = _load_array(path, "eval pairs")
+    value = _load_array(path, what)
   if value.dtype == bool:
     if value.shape != (num_pairs,):
-      raise ValueError(f"eval pairs flags in {path} have shape {value.shape}; "
-                       f"the pairs file has {num_pairs} rows.")
+      raise ValueError(f"{what} flags in {path} have shape {value.shape}; "
+                       f"{rows_of} has {num_pairs} rows.")
     return value
   if value.ndim != 1 or (value.size and value.dtype.kind not in "iu"):
-    raise ValueError(f"eval pairs in {path} must be bool flags or int row "
+    raise ValueError(f"{what} in {path} must be bool flags or int row "
                      f"indices, got {value.dtype} {value.shape}.")
   if value.size and (value.min() < 0 or value.max() >= num_pairs):
-    raise ValueError(f"eval pairs in {path} hold row indices outside "
+    raise ValueError(f"{what} in {path} hold row indices outside "
                      f"[0, {num_pairs}).")
   flags = np.zeros(num_pairs, bool)
   flags[value] = True

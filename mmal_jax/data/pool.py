@@ -544,6 +544,32 @@ def matching_components(pool: UnalignedPool) -> dict[str, np.ndarray]:
   return {m: dense[offsets[m]:offsets[m] + pool.num_items(m)] for m in pool.modalities}
 
 
+def unit_items(pool: UnalignedPool, pairs: np.ndarray,
+               chosen: np.ndarray) -> dict[str, np.ndarray]:
+  """`{m: (N_m,) bool}`: every item of the matched units (connected
+  components of the matching, e.g. an image with all its captions) that hold
+  the `chosen` rows of `pairs` (`(P, 2)` image, text indices of `pool`).
+
+  Used to hold a set of known pairs out of a pool whole: no item of a held
+  out unit stays behind without its partners. Cost: `matching_components`,
+  then O(N + P).
+  """
+  component = matching_components(pool)
+  ids = np.unique(component["image"][pairs[np.asarray(chosen, bool), 0]])
+  return {m: np.isin(c, ids) for m, c in component.items()}
+
+
+def first_pair_of_units(pool: UnalignedPool,
+                        pairs: np.ndarray) -> np.ndarray:
+  """`(P,)` bool: the first row of `pairs` (`(P, 2)` image, text indices of
+  `pool`) in each matched unit, so that drawing rows among them draws units.
+  Cost: `matching_components`, then O(P log P)."""
+  component = matching_components(pool)["image"][pairs[:, 0]]
+  first = np.zeros(len(pairs), bool)
+  first[np.unique(component, return_index=True)[1]] = True
+  return first
+
+
 def count_units(component: dict[str, np.ndarray]) -> int:
   """Number of units (components) in `matching_components`' output. O(N)."""
   return 1 + max(int(c.max()) for c in component.values())

@@ -27,6 +27,22 @@ Sources (`config.data.source`) and their fields (`default_config()`):
              shards, `eval_dir` held-out shards (the eval pool); `seed`
              orders the shards. ("webdataset" is the same source.)
 Every path may be local or `gs://` (read through `mmal_jax.fs`).
+
+Pre-training pairs of one's own (every source with a pool but `shapes`,
+which generates its own set): `pretrain_fraction` (seeded by `seed`) or
+`pretrain_pairs` (an index file: `.npy` bool flags or int row indices, or
+`.txt` one row index per line) holds known pairs out of the pool; with
+`init.kind="pretrain"` the towers are trained contrastively on them before
+round 1. `pretrain_fraction` is a fraction of the pool's matched units (an
+image with all its captions; a pair where pairs are one-to-one). Whole
+matched units are held out, so their items are in neither the pool nor the
+eval pool. `pretrain_pairs` indexes the rows of the `features` source's
+pairing file (rows of held-out eval pairs may not be named; a fraction is
+drawn among the others), and for the other sources the pool's true pairs in
+`UnalignedPool.pairs()` order.
+For `tfds`, `pretrain_split` names a split of its own instead (e.g.
+split="train[10%:]", pretrain_split="train[:10%]"; disjoint splits are the
+user's to give).
 """
 from __future__ import annotations
 
@@ -40,6 +56,7 @@ from mmal_jax.config_lib import ConfigError
 from mmal_jax.data import coco
 from mmal_jax.data import colorswap
 from mmal_jax.data import features
+from mmal_jax.data import pool as pool_lib
 from mmal_jax.data import shapes
 from mmal_jax.data import tfds_source
 from mmal_jax.data import webdataset
@@ -47,8 +64,10 @@ from mmal_jax.data.pool import UnalignedPool, split_groups
 
 # Sources whose pools have groups of 2 images + 2 captions (ColorSwap scores).
 GROUPED = ("shapes", "colorswap")
-# Sources with a pre-training set (`Sources.pretrain_pool`).
+# Sources with a pre-training set of their own (`Sources.pretrain_pool`).
 WITH_PRETRAIN = ("shapes",)
+# Stream-only sources: no pool to hold pre-training pairs out of.
+STREAM_ONLY = ("datacomp", "webdataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +95,12 @@ def default_config() -> ml_collections.ConfigDict:
       # features
       image_features="", text_features="", pairs="", eval_fraction=0.2,
       eval_pairs="",
+      # Pre-training pairs held out of the pool (module docstring); 0 / "":
+      # none.
+      pretrain_fraction=0.0, pretrain_pairs="",
       # tfds
       tfds_name="", tfds_data_dir="", image_key="image",
-      text_key="captions/text",
+      text_key="captions/text", pretrain_split="",
       # tfds and colorswap splits
       split="train", eval_split="test",
       # colorswap (parquet folder), datacomp (training shards)
@@ -120,8 +142,61 @@ def _coco(data) -> Sources:
   return Sources(pool, eval_pool)
 
 
+def has_pretrain(data) -> bool:
+  """Whether `data` (a `config.data`) builds a pre-training set."""
+  return (data.source in WITH_PRETRAIN or bool(data.get("pretrain_pairs")) or
+          bool(data.get("pretrain_fraction")) or
+          bool(data.get("pretrain_split")))
+
+
+def _pretrain_rows(data, num_pairs: int, eligible: np.ndarray,
+                   rows_of: str) -> np.ndarray:
+  """`(num_pairs,)` bool: the pre-training rows (of `rows_of`), from
+  `pretrain_pairs` or a seeded `pretrain_fraction` of the `eligible` rows
+  (one per matched unit: the fraction is of units)."""
+  if data.pretrain_pairs:
+    return features.load_eval_pairs(data.pretrain_pairs, num_pairs,
+                                    what="pretrain pairs", rows_of=rows_of)
+  rows = np.flatnonzero(eligible)
+  count = int(round(data.pretrain_fraction * rows.size))
+  if not 0 < count < rows.size:
+    raise ConfigError(
+        f"config.data.pretrain_fraction={data.pretrain_fraction} holds out "
+        f"{count} of the pool's {rows.size} matched units (pairs); both the "
+        f"pre-training set and the pool need some: pick a fraction in (0, 1) "
+        f"that does.")
+  chosen = np.zeros(num_pairs, bool)
+  # Its own stream of the seed: the eval split draws from `seed` itself.
+  chosen[np.random.default_rng([data.seed, 1]).choice(rows, count,
+                                                      replace=False)] = True
+  return chosen
+
+
+def _split_off(pool: UnalignedPool, held: dict[str, np.ndarray]
+               ) -> tuple[UnalignedPool, UnalignedPool]:
+  """(pool without the `held` items, pre-training pool of them)."""
+  for m, mask in held.items():
+    if mask.all() or not mask.any():
+      raise ConfigError(
+          f"config.data.pretrain_pairs / pretrain_fraction holds out "
+          f"{'all' if mask.all() else 'none'} of the pool's {m} items; hold "
+          f"out some of the pool's pairs, not all or none.")
+  return pool.subset({m: ~k for m, k in held.items()}), pool.subset(held)
+
+
+def _hold_out_pretrain(sources: Sources, data) -> Sources:
+  """`sources` with the pre-training pairs' units moved out of the pool."""
+  pairs = sources.pool.pairs("image", "text")
+  chosen = _pretrain_rows(data, len(pairs), pool_lib.first_pair_of_units(
+      sources.pool, pairs), "the pool's list of true pairs")
+  pool, pretrain = _split_off(sources.pool, pool_lib.unit_items(
+      sources.pool, pairs, chosen))
+  return dataclasses.replace(sources, pool=pool, pretrain_pool=pretrain)
+
+
 def _features(data) -> Sources:
-  """Fixed features; `eval_pairs` rows or a seeded `eval_fraction` held out."""
+  """Fixed features; `eval_pairs` rows or a seeded `eval_fraction` held out,
+  and the pre-training rows (if any) out of what is left."""
   full = features.load_features(data.image_features, data.text_features,
                                 data.pairs)
   pairs = features.load_pairs(data.pairs)
@@ -138,7 +213,29 @@ def _features(data) -> Sources:
     held_out = np.zeros(len(pairs), bool)
     held_out[np.random.default_rng(data.seed).choice(len(pairs), num_eval,
                                                      replace=False)] = True
-  return Sources(*features.split_by_pairs(full, pairs, held_out))
+  pool, eval_pool = features.split_by_pairs(full, pairs, held_out)
+  if not has_pretrain(data):
+    return Sources(pool, eval_pool)
+  in_eval = {"image": np.zeros(full.num_items("image"), bool),
+             "text": np.zeros(full.num_items("text"), bool)}
+  in_eval["image"][pairs[held_out, 0]] = True
+  in_eval["text"][pairs[held_out, 1]] = True
+  touches_eval = in_eval["image"][pairs[:, 0]] | in_eval["text"][pairs[:, 1]]
+  chosen = _pretrain_rows(data, len(pairs), ~touches_eval &
+                          pool_lib.first_pair_of_units(full, pairs),
+                          "the pairs file")
+  if (chosen & touches_eval).any():
+    rows = np.flatnonzero(chosen & touches_eval)
+    raise ConfigError(
+        f"config.data.pretrain_pairs={data.pretrain_pairs} names {rows.size} "
+        f"pair row(s) whose items are in the held-out eval pairs (first row "
+        f"{rows[0]}); remove them from the file.")
+  # Eval items stay eval items, even in a unit reaching a pre-training pair.
+  held = {m: k & ~in_eval[m] for m, k in pool_lib.unit_items(
+      full, pairs, chosen).items()}
+  rest, pretrain = _split_off(pool, {m: k[~in_eval[m]]
+                                    for m, k in held.items()})
+  return Sources(rest, eval_pool, pretrain)
 
 
 def _tfds(data) -> Sources:
@@ -149,7 +246,10 @@ def _tfds(data) -> Sources:
   eval_pool = tfds_source.load_tfds(data.tfds_name, data.eval_split,
                                     max_images=data.eval_max_images or None,
                                     **kw)
-  return Sources(pool, eval_pool)
+  pretrain = None
+  if data.pretrain_split:
+    pretrain = tfds_source.load_tfds(data.tfds_name, data.pretrain_split, **kw)
+  return Sources(pool, eval_pool, pretrain)
 
 
 def _colorswap(data) -> Sources:
@@ -201,10 +301,45 @@ def build(data: ml_collections.ConfigDict) -> Sources:
   cannot be read.
   """
   data, unknown = with_defaults(data)
-  problems = _structure_problems(data, unknown)
+  problems = _structure_problems(data, unknown) + _pretrain_problems(data)
   if problems:
     raise ConfigError(" ".join(problems))
-  return _BUILDERS[data.source](data)
+  built = _BUILDERS[data.source](data)
+  if has_pretrain(data) and built.pretrain_pool is None:
+    built = _hold_out_pretrain(built, data)
+  return built
+
+
+def _pretrain_problems(data) -> list[str]:
+  """What is wrong with `pretrain_fraction` / `pretrain_pairs` /
+  `pretrain_split` (no reads)."""
+  fraction = data.pretrain_fraction
+  given = [f"config.data.{name}" for name in ("pretrain_fraction",
+                                              "pretrain_pairs",
+                                              "pretrain_split") if data[name]]
+  if not given:
+    return []
+  problems = []
+  if len(given) > 1:
+    problems.append(f"{' and '.join(given)} each choose the pre-training "
+                    f"pairs; give one of them.")
+  if data.pretrain_split and data.source != "tfds":
+    problems.append(f"config.data.pretrain_split is a TFDS split; "
+                    f"config.data.source={data.source!r} takes "
+                    f"config.data.pretrain_fraction or pretrain_pairs.")
+  if (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or
+      not 0 <= fraction < 1):
+    problems.append(f"config.data.pretrain_fraction must be in [0, 1), got "
+                    f"{fraction!r}.")
+  if data.source in WITH_PRETRAIN:
+    problems.append(f"config.data.source={data.source!r} generates its own "
+                    f"pre-training set (config.data.pretrain_size); drop "
+                    f"config.data.pretrain_fraction / pretrain_pairs.")
+  if data.source in STREAM_ONLY:
+    problems.append(f"config.data.source={data.source!r} is a stream with no "
+                    f"pool to hold pre-training pairs out of; drop "
+                    f"config.data.pretrain_fraction / pretrain_pairs.")
+  return problems
 
 
 def _file_problems(data) -> list[str]:
@@ -238,7 +373,8 @@ def _file_problems(data) -> list[str]:
       unprepared = tfds_source.prepared_problem(b)
       if unprepared:
         problems.append(f"config.data.tfds_name: {unprepared}")
-      for field in ("split", "eval_split"):
+      for field in ("split", "eval_split") + (
+          ("pretrain_split",) if data.pretrain_split else ()):
         try:
           tfds_source.check_split(b, data[field])
         except ValueError as e:
@@ -273,7 +409,11 @@ def check(data: ml_collections.ConfigDict) -> list[str]:
   problems = _structure_problems(data, unknown)
   if problems and data.source not in _BUILDERS:
     return problems
+  problems += _pretrain_problems(data)
   if not any("needs config.data" in p for p in problems):
     problems += _file_problems(data)
+    if data.pretrain_pairs and not fs.isfile(data.pretrain_pairs):
+      problems.append(f"config.data.pretrain_pairs: file not found: "
+                      f"{data.pretrain_pairs}")
   return problems
 

@@ -31,7 +31,8 @@ class Model(nn.Module):
   be None: its embedding is then None and its tower does not run (embed one
   modality alone). zimg, ztxt are L2-normalised (B, D). `out` holds `t`
   (= exp of the parameter), `t/parameter`, `b` if `bias_init` is set, and every
-  tower output under `img/...`, `txt/...` (e.g. `img/pre_logits`).
+  tower output under `img/...`, `txt/...` (e.g. `img/pre_logits`; `img/raw`:
+  the embedding before L2 normalisation).
   `out_dim` is one int or (image_dim, text_dim); None for a side = no head.
   """
   image: Optional[Mapping[str, Any]] = None
@@ -75,6 +76,7 @@ class Model(nn.Module):
     z, tower_out = tower(x, train=train)
     for key, value in tower_out.items():
       out[f"{name}/{key}"] = value
+    out[f"{name}/raw"] = z  # The tower's output before normalisation.
     norm = out[f"{name}/norm"] = jnp.linalg.norm(z, axis=-1, keepdims=True)
     z = out[f"{name}/normalized"] = z / (norm + 1e-8)
     return z
