@@ -169,25 +169,32 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
 
 
 def make_loss(name: str, mesh: Mesh, method: str = "all_gather") -> Callable:
-  """`(zimg, ztxt, out) -> scalar` global-batch loss over row-sharded z's.
+  """`(zimg, ztxt, out, valid=None) -> scalar` global-batch loss over
+  row-sharded z's.
 
   name: "siglip" (needs the model's bias `b`) or "clip"; method: the SigLIP
   collective, "all_gather" or "ring" (CLIP always gathers). The rows are
   split over both mesh axes, the collectives run over `sharding.ROW_AXES`.
+  valid: optional (B,) bool, the real rows of a padded batch (`losses`).
   """
   rows = sharding.row_spec()
   if name == "siglip":
     fn = functools.partial(losses.siglip_loss, axis_name=sharding.ROW_AXES,
                            method=method)
-    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, P(), P()),
-                            out_specs=P())
-    return lambda zimg, ztxt, out: sharded(zimg, ztxt, out["t"], out["b"])
-  if name == "clip":
+    scalars = lambda out: (out["t"], out["b"])
+  elif name == "clip":
     fn = functools.partial(losses.clip_loss, axis_name=sharding.ROW_AXES)
-    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, P()),
-                            out_specs=P())
-    return lambda zimg, ztxt, out: sharded(zimg, ztxt, out["t"])
-  raise ValueError(f"Unknown loss {name!r}: 'siglip' or 'clip'.")
+    scalars = lambda out: (out["t"],)
+  else:
+    raise ValueError(f"Unknown loss {name!r}: 'siglip' or 'clip'.")
+
+  def loss(zimg, ztxt, out, valid=None):
+    args = (zimg, ztxt, *scalars(out)) + (() if valid is None else (valid,))
+    specs = (rows, rows) + (P(),) * len(scalars(out)) + (
+        () if valid is None else (rows,))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+
+  return loss
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -204,7 +211,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   those leaves are cut from the gradient (`stop_gradient`), so XLA skips the
   backward pass of a locked tower (LiT), and the optimizer must leave them
   unchanged. metrics: loss, t, b (if the model has one), grad_norm (global
-  L2 norm). The batch size must be divisible by the mesh size. The input
+  L2 norm). The batch size must be divisible by the mesh size; a batch
+  padded to it (`data.pipeline.train_batches`) carries `"valid"`, (B,) bool,
+  and its padded rows take part in no pair of the loss (`losses`), so the
+  step equals that of the real rows alone. The input
   state is donated (its buffers are reused for the output state).
   Cost: forward + backward of both towers on B examples; per device
   parameter memory 1/fsdp of the sharded leaves plus one gathered layer's
@@ -224,7 +234,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       zimg, ztxt, out = model.apply(
           {"params": params}, batch["image"], batch["text"], train=True,
           rngs={"dropout": dropout_rng})
-      return loss_fn(zimg, ztxt, out), out
+      return loss_fn(zimg, ztxt, out, batch.get("valid")), out
 
     (value, out), grads = jax.value_and_grad(objective, has_aux=True)(
         state["params"])
