@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import test_loop
+from mmal_jax import config_lib
 from mmal_jax import sharding
 from mmal_jax import train
 from mmal_jax.data import shapes
@@ -96,3 +97,15 @@ def test_resume_on_8_devices_keeps_a_batch_of_12():
     # Adam turns float noise in near-zero gradients into ~1e-5 steps.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3,
                                atol=1e-4)
+
+
+def test_batch_sizes_are_checked_up_front():
+  """Any positive batch is valid on any device count (padding); anything
+  else is one config problem naming the field, before any work."""
+  for value in (0, -8):
+    config = test_loop.tiny_config()
+    config.train.batch_size = value
+    assert config_lib.problems(config) == [
+        f"config.train.batch_size must be a positive integer, got {value!r}."]
+  assert not config_lib.problems(test_loop.tiny_config(**{
+      "train.batch_size": 3, "pretrain.batch_size": 5}))
