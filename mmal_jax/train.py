@@ -78,6 +78,7 @@ class Towers:
     self.tokenizer = _EosPadded(tokenizers.get_tokenizer(
         config.tokenizer, vocab_size=config.model.text.get("vocab_size")))
     self._compiled = {}
+    self._init = {}  # Input shapes -> jitted parameter init.
     self._pp = (None, None)  # (pool, its pp strings): the latest pool's.
     # One function object per modality, so embed_pool compiles once per bucket.
     self._apply = {
@@ -105,12 +106,15 @@ class Towers:
 
   def init_params(self, pool: UnalignedPool, seed: int) -> dict:
     """Random initial parameters in their FSDP layout on the mesh; input
-    shapes from `pool`'s first items."""
+    shapes from `pool`'s first items. Compiles once per input shapes."""
     prepare = self.prepare(pool)
     example = {m: jnp.asarray(prepare(m, np.zeros(1, np.int64)))
                for m in MODALITIES}
-    return train_step.init_params(self.model, self.mesh,
-                                  jax.random.PRNGKey(seed), example)
+    key = tuple((x.shape, str(x.dtype)) for x in example.values())
+    if key not in self._init:  # One compile per input shapes, any seed.
+      self._init[key] = train_step.make_params_init(self.model, self.mesh,
+                                                    example)
+    return self._init[key](jax.random.PRNGKey(seed))
 
   def _compile(self, optim_config, params) -> tuple[Callable, Callable]:
     """(state init, train step) for an optimizer config, built once each."""

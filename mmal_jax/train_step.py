@@ -100,21 +100,43 @@ def place_params(params, mesh: Mesh, *,
       params, mesh, min_elements=min_elements))
 
 
+def _example_init(model: nn.Module, batch: dict[str, Any]) -> Callable:
+  """`init(rng) -> params` of `model` on one example shaped like `batch`."""
+  shapes = {k: ((1,) + tuple(batch[k].shape[1:]), batch[k].dtype)
+            for k in ("image", "text")}
+
+  def init_params(rng):  # The name shows in compile logs.
+    return model.init(
+        rng, *(jnp.zeros(*shapes[k]) for k in ("image", "text")))["params"]
+
+  return init_params
+
+
+def make_params_init(model: nn.Module, mesh: Mesh, batch: dict[str, Any], *,
+                     min_elements: int = sharding.FSDP_MIN_ELEMENTS
+                     ) -> Callable[[jax.Array], dict]:
+  """Jitted `init(rng) -> params`, each leaf created in its FSDP layout.
+
+  `batch` gives input shapes and dtypes only (arrays or ShapeDtypeStructs).
+  The layout comes from `jax.eval_shape` (tracing, no compile) and is the
+  program's `out_shardings`, so no device ever holds more than its shards.
+  Cost: one compile on the first call (any rng after that reuses it), then
+  the initialisation of the model (the traced example's forward pass is dead
+  code XLA removes).
+  """
+  init = _example_init(model, batch)
+  shardings = sharding.param_shardings(
+      jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32)), mesh,
+      min_elements=min_elements)
+  return jax.jit(init, out_shardings=shardings)
+
+
 def init_params(model: nn.Module, mesh: Mesh, rng: jax.Array,
                 batch: dict[str, Any], *,
                 min_elements: int = sharding.FSDP_MIN_ELEMENTS):
-  """Random parameters of `model`, created directly in their FSDP layout.
-
-  `batch` gives input shapes and dtypes only (arrays or ShapeDtypeStructs);
-  init traces one example. Cost: one compile + init of the model; no device
-  ever holds more than its shards.
-  """
-  example = [jnp.zeros((1,) + tuple(batch[k].shape[1:]), batch[k].dtype)
-             for k in ("image", "text")]
-  init = lambda r: model.init(r, *example)["params"]
-  shardings = sharding.param_shardings(jax.eval_shape(init, rng), mesh,
-                                       min_elements=min_elements)
-  return jax.jit(init, out_shardings=shardings)(rng)
+  """Random parameters of `model`, created directly in their FSDP layout
+  (`make_params_init`; build that once to initialise several times)."""
+  return make_params_init(model, mesh, batch, min_elements=min_elements)(rng)
 
 
 def make_state_init(optimizer: optax.GradientTransformation, mesh: Mesh, *,
@@ -157,15 +179,24 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
                      ) -> TrainState:
   """Initialises (or adopts `params`) and the optimizer, sharded on `mesh`.
 
-  `batch` gives input shapes and dtypes only. Cost: one compile + init of the
-  model (`init_params`) and of the optimizer state.
+  `batch` gives input shapes and dtypes only. Without `params`, one jitted
+  program creates parameters and optimizer state together, every leaf in its
+  FSDP layout (`out_shardings` from `jax.eval_shape`): one compile, no
+  separate one for the parameters. Cost: that compile + the initialisation.
   """
-  init_rng, state_rng = jax.random.split(rng)
-  if params is None:
-    params = init_params(model, mesh, init_rng, batch,
-                         min_elements=min_elements)
-  return make_state_init(optimizer, mesh, min_elements=min_elements)(
-      params, state_rng)
+  if params is not None:
+    return make_state_init(optimizer, mesh, min_elements=min_elements)(
+        params, jax.random.split(rng)[1])
+  init_model = _example_init(model, batch)
+
+  def init_state(key):
+    init_key, state_key = jax.random.split(key)
+    return _new_state(optimizer, init_model(init_key), state_key)
+
+  shardings = sharding.param_shardings(jax.eval_shape(init_state, rng), mesh,
+                                       min_elements=min_elements)
+  rng = sharding.put_global(np.asarray(rng), sharding.replicated(mesh))
+  return jax.jit(init_state, out_shardings=shardings)(rng)
 
 
 def make_loss(name: str, mesh: Mesh, method: str = "all_gather") -> Callable:

@@ -30,6 +30,9 @@ def test_fits_of_different_lengths_share_one_compiled_step(towers_and_pool):
   assert np.isfinite(losses).all()
   (init_state, step), = towers._compiled.values()  # pylint: disable=protected-access
   assert step._cache_size() == 1 and init_state._cache_size() == 1
+  towers.init_params(pool, 1)  # Another seed: the same compiled init.
+  (init_params,) = towers._init.values()  # pylint: disable=protected-access
+  assert init_params._cache_size() == 1
 
 
 def test_embed_is_normalised_and_ordered(towers_and_pool):
