@@ -175,14 +175,16 @@ def prototype_concentration(embeddings, prototypes, assignments,
   return jnp.where(measured, phi, fallback)
 
 
-def prototypical_loss(embeddings, prototypes, assignments, phi):
+def prototypical_loss(embeddings, prototypes, assignments, phi, valid=None):
   """One modality's prototypical loss (MMCSAL eq. 2, PCL's ProtoNCE term).
 
   loss = -mean_i log softmax_c(cos(r_i, p_c) / phi_c) at c = assignments[i]:
   each sample is pulled to its own cluster's prototype and pushed from the
   others, every prototype's logit scaled by its own concentration (as PCL
   implements the per-cluster phi of eq. 2). Args: embeddings (B, D),
-  prototypes (C, D), assignments (B,) int, phi (C,). Cost: 2 * B * C * D FLOPs.
+  prototypes (C, D), assignments (B,) int, phi (C,); valid: optional (B,)
+  bool, the mean over valid rows only (padding, see module).
+  Cost: 2 * B * C * D FLOPs.
   """
   embeddings = embeddings.astype(jnp.promote_types(embeddings.dtype,
                                                    jnp.float32))
@@ -191,18 +193,23 @@ def prototypical_loss(embeddings, prototypes, assignments, phi):
   logits = (r @ p.T) / phi[None, :]
   nll = (jax.nn.logsumexp(logits, axis=1)
          - jnp.take_along_axis(logits, assignments[:, None], axis=1)[:, 0])
-  return jnp.mean(nll)
+  if valid is None:
+    return jnp.mean(nll)
+  valid = jnp.asarray(valid, bool)
+  return jnp.sum(jnp.where(valid, nll, 0.)) / jnp.sum(valid, dtype=nll.dtype)
 
 
-def mmcsal_loss(z1, z2, prototypes, assignments, phis, tau: float = 0.07):
+def mmcsal_loss(z1, z2, prototypes, assignments, phis, tau: float = 0.07,
+                valid=None):
   """MMCSAL Stage-1 loss L = 1/2 L_cross + 1/2 L_uni (eqs. 1, 2, 4).
 
   Args: z1, z2 (B, D) paired embeddings of the two modalities; prototypes,
-  assignments, phis: a pair (one per modality) of (C, D), (B,), (C,) arrays.
+  assignments, phis: a pair (one per modality) of (C, D), (B,), (C,) arrays;
+  valid: optional (B,) bool, the real rows of a padded batch.
   L_cross is `clip_loss` at fixed temperature 1/tau; L_uni the mean of the two
   modalities' `prototypical_loss`. Returns a float32 scalar.
   """
-  cross = clip_loss(z1, z2, 1. / tau)
-  uni = 0.5 * sum(prototypical_loss(z, p, a, phi) for z, p, a, phi in
+  cross = clip_loss(z1, z2, 1. / tau, valid)
+  uni = 0.5 * sum(prototypical_loss(z, p, a, phi, valid) for z, p, a, phi in
                   zip((z1, z2), prototypes, assignments, phis))
   return 0.5 * cross + 0.5 * uni

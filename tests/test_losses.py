@@ -190,3 +190,18 @@ def test_prototypical_and_mmcsal_losses_match_numpy():
   check_grads(lambda z: losses.prototypical_loss(z, protos[0], assign[0],
                                                  phis[0]),
               (z1,), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+def test_mmcsal_loss_ignores_padded_rows():
+  """MMCSAL's Stage-1 batches padded to the device count: the loss with
+  `valid` is the loss of the real rows."""
+  rng = np.random.default_rng(4)
+  z1, z2 = unit_rows(14, n=10), unit_rows(15, n=10)
+  protos = [rng.normal(size=(4, DIM)).astype(np.float32) for _ in range(2)]
+  assign = [rng.integers(0, 4, size=10) for _ in range(2)]
+  phis = [rng.uniform(0.1, 0.5, size=4).astype(np.float32) for _ in range(2)]
+  valid = np.arange(10) < 7
+  np.testing.assert_allclose(
+      losses.mmcsal_loss(z1, z2, protos, assign, phis, valid=valid),
+      losses.mmcsal_loss(z1[:7], z2[:7], protos, [a[:7] for a in assign],
+                         phis), rtol=1e-5)

@@ -214,8 +214,7 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
     epoch = int(epoch)
     order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
     batches = order[:per_epoch * batch_size].reshape(per_epoch, batch_size)
-    batches = np.concatenate(  # Padding: the batch's first pairs again.
-        [batches, batches[:, np.arange(padded - batch_size) % batch_size]], 1)
+    batches = batches[:, preprocess.padded_order(batch_size, mesh.size)]
     rows = pairs[batches[:, local]]                # (per_epoch, local, 2)
     if epoch == first_epoch:
       rows = rows[skip:]
