@@ -27,6 +27,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mmal_jax import compile_cache
 from mmal_jax import config_lib
 from mmal_jax import logfile
 
@@ -145,11 +146,14 @@ def main(argv):
                  train.TrainingDiverged)
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
   logfile.install()
+  cache = compile_cache.enable()  # Before the first compile.
   if _MULTIHOST.value:
     jax.distributed.initialize()
   try:
     logging.info("%d process(es), %d device(s): %s", jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
+    logging.info("Compilation cache: %s ($%s)", cache or "off",
+                 compile_cache.ENV)
     if config.get("kind", None) == mmcsal.KIND:
       text = mmcsal.run_cold_start(mmcsal.validate(config), _WORKDIR.value)
     else:

@@ -382,12 +382,9 @@ class Stage1:
                                 image_size=config.res, tokenizer=tokenizer,
                                 text_length=config.text_len)
         for name, pool in (("pool", data.pool), ("test", data.test))}
-    devices = mesh.size
-    self.batch_size = min(self.config.batch_size, data.size) // devices * \
-        devices
-    if self.batch_size == 0:
-      _fail(f"{data.size} pairs cannot fill a Stage-1 batch over {devices} "
-            f"devices.")
+    # The configured batch on any device count: a batch the devices do not
+    # divide is padded and its padding masked (`preprocess.pair_batches`).
+    self.batch_size = min(self.config.batch_size, data.size)
     if self.config.num_prototypes > data.size:
       _fail(f"config.stage1.num_prototypes={self.config.num_prototypes} is "
             f"more than the {data.size} pairs.")
@@ -418,17 +415,17 @@ class Stage1:
   def _make_step(self, prototypes: bool):
     tau = self.config.tau
 
-    def step(state, x0, x1, i0, i1, protos, assignments, phis):
+    def step(state, x0, x1, i0, i1, protos, assignments, phis, valid):
       rng = jax.random.fold_in(state["rng"], state["step"])
 
       def objective(params):
         z0, z1, _ = self.model.apply({"params": params}, x0, x1, train=True,
                                      rngs={"dropout": rng})
         if not prototypes:
-          return losses.clip_loss(z0, z1, 1. / tau)
+          return losses.clip_loss(z0, z1, 1. / tau, valid)
         return losses.mmcsal_loss(
             z0, z1, protos, (assignments[0][i0], assignments[1][i1]), phis,
-            tau)
+            tau, valid)
 
       loss, grads = jax.value_and_grad(objective)(state["params"])
       updates, opt = self.optimizer.update(grads, state["opt"],
@@ -497,7 +494,7 @@ class Stage1:
       args = current if active else unused
       state, loss = self._steps[active](
           state, batch[m0], batch[m1], batch[m0 + "_index"],
-          batch[m1 + "_index"], *args)
+          batch[m1 + "_index"], *args, batch.get("valid"))
       if (step + 1) % self.per_epoch == 0:
         epoch_losses.append(float(loss))
     logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,

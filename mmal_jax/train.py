@@ -78,6 +78,7 @@ class Towers:
     self.tokenizer = _EosPadded(tokenizers.get_tokenizer(
         config.tokenizer, vocab_size=config.model.text.get("vocab_size")))
     self._compiled = {}
+    self._init = {}  # Input shapes -> jitted parameter init.
     self._pp = (None, None)  # (pool, its pp strings): the latest pool's.
     # One function object per modality, so embed_pool compiles once per bucket.
     self._apply = {
@@ -111,12 +112,15 @@ class Towers:
 
   def init_params(self, pool: UnalignedPool, seed: int) -> dict:
     """Random initial parameters in their FSDP layout on the mesh; input
-    shapes from `pool`'s first items."""
+    shapes from `pool`'s first items. Compiles once per input shapes."""
     prepare = self.prepare(pool)
     example = {m: jnp.asarray(prepare(m, np.zeros(1, np.int64)))
                for m in MODALITIES}
-    return train_step.init_params(self.model, self.mesh,
-                                  jax.random.PRNGKey(seed), example)
+    key = tuple((x.shape, str(x.dtype)) for x in example.values())
+    if key not in self._init:  # One compile per input shapes, any seed.
+      self._init[key] = train_step.make_params_init(self.model, self.mesh,
+                                                    example)
+    return self._init[key](jax.random.PRNGKey(seed))
 
   def _compile(self, optim_config, params) -> tuple[Callable, Callable]:
     """(state init, train step) for an optimizer config, built once each."""
@@ -137,13 +141,10 @@ class Towers:
     return train_step.abstract_state(optimizer, params, self.mesh)
 
   def batch_size(self, requested: int, num_pairs: int) -> int:
-    """Largest multiple of the device count <= min(requested, num_pairs)."""
-    devices = self.mesh.size
-    size = min(requested, num_pairs) // devices * devices
-    if size == 0:
-      raise ValueError(f"{num_pairs} pairs cannot fill one batch over "
-                       f"{devices} devices.")
-    return size
+    """The global batch: min(requested, num_pairs), on any device count (a
+    batch the devices do not divide is padded and its padding masked out of
+    the loss, `data.pipeline.train_batches`)."""
+    return min(requested, num_pairs)
 
   def fit(self, params, pool: UnalignedPool, pairs: np.ndarray, *,
           optim_config: ml_collections.ConfigDict, epochs: int,
@@ -160,8 +161,10 @@ class Towers:
       pool, pairs: `(P, 2)` (image index, text index) rows of `pool`.
       optim_config: `optim.make_optimizer` fields (the schedule length is
         set here: `epochs` x batches per epoch, `warmup_fraction` of it).
-      epochs, batch_size: the batch is rounded down to a multiple of the
-        device count and to at most P; the last partial batch is dropped.
+      epochs, batch_size: the batch is cut to at most P pairs, the last
+        partial batch dropped; the same batches and steps on any mesh (a
+        batch the device count does not divide is padded to a multiple of it
+        and the padding masked out of the loss).
       seed: shuffling and dropout.
       resume: `(step, train state)` saved by an earlier, interrupted call
         with the same arguments: training continues after that step.
@@ -178,18 +181,15 @@ class Towers:
 
     Returns:
       The trained parameters, the round's steps (resumed ones included),
-      seconds and last loss; with fewer pairs than devices, `params`
-      unchanged and 0 steps (a batch must split evenly over the mesh).
+      seconds and last loss; with no pairs, `params` unchanged and 0 steps.
       Cost: epochs x P pairs through both towers, forward and backward.
 
     Raises:
       TrainingDiverged: a step's loss was NaN or inf (its step is named).
     """
     start_time = time.perf_counter()
-    if len(pairs) < self.mesh.size:
-      logging.warning("%s %d pairs cannot fill a batch split over %d devices:"
-                      " not training this time.", label, len(pairs),
-                      self.mesh.size)
+    if not len(pairs):
+      logging.warning("%s no pairs: not training this time.", label)
       return FitResult(params, 0, 0.0, None)
     batch_size = self.batch_size(batch_size, len(pairs))
     per_epoch = len(pairs) // batch_size

@@ -100,21 +100,43 @@ def place_params(params, mesh: Mesh, *,
       params, mesh, min_elements=min_elements))
 
 
+def _example_init(model: nn.Module, batch: dict[str, Any]) -> Callable:
+  """`init(rng) -> params` of `model` on one example shaped like `batch`."""
+  shapes = {k: ((1,) + tuple(batch[k].shape[1:]), batch[k].dtype)
+            for k in ("image", "text")}
+
+  def init_params(rng):  # The name shows in compile logs.
+    return model.init(
+        rng, *(jnp.zeros(*shapes[k]) for k in ("image", "text")))["params"]
+
+  return init_params
+
+
+def make_params_init(model: nn.Module, mesh: Mesh, batch: dict[str, Any], *,
+                     min_elements: int = sharding.FSDP_MIN_ELEMENTS
+                     ) -> Callable[[jax.Array], dict]:
+  """Jitted `init(rng) -> params`, each leaf created in its FSDP layout.
+
+  `batch` gives input shapes and dtypes only (arrays or ShapeDtypeStructs).
+  The layout comes from `jax.eval_shape` (tracing, no compile) and is the
+  program's `out_shardings`, so no device ever holds more than its shards.
+  Cost: one compile on the first call (any rng after that reuses it), then
+  the initialisation of the model (the traced example's forward pass is dead
+  code XLA removes).
+  """
+  init = _example_init(model, batch)
+  shardings = sharding.param_shardings(
+      jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32)), mesh,
+      min_elements=min_elements)
+  return jax.jit(init, out_shardings=shardings)
+
+
 def init_params(model: nn.Module, mesh: Mesh, rng: jax.Array,
                 batch: dict[str, Any], *,
                 min_elements: int = sharding.FSDP_MIN_ELEMENTS):
-  """Random parameters of `model`, created directly in their FSDP layout.
-
-  `batch` gives input shapes and dtypes only (arrays or ShapeDtypeStructs);
-  init traces one example. Cost: one compile + init of the model; no device
-  ever holds more than its shards.
-  """
-  example = [jnp.zeros((1,) + tuple(batch[k].shape[1:]), batch[k].dtype)
-             for k in ("image", "text")]
-  init = lambda r: model.init(r, *example)["params"]
-  shardings = sharding.param_shardings(jax.eval_shape(init, rng), mesh,
-                                       min_elements=min_elements)
-  return jax.jit(init, out_shardings=shardings)(rng)
+  """Random parameters of `model`, created directly in their FSDP layout
+  (`make_params_init`; build that once to initialise several times)."""
+  return make_params_init(model, mesh, batch, min_elements=min_elements)(rng)
 
 
 def make_state_init(optimizer: optax.GradientTransformation, mesh: Mesh, *,
@@ -157,37 +179,53 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
                      ) -> TrainState:
   """Initialises (or adopts `params`) and the optimizer, sharded on `mesh`.
 
-  `batch` gives input shapes and dtypes only. Cost: one compile + init of the
-  model (`init_params`) and of the optimizer state.
+  `batch` gives input shapes and dtypes only. Without `params`, one jitted
+  program creates parameters and optimizer state together, every leaf in its
+  FSDP layout (`out_shardings` from `jax.eval_shape`): one compile, no
+  separate one for the parameters. Cost: that compile + the initialisation.
   """
-  init_rng, state_rng = jax.random.split(rng)
-  if params is None:
-    params = init_params(model, mesh, init_rng, batch,
-                         min_elements=min_elements)
-  return make_state_init(optimizer, mesh, min_elements=min_elements)(
-      params, state_rng)
+  if params is not None:
+    return make_state_init(optimizer, mesh, min_elements=min_elements)(
+        params, jax.random.split(rng)[1])
+  init_model = _example_init(model, batch)
+
+  def init_state(key):
+    init_key, state_key = jax.random.split(key)
+    return _new_state(optimizer, init_model(init_key), state_key)
+
+  shardings = sharding.param_shardings(jax.eval_shape(init_state, rng), mesh,
+                                       min_elements=min_elements)
+  rng = sharding.put_global(np.asarray(rng), sharding.replicated(mesh))
+  return jax.jit(init_state, out_shardings=shardings)(rng)
 
 
 def make_loss(name: str, mesh: Mesh, method: str = "all_gather") -> Callable:
-  """`(zimg, ztxt, out) -> scalar` global-batch loss over row-sharded z's.
+  """`(zimg, ztxt, out, valid=None) -> scalar` global-batch loss over
+  row-sharded z's.
 
   name: "siglip" (needs the model's bias `b`) or "clip"; method: the SigLIP
   collective, "all_gather" or "ring" (CLIP always gathers). The rows are
   split over both mesh axes, the collectives run over `sharding.ROW_AXES`.
+  valid: optional (B,) bool, the real rows of a padded batch (`losses`).
   """
   rows = sharding.row_spec()
   if name == "siglip":
     fn = functools.partial(losses.siglip_loss, axis_name=sharding.ROW_AXES,
                            method=method)
-    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, P(), P()),
-                            out_specs=P())
-    return lambda zimg, ztxt, out: sharded(zimg, ztxt, out["t"], out["b"])
-  if name == "clip":
+    scalars = lambda out: (out["t"], out["b"])
+  elif name == "clip":
     fn = functools.partial(losses.clip_loss, axis_name=sharding.ROW_AXES)
-    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, P()),
-                            out_specs=P())
-    return lambda zimg, ztxt, out: sharded(zimg, ztxt, out["t"])
-  raise ValueError(f"Unknown loss {name!r}: 'siglip' or 'clip'.")
+    scalars = lambda out: (out["t"],)
+  else:
+    raise ValueError(f"Unknown loss {name!r}: 'siglip' or 'clip'.")
+
+  def loss(zimg, ztxt, out, valid=None):
+    args = (zimg, ztxt, *scalars(out)) + (() if valid is None else (valid,))
+    specs = (rows, rows) + (P(),) * len(scalars(out)) + (
+        () if valid is None else (rows,))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+
+  return loss
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -204,7 +242,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   those leaves are cut from the gradient (`stop_gradient`), so XLA skips the
   backward pass of a locked tower (LiT), and the optimizer must leave them
   unchanged. metrics: loss, t, b (if the model has one), grad_norm (global
-  L2 norm). The batch size must be divisible by the mesh size. The input
+  L2 norm). The batch size must be divisible by the mesh size; a batch
+  padded to it (`data.pipeline.train_batches`) carries `"valid"`, (B,) bool,
+  and its padded rows take part in no pair of the loss (`losses`), so the
+  step equals that of the real rows alone. The input
   state is donated (its buffers are reused for the output state).
   Cost: forward + backward of both towers on B examples; per device
   parameter memory 1/fsdp of the sharded leaves plus one gathered layer's
@@ -224,7 +265,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       zimg, ztxt, out = model.apply(
           {"params": params}, batch["image"], batch["text"], train=True,
           rngs={"dropout": dropout_rng})
-      return loss_fn(zimg, ztxt, out), out
+      return loss_fn(zimg, ztxt, out, batch.get("valid")), out
 
     (value, out), grads = jax.value_and_grad(objective, has_aux=True)(
         state["params"])

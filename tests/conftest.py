@@ -16,8 +16,9 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
-from jax._src import lru_cache  # noqa: E402
 import pytest  # noqa: E402
+
+from mmal_jax import compile_cache  # noqa: E402
 
 # Tests build the same small programs again and again (every end-to-end run
 # compiles its train step anew, CLI and multi-process tests start many short
@@ -25,22 +26,9 @@ import pytest  # noqa: E402
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmal_jax_test_cache")
 
 
-def _atomic_put(self, key: str, value: bytes) -> None:
-  """jax's cache writes an entry in place: a process killed mid-write, or one
-  reading while another writes, leaves a torn executable that crashes (a
-  segfault) whoever loads it next. Write a temporary file, then rename."""
-  path = os.path.join(str(self.path), key + lru_cache._CACHE_SUFFIX)  # pylint: disable=protected-access
-  if os.path.exists(path):
-    return
-  temporary = f"{path}.{os.getpid()}.partial"
-  with open(temporary, "wb") as f:
-    f.write(value)
-  os.replace(temporary, path)
-
-
 def enable_compilation_cache() -> None:
   """The shared cache, written atomically, for a test's worker process."""
-  lru_cache.LRUCache.put = _atomic_put
+  compile_cache.write_atomically()
   jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -62,8 +50,8 @@ def _release_compiled_programs():
 
 
 def child_cache_env(private: bool = True) -> dict:
-  """Environment giving a `python -m mmal_jax.main` subprocess (which writes
-  the cache jax's way, in place) the shared cache: with `private`, its own
+  """Environment giving a `python -m mmal_jax.main` subprocess the shared
+  cache (`compile_cache.enable` keeps it): with `private`, its own
   copy as hard links, for processes that run beside others (what they write
   never reaches another process); else the shared folder itself, for one
   process at a time (SIGKILLs at `faults` points never land mid-write:

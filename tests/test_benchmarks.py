@@ -52,10 +52,22 @@ def test_train_step_benchmark(tmp_path):
   out = _run("mmal_jax.benchmarks.train_step", "--variant=mu/8",
              "--text_variant=mu", "--res=16", "--batch=8", "--text_len=8",
              "--steps=2", "--warmup=1", "--mesh_data=1", "--mesh_fsdp=-1",
-             "--memory_variants=B/16", f"--out={tmp_path}")
+             "--memory_variants=B/16", "--peak_tflops=1",
+             f"--compilation_cache={tmp_path / 'cache'}", f"--out={tmp_path}")
   assert "examples_per_s" in out and "fsdp=256 GiB/device" in out
+  for line in ("initialised in", "compiled in", "warm-up step 1/1", "step 2/2",
+               "Targets:"):
+    assert line in out, line
   result = json.loads((tmp_path / "train_step.json").read_text())
-  assert result["examples_per_s"] > 0 and result["gflop_per_step_per_device"] > 0
+  assert result["examples_per_s"] > 0
+  assert result["xla_gflop_per_step_per_device"] > 0
+  # Model FLOPs from mmal_jax.flops, MFU against the given peak (1 TFLOP/s).
+  assert result["model_gflop_per_step"] > 0
+  assert result["mfu"] == result["model_tflops_per_device"] > 0
+  assert result["compilation_cache"] == str(tmp_path / "cache")
+  assert 0 < result["first_step_s"] and result["step_ms_min"] <= result[
+      "step_ms"] <= result["step_ms_max"]
+  assert [t["verdict"] for t in result["targets"]] == ["SKIP", "SKIP"]
   assert result["mesh"]["data"] == 1 and result["state_bytes_per_device"] > 0
   scanned, unrolled = result["memory"]
   assert (scanned["variant"], scanned["scan"], unrolled["scan"]) == (

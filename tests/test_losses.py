@@ -118,6 +118,33 @@ def check_sharded_losses(mesh):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
 
 
+def test_padded_rows_take_part_in_no_pair():
+  """`valid` False rows (a batch padded to the device count): the loss and
+  gradients are those of the real rows alone, sharded over every device and
+  on one, and the padded rows' gradients are zero."""
+  mesh, rows = sharding.make_mesh(), sharding.row_spec()
+  zimg, ztxt = unit_rows(10), unit_rows(11)
+  t, b = jnp.array([7.]), jnp.array([-3.])
+  valid = np.ones(BATCH, bool)
+  valid[[3, 9, 14, 15]] = False
+  real = np.flatnonzero(valid)
+  value_and_grad = lambda f: jax.jit(jax.value_and_grad(f, (0, 1)))
+  for loss, scalars, kw in [(losses.siglip_loss, (t, b), dict(method="ring")),
+                            (losses.siglip_loss, (t, b), {}),
+                            (losses.clip_loss, (t,), {})]:
+    want, want_grads = value_and_grad(loss)(zimg[real], ztxt[real], *scalars)
+    sharded = jax.shard_map(
+        functools.partial(loss, axis_name=sharding.ROW_AXES, **kw), mesh=mesh,
+        out_specs=P(), in_specs=(rows, rows) + (P(),) * len(scalars) + (rows,))
+    for fn in (sharded, loss):
+      got, grads = value_and_grad(fn)(zimg, ztxt, *scalars, valid)
+      np.testing.assert_allclose(got, want, rtol=1e-5)
+      for grad, ref in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(grad)[real], ref, rtol=1e-4,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.)
+
+
 def clustered(seed, n_per=20, centres=3, dim=DIM, spread=0.05):
   rng = np.random.default_rng(seed)
   mus = rng.normal(size=(centres, dim)) * 3
@@ -163,3 +190,18 @@ def test_prototypical_and_mmcsal_losses_match_numpy():
   check_grads(lambda z: losses.prototypical_loss(z, protos[0], assign[0],
                                                  phis[0]),
               (z1,), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+def test_mmcsal_loss_ignores_padded_rows():
+  """MMCSAL's Stage-1 batches padded to the device count: the loss with
+  `valid` is the loss of the real rows."""
+  rng = np.random.default_rng(4)
+  z1, z2 = unit_rows(14, n=10), unit_rows(15, n=10)
+  protos = [rng.normal(size=(4, DIM)).astype(np.float32) for _ in range(2)]
+  assign = [rng.integers(0, 4, size=10) for _ in range(2)]
+  phis = [rng.uniform(0.1, 0.5, size=4).astype(np.float32) for _ in range(2)]
+  valid = np.arange(10) < 7
+  np.testing.assert_allclose(
+      losses.mmcsal_loss(z1, z2, protos, assign, phis, valid=valid),
+      losses.mmcsal_loss(z1[:7], z2[:7], protos, [a[:7] for a in assign],
+                         phis), rtol=1e-5)

@@ -219,9 +219,13 @@ def test_validate_names_the_problem():
 
 
 def test_stage1_trains_both_variants_data_parallel():
-  config = mmcsal.validate(tiny_config())
+  config = tiny_config()
+  config.stage1.batch_size = 100  # 8 devices: padded to 104, masked.
+  config = mmcsal.validate(config)
   data = mmcsal.build_data(config.data)
   stage1 = mmcsal.Stage1(config, data, sharding.make_mesh())
+  # The configured batch on any device count (#17 item 8).
+  assert stage1.batch_size == 100 and stage1.per_epoch == data.size // 100
   for prototypes in (False, True):
     result = stage1.fit(prototypes, seed=0)
     assert len(result.losses) == config.stage1.epochs

@@ -80,10 +80,31 @@ def test_train_batches_errors():
   pp = pipeline.default_pp(pool, res=16, text_len=8, tokenizer="bytes")
   with pytest.raises(ValueError, match="exceeds the 24 pairs"):
     pipeline.train_batches(pool, pool.pairs(), 32, pp, seed=0, mesh=mesh)
-  if mesh.size > 1:
-    with pytest.raises(ValueError, match="not divisible by the"):
-      pipeline.train_batches(pool, pool.pairs(), mesh.size + 1, pp, seed=0,
-                             mesh=mesh)
+
+
+def test_train_batches_are_padded_to_the_device_count():
+  """A batch of 5 on n devices: padded to a multiple of n with copies of its
+  first pairs, marked by "valid"; its real rows are pair_batches' (1 device:
+  no padding, no "valid")."""
+  pool, mesh = shapes_pool(), sharding.make_mesh()
+  pp = pipeline.default_pp(pool, res=16, text_len=8, tokenizer="bytes")
+  padded = -(-5 // mesh.size) * mesh.size
+  got = list(pipeline.train_batches(pool, pool.pairs(), 5, pp, seed=2,
+                                    mesh=mesh))
+  prepare = functools.partial(preprocess.prepare_items, pool,
+                              tokenizer=EosPadded(), text_length=8)
+  want = list(preprocess.pair_batches(pool.pairs(), 5, prepare, seed=2))
+  assert len(got) == len(want) == 24 // 5
+  for g, w in zip(got, want):
+    index = np.asarray(g["image_index"])
+    assert index.shape == (padded,)
+    np.testing.assert_array_equal(index[:5], w["image_index"])
+    np.testing.assert_array_equal(index[5:], index[:padded - 5])
+    if padded == 5:
+      assert "valid" not in g
+    else:
+      np.testing.assert_array_equal(np.asarray(g["valid"]),
+                                    np.arange(padded) < 5)
 
 
 def test_rows_of_a_process():

@@ -152,12 +152,23 @@ def test_batches_on_a_mesh():
   # 3 rows pad to 4, rounded up to the device count; not to 4 * n_dev.
   assert valid == 3 and inputs.shape == (-(-4 // n_dev) * n_dev, 1)
   assert inputs.sharding.is_equivalent_to(sharding.row_sharding(mesh), 2)
-  if n_dev > 1:
-    with pytest.raises(ValueError, match="not divisible by the"):
-      preprocess.pair_batches(pool.pairs(), n_dev + 1, prepare, seed=0, mesh=mesh)
-    with pytest.raises(ValueError, match="cannot be split over"):
-      preprocess.pair_batches(pool.pairs()[:n_dev + 1], n_dev, prepare, seed=0, mesh=mesh,
-                              drop_remainder=False)
+  # A batch the devices do not divide (and a last partial batch) is padded
+  # with copies of its first pairs, marked by "valid" (1 device: no padding).
+  want = list(preprocess.pair_batches(pool.pairs(), n_dev + 1, prepare, seed=0,
+                                      drop_remainder=False))
+  got = list(preprocess.pair_batches(pool.pairs(), n_dev + 1, prepare, seed=0,
+                                     mesh=mesh, drop_remainder=False))
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    real = len(w["image_index"])
+    order = preprocess.padded_order(real, n_dev)
+    np.testing.assert_array_equal(np.asarray(g["image_index"]),
+                                  w["image_index"][order])
+    if len(order) == real:
+      assert "valid" not in g
+    else:
+      np.testing.assert_array_equal(np.asarray(g["valid"]),
+                                    np.arange(len(order)) < real)
 
 
 def test_item_batches_pad_the_last_batch():

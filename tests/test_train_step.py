@@ -245,6 +245,41 @@ def assert_sharding(x, want):
   assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, want)
 
 
+LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def lowered_programs(fn):
+  """(fn(), names of the programs jax lowered meanwhile): one per compile or
+  compilation-cache lookup."""
+  names = []
+  listen = lambda event, _, **kw: names.append(kw.get("fun_name")) if (
+      event == LOWERING) else None
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    return fn(), names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_state_init_is_one_program_compiled_once():
+  """Parameters and optimizer state come from one jitted program (layout
+  from jax.eval_shape, no separate parameter compile); a parameter init
+  compiles once for any seed."""
+  mesh, config, batch = sharding.make_mesh(), presets.tiny(), make_batch()
+  model = two_towers.Model(**config.model)
+  init = train_step.make_params_init(model, mesh, batch)
+  params, names = lowered_programs(lambda: [init(jax.random.PRNGKey(seed))
+                                            for seed in (0, 1)])
+  assert names == ["jit(init_params)"]
+  tx = optim.make_optimizer(config.optim, params[0])
+  state, names = lowered_programs(lambda: train_step.init_train_state(
+      model, tx, mesh, jax.random.PRNGKey(0), batch))
+  assert names == ["jit(init_state)"]
+  # The same values as init_params on the first half of the split key.
+  jax.tree.map(np.testing.assert_array_equal, state["params"],
+               init(jax.random.split(jax.random.PRNGKey(0))[0]))
+
+
 def test_fsdp_state_init_schedule_lengths_without_recompiling():
   mesh = sharding.make_mesh()
   config = presets.tiny()

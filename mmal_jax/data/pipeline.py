@@ -187,14 +187,17 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   A batch is `{m: inputs, m + "_index": int32 item indices}` for both
   modalities, split over every device of `mesh`. `start_step` skips that many
   batches without reading them; `num_epochs=None` repeats forever.
+  When the device count does not divide `batch_size`, each batch is padded to
+  the next multiple of it with copies of its first pairs (rows `batch_size`
+  onwards) and carries `"valid"`, `(padded,)` bool, False on those rows: the
+  loss ignores them (`losses`), so a run takes the same batches and steps on
+  any mesh, and `batch_size` may be smaller than the device count.
   Cost per batch and process: reading and preprocessing its
   `batch_size / processes` pairs, in parallel threads (`tf.data` AUTOTUNE),
   `prefetch` batches ahead.
   """
   check_int("batch_size", batch_size, 1)
-  if batch_size % mesh.size:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the "
-                     f"{mesh.size} devices of the mesh.")
+  padded = -(-batch_size // mesh.size) * mesh.size
   pairs = as_index_rows("pairs", pairs)
   if len(pairs) < batch_size:
     raise ValueError(f"batch_size {batch_size} exceeds the {len(pairs)} pairs; "
@@ -204,13 +207,14 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   check_int("start_step", start_step, 0)
   per_epoch = len(pairs) // batch_size
   first_epoch, skip = divmod(start_step, per_epoch)
-  local = process_rows(sharding.row_sharding(mesh), batch_size)
+  local = process_rows(sharding.row_sharding(mesh), padded)
   fns = [preprocess_fn(pool, m, pp[m]) for m in modalities]
 
   def epoch_rows(epoch):
     epoch = int(epoch)
     order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
     batches = order[:per_epoch * batch_size].reshape(per_epoch, batch_size)
+    batches = batches[:, preprocess.padded_order(batch_size, mesh.size)]
     rows = pairs[batches[:, local]]                # (per_epoch, local, 2)
     if epoch == first_epoch:
       rows = rows[skip:]
@@ -232,7 +236,11 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   ds = ds.flat_map(rows_dataset)
   ds = ds.map(element, num_parallel_calls=AUTOTUNE)
   ds = _options(ds.batch(len(local), drop_remainder=True).prefetch(prefetch))
-  return ({k: _to_global(mesh, v, batch_size) for k, v in batch.items()}
+  extra = {}
+  if padded != batch_size:
+    extra["valid"] = local < batch_size
+  return ({k: _to_global(mesh, v, padded)
+           for k, v in {**batch, **extra}.items()}
           for batch in ds.as_numpy_iterator())
 
 

@@ -134,6 +134,14 @@ def _check_batch_size(batch_size: int, mesh) -> None:
                      f"{mesh.devices.size} devices of the mesh.")
 
 
+def padded_order(num_rows: int, num_devices: int) -> np.ndarray:
+  """Row order of a batch of `num_rows` padded to the next multiple of
+  `num_devices`: the rows, then copies of the first ones. Rows from
+  `num_rows` on are padding, which the losses mask out (`valid`)."""
+  padded = -(-num_rows // num_devices) * num_devices
+  return np.arange(padded) % num_rows
+
+
 def _place(batch, mesh):
   if mesh is None:
     return batch
@@ -154,22 +162,20 @@ def pair_batches(pairs: np.ndarray, batch_size: int, prepare: PrepareFn, *, seed
   `(seed, e)`; batches hold `batch_size` pairs (the last one smaller, or dropped
   with `drop_remainder`). A batch is `{m: prepare(m, idx), m + "_index": idx}`
   for both modalities (the index lets a loss mask repeated items). With `mesh`,
-  arrays are global `jax.Array`s split over every device (batch sizes must divide
-  by the device count). `num_epochs=None` repeats forever. `start_step` skips
+  arrays are global `jax.Array`s split over every device; a batch the device
+  count does not divide is padded (`padded_order`) and carries `"valid"`, bool,
+  False on the padding, so the batches are the same on any mesh.
+  `num_epochs=None` repeats forever. `start_step` skips
   that many batches without preparing them (resuming a preempted run).
   Cost per batch: `prepare` on `batch_size` items of each modality.
   """
-  _check_batch_size(batch_size, mesh)
+  check_int("batch_size", batch_size, 1)
   pairs = as_index_rows("pairs", pairs)
   if len(pairs) == 0:
     raise ValueError("No pairs to make batches of (empty annotated set).")
   if drop_remainder and len(pairs) < batch_size:
     raise ValueError(f"batch_size {batch_size} exceeds the {len(pairs)} pairs and "
                      "drop_remainder=True would yield no batch.")
-  remainder = 0 if drop_remainder else len(pairs) % batch_size
-  if mesh is not None and remainder % mesh.devices.size:
-    raise ValueError(f"The last batch of {remainder} pairs cannot be split over "
-                     f"{mesh.devices.size} devices; use drop_remainder=True.")
   if num_epochs is not None:
     check_int("num_epochs", num_epochs, 1)
   check_int("start_step", start_step, 0)
@@ -188,6 +194,10 @@ def _pair_batches(pairs, batch_size, prepare, seed, modalities, num_epochs, drop
     for lo in range(skip * batch_size, stop, batch_size):
       rows = pairs[order[lo:lo + batch_size]]
       batch = {}
+      if mesh is not None and len(rows) % mesh.devices.size:
+        batch["valid"] = np.arange(len(padded_order(
+            len(rows), mesh.devices.size))) < len(rows)
+        rows = rows[padded_order(len(rows), mesh.devices.size)]
       for col, m in enumerate(modalities):
         batch[m] = prepare(m, rows[:, col])
         batch[m + "_index"] = rows[:, col].astype(np.int32)

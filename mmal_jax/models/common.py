@@ -62,6 +62,36 @@ def resolve(module: nn.Module, defaults: dict) -> dict:
   return hparams
 
 
+def fused_attention(query, key, value, mask=None, dtype=None):
+  """`jax.nn.dot_product_attention` in flax's `attention_fn` slot.
+
+  query (B, T, heads, head_dim), key / value (B, S, heads, head_dim), mask
+  broadcastable to (B, heads, T, S), nonzero where attending (flax's). With
+  `implementation=None` jax picks cuDNN's fused (flash) attention where the
+  backend and shapes allow it, else its XLA path; both compute what
+  `nn.dot_product_attention` does (softmax(q k^T / sqrt(head_dim)) v) and
+  never materialise the (T, S) weights in the fused case. No attention
+  dropout (the towers use none). Cost: 4 B T S heads head_dim FLOPs.
+  """
+  if mask is not None:  # flax's masks may be 0/1 floats.
+    mask = jnp.asarray(mask).astype(bool)
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                     implementation=None)
+  return out.astype(dtype) if dtype is not None else out
+
+
+# `attention` field of the blocks: "xla" is flax's reference implementation
+# (explicit softmax weights), "fused" the one above.
+ATTENTION = {"xla": nn.dot_product_attention, "fused": fused_attention}
+
+
+def attention_fn(name: str):
+  """The `ATTENTION` function called `name`; ValueError naming the choices."""
+  if name not in ATTENTION:
+    raise ValueError(f"Unknown attention {name!r}: one of {sorted(ATTENTION)}.")
+  return ATTENTION[name]
+
+
 class MlpBlock(nn.Module):
   """Transformer feed-forward block: Dense -> GELU -> Dropout -> Dense."""
   mlp_dim: Optional[int] = None  # Defaults to 4x the input width.
@@ -86,6 +116,7 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   dtype_mm: str = "float32"
   causal: bool = False
+  attention: str = "xla"  # An `ATTENTION` name.
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -94,7 +125,8 @@ class Encoder1DBlock(nn.Module):
     y = nn.LayerNorm()(x)
     y = out["sa"] = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        deterministic=deterministic, dtype=self.dtype_mm)(y, y, mask=mask)
+        deterministic=deterministic, dtype=self.dtype_mm,
+        attention_fn=attention_fn(self.attention))(y, y, mask=mask)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = out["+sa"] = x + y
 
@@ -116,6 +148,8 @@ class Encoder(nn.Module):
   "nothing_saveable" keeps only the blocks' inputs (activation memory of one
   block instead of `depth`, ~1/3 more compute); "none" keeps everything.
   Unrolled encoders (`scan=False`) keep every activation, as big_vision's.
+  `attention`: "xla" (flax's) or "fused" (`fused_attention`); the same
+  parameters and, up to rounding, the same outputs.
   """
   depth: int
   mlp_dim: Optional[int] = None
@@ -125,9 +159,11 @@ class Encoder(nn.Module):
   remat_policy: str = "nothing_saveable"
   dtype_mm: str = "float32"
   causal: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, deterministic=True):
+    attention_fn(self.attention)  # An unknown name fails before tracing.
     block_cls = Encoder1DBlock
     if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies,
                                                     self.remat_policy):
@@ -140,7 +176,7 @@ class Encoder(nn.Module):
           policy=getattr(jax.checkpoint_policies, self.remat_policy))
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                     dropout=self.dropout, dtype_mm=self.dtype_mm,
-                    causal=self.causal)
+                    causal=self.causal, attention=self.attention)
     out = {}
     if self.scan:
       x, scan_out = nn.scan(
@@ -163,6 +199,7 @@ class MAPHead(nn.Module):
   mlp_dim: Optional[int] = None
   num_heads: int = 12
   dtype_mm: str = "float32"
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -172,7 +209,8 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe.astype(x.dtype), [batch, 1, 1])
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        dtype=self.dtype_mm)(probe, x)
+        dtype=self.dtype_mm,
+        attention_fn=attention_fn(self.attention))(probe, x)
     y = nn.LayerNorm()(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm)(y)
     return x[:, 0]

@@ -39,8 +39,16 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _tower_kw(dtype: str, scan: bool, remat_policy: str) -> dict:
-  return dict(dtype_mm=dtype, scan=scan, remat_policy=remat_policy)
+def _tower_kw(dtype: str, scan: bool, remat_policy: str,
+              attention: str = "xla") -> dict:
+  """Tower fields shared by both towers; `attention` ("xla" or "fused", see
+  `common.Encoder`) appears only when not the default, so configs written
+  before it existed stay equal."""
+  kw = dict(dtype_mm=dtype, scan=scan, remat_policy=remat_policy)
+  if attention != "xla":
+    common.attention_fn(attention)  # Unknown names fail here.
+    kw["attention"] = attention
+  return kw
 
 
 def _vocab(tokenizer: str, vocab_size: Optional[int]) -> int:
@@ -64,12 +72,13 @@ def siglip(variant: str = "B/16", *, text_variant: Optional[str] = None,
            res: int = 224, text_len: int = 64,
            tokenizer: str = tokenizers.C4_EN,
            vocab_size: Optional[int] = None, dtype: str = "float32",
-           scan: bool = False, remat_policy: str = "nothing_saveable"
+           scan: bool = False, remat_policy: str = "nothing_saveable",
+           attention: str = "xla"
            ) -> ml_collections.ConfigDict:
   """SigLIP (arXiv:2303.15343): MAP-pooled ViT without head, text tower with a
   head to the image width, t = 10, b = -10, sigmoid loss. `vocab_size`
   defaults to the tokenizer's."""
-  kw = _tower_kw(dtype, scan, remat_policy)
+  kw = _tower_kw(dtype, scan, remat_policy, attention)
   return ml_collections.ConfigDict(dict(
       model=_vit_and_text(variant, text_variant, "map",
                           _vocab(tokenizer, vocab_size), kw, -10.),
@@ -82,7 +91,8 @@ def lit(variant: str = "L/16", *, text_variant: Optional[str] = "S",
         tokenizer: str = tokenizers.LIT_L16S,
         vocab_size: Optional[int] = None, dtype: str = "float32",
         scan: bool = False, remat_policy: str = "nothing_saveable",
-        loss: str = "clip") -> ml_collections.ConfigDict:
+        loss: str = "clip", attention: str = "xla"
+        ) -> ml_collections.ConfigDict:
   """LiT (arXiv:2111.07991): a pre-trained ViT ("tok" pooling, no head) is
   locked, the text tower (last-token pooling, head to the image width) learns
   to map into its pre-logits space. The defaults are the LiT-L16S release.
@@ -92,7 +102,7 @@ def lit(variant: str = "L/16", *, text_variant: Optional[str] = "S",
   `loss="siglip"` gives SigLIP-LiT (adds the bias b = -10). `text_variant`
   None: the image tower's.
   """
-  kw = _tower_kw(dtype, scan, remat_policy)
+  kw = _tower_kw(dtype, scan, remat_policy, attention)
   return ml_collections.ConfigDict(dict(
       model=_vit_and_text(variant, text_variant, "tok",
                           _vocab(tokenizer, vocab_size), kw,
@@ -109,8 +119,8 @@ def clip(variant: str = "B/32", *, text_variant: Optional[str] = None,
          res: int = 224, text_len: int = 77,
          tokenizer: str = tokenizers.C4_EN,
          vocab_size: Optional[int] = None, dtype: str = "float32",
-         scan: bool = False, remat_policy: str = "nothing_saveable"
-         ) -> ml_collections.ConfigDict:
+         scan: bool = False, remat_policy: str = "nothing_saveable",
+         attention: str = "xla") -> ml_collections.ConfigDict:
   """CLIP (arXiv:2103.00020)-style: class-token ViT and causal text tower
   (last-token pooling of EOS-padded text), both with heads to the text width,
   t = 1/0.07, softmax loss. No released weights load into it (see the module
@@ -118,7 +128,7 @@ def clip(variant: str = "B/32", *, text_variant: Optional[str] = None,
   in this layout."""
   name = variant.split("/")[0]
   text_variant = text_variant or _CLIP_TEXT.get(name, name)
-  kw = _tower_kw(dtype, scan, remat_policy)
+  kw = _tower_kw(dtype, scan, remat_policy, attention)
   dim = common.decode_variant(text_variant)["width"]
   return ml_collections.ConfigDict(dict(
       model=dict(
@@ -136,10 +146,11 @@ def clip(variant: str = "B/32", *, text_variant: Optional[str] = None,
 
 def tiny(loss: str = "siglip", *, res: int = 16, text_len: int = 8,
          dtype: str = "float32", scan: bool = False,
-         remat_policy: str = "nothing_saveable") -> ml_collections.ConfigDict:
+         remat_policy: str = "nothing_saveable", attention: str = "xla"
+         ) -> ml_collections.ConfigDict:
   """A seconds-to-compile two-tower model for tests: width 32, depth 1, patch 8,
   byte tokens."""
-  kw = _tower_kw(dtype, scan, remat_policy)
+  kw = _tower_kw(dtype, scan, remat_policy, attention)
   return ml_collections.ConfigDict(dict(
       model=dict(
           image_model="vit", text_model="text_transformer",

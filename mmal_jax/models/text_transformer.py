@@ -41,6 +41,7 @@ class Model(nn.Module):
   causal_mask: bool = False
   scan: bool = False
   remat_policy: str = "nothing_saveable"  # With scan, see common.Encoder.
+  attention: str = "xla"  # or "fused", see common.Encoder.
   dtype_mm: str = "float32"
 
   @nn.compact
@@ -60,6 +61,7 @@ class Model(nn.Module):
         depth=arch["depth"], mlp_dim=arch["mlp_dim"],
         num_heads=arch["num_heads"], dropout=self.dropout, scan=self.scan,
         remat_policy=self.remat_policy, dtype_mm=self.dtype_mm,
+        attention=self.attention,
         causal=self.causal_mask)(x, deterministic=not train)
     out.update({"transformed": x, **encoder_out})
 
@@ -73,7 +75,7 @@ class Model(nn.Module):
       x = x.max(axis=1)
     elif self.pool_type == "map":
       x = common.MAPHead(num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
-                         dtype_mm=self.dtype_mm)(x)
+                         dtype_mm=self.dtype_mm, attention=self.attention)(x)
     else:
       raise ValueError(f"Unknown pool type: {self.pool_type!r}")
     out["pre_logits"] = x

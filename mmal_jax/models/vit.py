@@ -53,6 +53,7 @@ class Model(nn.Module):
   head_zeroinit: bool = True
   scan: bool = False
   remat_policy: str = "nothing_saveable"  # With scan, see common.Encoder.
+  attention: str = "xla"  # or "fused", see common.Encoder.
   dtype_mm: str = "float32"
 
   @nn.compact
@@ -86,12 +87,13 @@ class Model(nn.Module):
         depth=arch["depth"], mlp_dim=arch["mlp_dim"],
         num_heads=arch["num_heads"], dropout=self.dropout, scan=self.scan,
         remat_policy=self.remat_policy, dtype_mm=self.dtype_mm,
+        attention=self.attention,
         name="Transformer")(x, deterministic=not train)
     encoded = out["encoded"] = x
 
     if self.pool_type == "map":
       x = common.MAPHead(num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
-                         dtype_mm=self.dtype_mm)(x)
+                         dtype_mm=self.dtype_mm, attention=self.attention)(x)
     elif self.pool_type == "gap":
       x = jnp.mean(x, axis=1)
     elif self.pool_type in ("0", "tok"):
