@@ -648,6 +648,7 @@ class Run:
             "queries": state.cost, "modality_counts": counts,
             "pairs": int(len(state.pairs("image", "text"))),
             "percent": 100.0 * state.cost / self.x.num_units,
+            "skipped_items": self.x.data.skipped_items,
             **timing, **metrics}
 
   def close(self) -> None:

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from mmal_jax import fs
 from mmal_jax import sharding
+from mmal_jax.data import image_check
 from mmal_jax.data import pp as pp_lib
 from mmal_jax.data import preprocess
 from mmal_jax.data.pool import (FileRefs, ItemRefs, UnalignedPool,
@@ -147,6 +148,21 @@ def preprocess_fn(pool: UnalignedPool, modality: str, pp: str):
   return fn
 
 
+def _naming_bad_images(batches, pool: UnalignedPool, items_of: Mapping):
+  """`batches`, but a decoding error raises `image_check.UndecodableImage`
+  naming the first undecodable item among `items_of[modality]` (indices)."""
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError:
+    for modality, indices in items_of.items():
+      refs = pool.items[modality]
+      if isinstance(refs, ItemRefs):
+        found = image_check.first_undecodable(refs, indices)
+        if found is not None:
+          raise image_check.undecodable_error(*found) from None
+    raise
+
+
 def _rows_of(indices_map, devices, num_rows: int) -> np.ndarray:
   ranges = [np.arange(*indices_map[d][0].indices(num_rows)) for d in devices]
   return np.unique(np.concatenate(ranges)) if ranges else np.zeros(0, np.int64)
@@ -186,7 +202,8 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   `(seed, e)`, `batch_size` pairs per batch, the last partial batch dropped.
   A batch is `{m: inputs, m + "_index": int32 item indices}` for both
   modalities, split over every device of `mesh`. `start_step` skips that many
-  batches without reading them; `num_epochs=None` repeats forever.
+  batches without reading them; `num_epochs=None` repeats forever. An image
+  that cannot be decoded raises `image_check.UndecodableImage` naming it.
   Cost per batch and process: reading and preprocessing its
   `batch_size / processes` pairs, in parallel threads (`tf.data` AUTOTUNE),
   `prefetch` batches ahead.
@@ -232,8 +249,11 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   ds = ds.flat_map(rows_dataset)
   ds = ds.map(element, num_parallel_calls=AUTOTUNE)
   ds = _options(ds.batch(len(local), drop_remainder=True).prefetch(prefetch))
+  batches = _naming_bad_images(
+      ds.as_numpy_iterator(), pool,
+      {m: pairs[:, col] for col, m in enumerate(modalities)})
   return ({k: _to_global(mesh, v, batch_size) for k, v in batch.items()}
-          for batch in ds.as_numpy_iterator())
+          for batch in batches)
 
 
 def host_batches(pool: UnalignedPool, modality: str, indices, pp: str,
@@ -300,7 +320,8 @@ def embed_pool(apply_fn, params, pool: UnalignedPool, modality: str, indices,
   Returns a global `(padded_rows, D)` array row-sharded over `mesh`
   (`sharding.row_sharding`): rows `[0, len(indices))` are the embeddings in
   the order of `indices`, padding rows at the end are zero; nothing is
-  gathered to one host. Cost: one forward pass per item (plus fewer than one
+  gathered to one host. An image that cannot be decoded raises
+  `image_check.UndecodableImage` naming it. Cost: one forward pass per item (plus fewer than one
   batch of padding), one read + preprocessing per item on its process.
   """
   indices = np.asarray(indices, np.int64)
@@ -324,7 +345,9 @@ def embed_pool(apply_fn, params, pool: UnalignedPool, modality: str, indices,
   apply = _jitted_apply(apply_fn, mesh)
   update = _jitted_update(mesh, per_device)
   out = None
-  for step, local in enumerate(ds.as_numpy_iterator()):
+  batches = _naming_bad_images(ds.as_numpy_iterator(), pool,
+                                {modality: items})
+  for step, local in enumerate(batches):
     z = apply(params, _to_global(mesh, local, batch))
     if out is None:
       out = jnp.zeros((padded, z.shape[1]), z.dtype,

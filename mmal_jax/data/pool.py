@@ -55,6 +55,12 @@ class ItemRefs:
   def read(self, i: int) -> bytes:
     raise NotImplementedError
 
+  def ends(self, i: int, n: int) -> tuple[bytes, bytes, int]:
+    """`(first n bytes, last n bytes, size)` of item i (`data.image_check`).
+    Reads the whole item unless a subclass reads only the ends."""
+    data = self.read(i)
+    return data[:n], data[-n:], len(data)
+
   def take(self, indices) -> ItemRefs:
     raise NotImplementedError
 
@@ -93,6 +99,13 @@ class FileRefs(ItemRefs):
 
   def read(self, i):
     return fs.read_bytes(self[i])
+
+  def ends(self, i, n):
+    with fs.open(self[i], "rb") as f:
+      head = f.read(n)
+      size = f.seek(0, os.SEEK_END)
+      f.seek(max(size - n, 0))
+      return head, f.read(n), size
 
   def take(self, indices):
     return FileRefs(self.root, self.names[np.asarray(indices, np.int64)])
@@ -201,6 +214,14 @@ class RangeRefs(ItemRefs):
                        f"{int(self.length[i])} bytes.")
     return data
 
+  def ends(self, i, n):
+    f = _open_cached(self.files[self.file_index[i]])
+    offset, size = int(self.offset[i]), int(self.length[i])
+    f.seek(offset)
+    head = f.read(min(n, size))
+    f.seek(offset + max(size - n, 0))
+    return head, f.read(min(n, size)), size
+
   def take(self, indices):
     indices = np.asarray(indices, np.int64)
     return RangeRefs(self.files, self.file_index[indices],
@@ -281,10 +302,13 @@ class UnalignedPool:
       modality.
     groups: optional modality -> `(N_m,)` int64 group id per item (ColorSwap
       groups of 2 images + 2 captions); ids are compared, never renumbered.
+    skipped: names of the source's items left out of the pool because they
+      cannot be decoded (`data.image_check`).
   """
   items: Mapping[str, Items]
   links: Mapping[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
   groups: Mapping[str, np.ndarray] | None = None
+  skipped: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not self.items:
@@ -339,6 +363,7 @@ class UnalignedPool:
     object.__setattr__(self, "items", items)
     object.__setattr__(self, "links", links)
     object.__setattr__(self, "groups", groups)
+    object.__setattr__(self, "skipped", tuple(self.skipped))
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -462,7 +487,8 @@ class UnalignedPool:
       links[(a, b)] = rows[(rows >= 0).all(axis=1)]
     if self.groups is not None:
       groups = {m: g[new_index[m] >= 0] for m, g in self.groups.items()}
-    return UnalignedPool(items=items, links=links, groups=groups)
+    return UnalignedPool(items=items, links=links, groups=groups,
+                         skipped=self.skipped)
 
 
 def group_layout(pool: UnalignedPool, a: str = "image",
