@@ -141,3 +141,9 @@ def test_a_hollow_image_is_named_when_the_pipeline_decodes_it():
         pool, pool.pairs(), 2, {"image": "decode|resize(8)", "text": ""},
         seed=0, mesh=sharding.make_mesh()):
       pass
+
+
+def test_skipped_items_is_bookkeeping_not_a_metric():
+  from mmal_jax import report  # pylint: disable=g-import-not-at-top
+  assert report.metric_names([{"skipped_items": 2, "groupmatch": 0.5}]) == [
+      "groupmatch"]

@@ -80,6 +80,7 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
   for row in rows:
     assert row["queries"] == 8 * row["round"]
     assert row["percent"] == pytest.approx(100 * row["queries"] / 48)
+    assert row["skipped_items"] == 0  # Rendered shapes: nothing to decode.
     for key in ("colorswap/group", "groupmatch", "retrieval/i2t_r@1",
                 "pseudo_label/mean", "modality_gap/gap"):
       assert np.isfinite(row[key])
