@@ -118,8 +118,9 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
                ["2 problems", "--workdir /proc/x", "train.epochs"]),
       "under_file": (["--config", features_config, "--workdir",
                       str(a_file / "w"), "--config.init.kind=pretrain"],
-                     ["2 problems", f"--workdir {a_file}/w",
-                      "init.kind='pretrain'", "'features'"]),
+                     ["4 problems", f"--workdir {a_file}/w",
+                      "init.kind='pretrain'", "'features'",
+                      "config.model.image_model='vit' takes images"]),
       "is_file": (["--config", tiny, "--workdir", str(a_file)],
                   [f"--workdir {a_file}"]),
   }

@@ -218,10 +218,11 @@ def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(config_lib.ConfigError,
                      match="3 problems: .*image_features: file not found: "
                      "no/such.npy"):
-    loop.Experiment.create(tiny_config(**{
-        "data.source": "features", "init.kind": "scratch", "data.image_features": "no/such.npy",
-        "data.text_features": "x.npy", "data.pairs": "p.npy"}),
-        str(tmp_path / "features"))
+    features = _load_config("features.py")
+    _override(features, {"data.image_features": "no/such.npy",
+                         "data.text_features": "x.npy", "data.pairs": "p.npy"})
+    loop.Experiment.create(config_lib.validate(features),
+                           str(tmp_path / "features"))
   assert not os.path.exists(tmp_path / "features")
   with pytest.raises(config_lib.ConfigError, match="main_metric names "
                      "'colorswap/group', which a 'features' run"):
