@@ -1,7 +1,7 @@
 r"""Images/s of the tf.data input pipeline vs the PIL path, on the same JPEGs.
 
   python -m mmal_jax.benchmarks.input_pipeline            # 256 JPEGs, 7 repeats
-  python -m mmal_jax.benchmarks.input_pipeline --images ../shared/data/coco_mini/val2017
+  python -m mmal_jax.benchmarks.input_pipeline --images COCO_MINI/val2017
   python -m mmal_jax.benchmarks.input_pipeline --quick    # seconds, for tests
 
 Both contenders turn the same JPEG files (written to a temporary folder:
