@@ -40,8 +40,8 @@ from mmal_jax import sharding
 from mmal_jax.data import image_check
 from mmal_jax.data import pp as pp_lib
 from mmal_jax.data import preprocess
-from mmal_jax.data.pool import (FileRefs, ItemRefs, UnalignedPool,
-                                as_index_rows, check_int)
+from mmal_jax.data.pool import (FileRefs, ItemRefs, RangeRefs,
+                                UnalignedPool, as_index_rows, check_int)
 
 AUTOTUNE = tf.data.AUTOTUNE
 try:  # Input pipelines run on the host; leave accelerators to JAX.
@@ -131,10 +131,16 @@ def reader(pool: UnalignedPool, modality: str):
 def preprocess_fn(pool: UnalignedPool, modality: str, pp: str):
   """`fn(index) -> model input` of one item: read, then the pp string."""
   read = reader(pool, modality)
+  process = process_fn(modality, pp)
+  return lambda i: process(read(i))
+
+
+def process_fn(modality: str, pp: str):
+  """`fn(raw item) -> model input`: the pp string on one raw item (as
+  `reader` returns it)."""
   process = pp_lib.get_preprocess_fn(pp)
 
-  def fn(i):
-    value = read(i)
+  def fn(value):
     data = {modality: value}
     if modality == "text":
       data["texts"] = value
@@ -261,10 +267,38 @@ def host_batches(pool: UnalignedPool, modality: str, indices, pp: str,
   """Preprocessed items `indices` of `modality`, in order, in host batches of
   `batch_size` (the last may be smaller): the reading half of `embed_pool`
   for one process. Items are read and preprocessed in parallel threads
-  (AUTOTUNE), `prefetch` batches ahead."""
-  ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64)).map(
-      preprocess_fn(pool, modality, pp), num_parallel_calls=AUTOTUNE)
+  (AUTOTUNE), `prefetch` batches ahead; shard members (`RangeRefs`) are
+  read in runs, one read per `READ_RUN` consecutive members
+  (`_sequential_reads`)."""
+  indices = np.asarray(indices, np.int64)
+  items = pool.items[modality]
+  if isinstance(items, RangeRefs):
+    ds = _sequential_reads(items, indices).map(
+        process_fn(modality, pp), num_parallel_calls=AUTOTUNE)
+  else:
+    ds = tf.data.Dataset.from_tensor_slices(indices).map(
+        preprocess_fn(pool, modality, pp), num_parallel_calls=AUTOTUNE)
   return _options(ds.batch(batch_size).prefetch(prefetch))
+
+
+# Items per read of a shard run (`RangeRefs.read_many`) in `host_batches`.
+READ_RUN = 64
+
+
+def _sequential_reads(refs: RangeRefs, indices: np.ndarray) -> tf.data.Dataset:
+  """The encoded bytes of `refs[indices]`, in order, read in runs of up to
+  `READ_RUN` items with one read of their byte span each (a shard's members
+  in order: one GET per run on gs://), several runs read in parallel
+  threads, their items kept in order."""
+  runs = [indices[i:i + READ_RUN] for i in range(0, len(indices), READ_RUN)]
+
+  def read(k) -> np.ndarray:
+    return np.array(refs.read_many(runs[int(k)]), object)
+
+  return tf.data.Dataset.range(len(runs)).map(
+      lambda k: tf.ensure_shape(
+          tf.numpy_function(read, [k], tf.string, stateful=False), (None,)),
+      num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
 
 
 @functools.lru_cache(maxsize=64)

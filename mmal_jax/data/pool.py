@@ -214,6 +214,38 @@ class RangeRefs(ItemRefs):
                        f"{int(self.length[i])} bytes.")
     return data
 
+  def read_many(self, indices, max_span: int = 16 << 20) -> list[bytes]:
+    """The bytes of items `indices`, in order, reading each run of them
+    that lies in one file within `max_span` bytes (e.g. consecutive members
+    of a shard) with one read of that span: one GET on `gs://` per run
+    instead of one per item. Cost: one read per run, of the span's bytes
+    (members in between included)."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    out, i = [], 0
+    while i < len(indices):
+      file = self.file_index[indices[i]]
+      start = int(self.offset[indices[i]])
+      stop = start + int(self.length[indices[i]])
+      j = i + 1
+      while j < len(indices):
+        k = indices[j]
+        end = max(stop, int(self.offset[k] + self.length[k]))
+        if (self.file_index[k] != file or self.offset[k] < start
+            or end - start > max_span):
+          break
+        stop, j = end, j + 1
+      f = _open_cached(self.files[file])
+      f.seek(start)
+      data = f.read(stop - start)
+      if len(data) != stop - start:
+        raise ValueError(f"{self[indices[i]]}: file ends after "
+                         f"{start + len(data)} of {stop} bytes.")
+      for k in indices[i:j]:
+        lo = int(self.offset[k]) - start
+        out.append(data[lo:lo + int(self.length[k])])
+      i = j
+    return out
+
   def ends(self, i, n):
     f = _open_cached(self.files[self.file_index[i]])
     offset, size = int(self.offset[i]), int(self.length[i])
