@@ -283,3 +283,30 @@ def test_shard_members_are_read_in_runs_not_one_read_per_image(
   np.testing.assert_allclose(np.asarray(z)[:90, 0], 2 * indices)
   # 90 items padded to a batch of 128 (the last repeated): 2 runs of 64.
   assert len(reads) == 2, reads
+
+
+def test_captions_are_tokenised_ahead_in_one_batch(monkeypatch):
+  """#17 item 21: no Python call per caption inside the tf.data graph; the
+  same tokens as the per-caption path."""
+  from mmal_jax.data import pp as pp_lib  # pylint: disable=g-import-not-at-top
+  pool, _ = counting_pool(40)
+  text_pp = ("tokenize(max_len=8, eos='sticky', model='bytes', "
+             "pad_value='</s>', lower=False, inkey='text', outkey='text')")
+  one_by_one = pipeline.preprocess_fn(pool, "text", text_pp)
+  want = np.stack([one_by_one(np.int64(i)).numpy() for i in range(40)])
+  calls = []
+  encode = pp_lib.encode
+  monkeypatch.setattr(pp_lib, "encode", lambda tok, texts, *a: (
+      calls.append(len(list(texts))) or encode(tok, texts, *a)))
+  z = pipeline.embed_pool(lambda p, x: x.astype(np.float32), None, pool,
+                          "text", np.arange(40), sharding.make_mesh(), 16,
+                          text_pp)
+  np.testing.assert_array_equal(np.asarray(z)[:40], want)
+  assert sorted(calls) == [1, 40]  # The op's argument check, then 1 batch.
+  calls.clear()
+  for batch in pipeline.train_batches(
+      pool, pool.pairs()[:16], 8, {"image": "decode", "text": text_pp},
+      seed=0, mesh=sharding.make_mesh()):
+    np.testing.assert_array_equal(
+        np.asarray(batch["text"]), want[np.asarray(batch["text_index"])])
+  assert sorted(calls) == [1, 16]

@@ -135,6 +135,32 @@ def preprocess_fn(pool: UnalignedPool, modality: str, pp: str):
   return lambda i: process(read(i))
 
 
+def item_fn(pool: UnalignedPool, modality: str, pp: str, needed):
+  """`fn(index) -> model input`, as `preprocess_fn`, for items `needed`.
+
+  Captions held in memory are run through the pp ahead of the tf.data
+  graph, as one batch of the `needed` ones (one tokenizer call: no Python
+  per caption in the graph's threads), and the graph gathers their rows;
+  other items, and a pp that cannot take a batch, go through
+  `preprocess_fn`. Cost: the pp on `len(unique(needed))` captions once,
+  an int32 `(unique, len)` table and an int64 `(N,)` row map in memory.
+  """
+  items = pool.items[modality]
+  needed = np.unique(np.asarray(needed, np.int64))
+  if pp and _is_text(modality, items) and needed.size:
+    texts = tf.constant(np.array([items[i] for i in needed], object))
+    try:
+      table = process_fn(modality, pp)(texts)
+    except (ValueError, tf.errors.OpError):
+      table = None  # A pp that takes one caption at a time.
+    if table is not None and table.shape[:1] == (needed.size,):
+      row_of = np.zeros(len(items), np.int64)
+      row_of[needed] = np.arange(needed.size)
+      row_of = tf.constant(row_of)
+      return lambda i: tf.gather(table, tf.gather(row_of, i))
+  return preprocess_fn(pool, modality, pp)
+
+
 def process_fn(modality: str, pp: str):
   """`fn(raw item) -> model input`: the pp string on one raw item (as
   `reader` returns it)."""
@@ -228,7 +254,8 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   per_epoch = len(pairs) // batch_size
   first_epoch, skip = divmod(start_step, per_epoch)
   local = process_rows(sharding.row_sharding(mesh), batch_size)
-  fns = [preprocess_fn(pool, m, pp[m]) for m in modalities]
+  fns = [item_fn(pool, m, pp[m], pairs[:, col])
+         for col, m in enumerate(modalities)]
 
   def epoch_rows(epoch):
     epoch = int(epoch)
@@ -277,7 +304,7 @@ def host_batches(pool: UnalignedPool, modality: str, indices, pp: str,
         process_fn(modality, pp), num_parallel_calls=AUTOTUNE)
   else:
     ds = tf.data.Dataset.from_tensor_slices(indices).map(
-        preprocess_fn(pool, modality, pp), num_parallel_calls=AUTOTUNE)
+        item_fn(pool, modality, pp, indices), num_parallel_calls=AUTOTUNE)
   return _options(ds.batch(batch_size).prefetch(prefetch))
 
 
