@@ -125,20 +125,22 @@ def test_a_hollow_image_is_named_when_the_pipeline_decodes_it():
   good = encode((7, 7, 7))
   bad = hollow(good)
   assert problem(bad) is None  # The cheap check cannot see it ...
+  names = [f"g{i}" for i in range(8)]
+  names[2] = "parquet row 2"
   pool = UnalignedPool(
-      items={"image": BytesRefs([good, good, bad, good],
-                                ["g0", "g1", "parquet row 2", "g3"]),
-             "text": np.eye(4, dtype=np.float32)},
-      links={("image", "text"): np.stack([np.arange(4)] * 2, 1)})
+      items={"image": BytesRefs([bad if i == 2 else good for i in range(8)],
+                                names),
+             "text": np.eye(8, dtype=np.float32)},
+      links={("image", "text"): np.stack([np.arange(8)] * 2, 1)})
   apply = lambda params, x: x.reshape(x.shape[0], -1)[:, :2]
   with pytest.raises(image_check.UndecodableImage,
                      match=r"Cannot decode image parquet row 2 \(.*\)\. "
                            r"Replace it"):
-    pipeline.embed_pool(apply, None, pool, "image", np.arange(4),
-                        sharding.make_mesh(), 4, "decode|resize(8)")
+    pipeline.embed_pool(apply, None, pool, "image", np.arange(8),
+                        sharding.make_mesh(), 8, "decode|resize(8)")
   with pytest.raises(image_check.UndecodableImage, match="parquet row 2"):
     for _ in pipeline.train_batches(
-        pool, pool.pairs(), 2, {"image": "decode|resize(8)", "text": ""},
+        pool, pool.pairs(), 8, {"image": "decode|resize(8)", "text": ""},
         seed=0, mesh=sharding.make_mesh()):
       pass
 
