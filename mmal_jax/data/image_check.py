@@ -2,15 +2,15 @@
 
 Policy (README "Data"). Sources that keep images encoded until the input
 pipeline decodes them (COCO with `image_size=0`, webdataset / DataComp
-shards, ColorSwap parquet) check every image when the pool is built, before
+shards, ColorSwap parquet, TFDS) check every image when the pool is built, before
 any work, by reading its first and last `ENDS_BYTES` bytes only:
 `encoded_problem` accepts the formats the pipeline's decoder reads (JPEG,
 PNG, GIF, BMP, WebP, recognised by their signature) whose end marker is there
 (JPEG EOI, PNG IEND, GIF trailer, WebP / BMP sizes match the file), which
 catches other formats (TIFF, HTML error pages), empty files and truncated
 downloads. An image that fails is left out of the pool with its captions
-(COCO: the image and its captions; webdataset: the sample; ColorSwap: the
-group), with a warning naming it (path, `shard.tar#key`, parquet file, row
+(COCO, TFDS: the image and its captions; webdataset: the sample; ColorSwap:
+the group), with a warning naming it (path, `shard.tar#key`, parquet file, row
 and id); the pool keeps the names (`UnalignedPool.skipped`) and every metrics
 row counts them (`skipped_items`). The check is deterministic, so a rerun
 skips the same items and resumes.
