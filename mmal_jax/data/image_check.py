@@ -24,11 +24,14 @@ it instead would change the pool, which a resume refuses).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import re
 import struct
 
-import numpy as np
 from absl import logging
+import numpy as np
+
+from mmal_jax.data import pool as pool_lib
 
 ENDS_BYTES = 1024
 # How many skipped items are named one per line; the rest are counted.
@@ -106,8 +109,6 @@ def drop_undecodable(pool, where: str, modality: str = "image"):
   Cost: `find_problems` on the pool's `ItemRefs` (nothing for pixels in
   memory) plus O(N + P) to drop.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from mmal_jax.data import pool as pool_lib  # pylint: disable=g-import-not-at-top
   refs = pool.items.get(modality)
   if not isinstance(refs, pool_lib.ItemRefs):
     return pool
