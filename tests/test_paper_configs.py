@@ -4,7 +4,9 @@ evaluator (TFDS mock data), `datacomp_stream.py` on webdataset shards and
 `coco_stream.py` on ../shared's COCO mini. Only the towers, the budget and
 the epochs are shrunk; the source, regime, loss and optimizer are the
 config's."""
+import io
 import os
+import tarfile
 
 import jax
 import numpy as np
@@ -72,6 +74,17 @@ def test_datacomp_stream_config_on_webdataset_shards(tmp_path):
   write_shard(os.path.join(train, "00000.tar"), 0, 20, lone=(3,))
   write_shard(os.path.join(train, "00001.tar"), 20, 20)
   write_shard(os.path.join(held, "00000.tar"), 100, 8)
+  # A truncated download among the held-out samples: left out with its
+  # caption at load, counted in every row (#17 item 1).
+  good = os.path.join(held, "00000.tar")
+  write_shard(os.path.join(held, "00001.tar"), 200, 2, stats=False)
+  with tarfile.open(os.path.join(held, "00001.tar"), "a") as tar, \
+      tarfile.open(good) as source:
+    jpg = source.extractfile("000100.jpg").read()[:40]
+    for name, data in (("000300.jpg", jpg), ("000300.txt", b"cut short")):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
   config = tiny("datacomp_stream.py", stream_buffer=16, **{
       "data.dir": train, "data.eval_dir": held})
   assert config.regime == "stream"
@@ -81,6 +94,7 @@ def test_datacomp_stream_config_on_webdataset_shards(tmp_path):
   assert [r["round"] for r in rows] == [0, 1, 2]
   assert rows[-1]["queries"] == 16
   assert all(np.isfinite(r["retrieval/t2i_r@1"]) for r in rows)
+  assert all(r["skipped_items"] == 1 for r in rows)
 
 
 @pytest.mark.slow
