@@ -1,9 +1,9 @@
-"""Undecodable images in sources that decode lazily: checked at load, named mid-run.
+"""Undecodable images of lazily decoded sources: checked at load, named mid-run.
 
 Policy (README "Data"). Sources that keep images encoded until the input
 pipeline decodes them (COCO with `image_size=0`, webdataset / DataComp
-shards, ColorSwap parquet, TFDS) check every image when the pool is built, before
-any work, by reading its first and last `ENDS_BYTES` bytes only:
+shards, ColorSwap parquet, TFDS) check every image when the pool is built,
+before any work, by reading its first and last `ENDS_BYTES` bytes only:
 `encoded_problem` accepts the formats the pipeline's decoder reads (JPEG,
 PNG, GIF, BMP, WebP, recognised by their signature) whose end marker is there
 (JPEG EOI, PNG IEND, GIF trailer, WebP / BMP sizes match the file), which
@@ -68,7 +68,8 @@ def encoded_problem(head: bytes, tail: bytes, size: int) -> str | None:
     return None if size >= declared else (
         f"truncated BMP ({size} of {declared} bytes)")
   if head[:4] in (b"II*\x00", b"MM\x00*"):
-    return "TIFF, which the input pipeline cannot decode (convert it to JPEG or PNG)"
+    return ("TIFF, which the input pipeline cannot decode (convert it to "
+            "JPEG or PNG)")
   return (f"not a JPEG, PNG, GIF, BMP or WebP image (starts with "
           f"{head[:8]!r})")
 

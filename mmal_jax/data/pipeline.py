@@ -382,8 +382,9 @@ def embed_pool(apply_fn, params, pool: UnalignedPool, modality: str, indices,
   (`sharding.row_sharding`): rows `[0, len(indices))` are the embeddings in
   the order of `indices`, padding rows at the end are zero; nothing is
   gathered to one host. An image that cannot be decoded raises
-  `image_check.UndecodableImage` naming it. Cost: one forward pass per item (plus fewer than one
-  batch of padding), one read + preprocessing per item on its process.
+  `image_check.UndecodableImage` naming it. Cost: one forward pass per item
+  (plus fewer than one batch of padding), one read + preprocessing per item
+  on its process.
   """
   indices = np.asarray(indices, np.int64)
   if indices.ndim != 1 or indices.size == 0:
