@@ -16,8 +16,10 @@ import tensorflow_datasets as tfds
 import test_loop
 from mmal_jax import config_lib
 from mmal_jax import evaluators
+from mmal_jax import fs
 from mmal_jax import loop
 from mmal_jax import report
+from mmal_jax.data import image_check
 from test_sources import write_colorswap, write_shard
 
 pytestmark = pytest.mark.skipif(
@@ -89,6 +91,20 @@ def test_datacomp_stream_config_on_webdataset_shards(tmp_path):
       "data.dir": train, "data.eval_dir": held})
   assert config.regime == "stream"
   workdir = str(tmp_path / "run")
+  # An image whose ends look whole but whose data does not decode stops the
+  # run, named, when first embedded; replaced, the same run goes on.
+  second = os.path.join(train, "00001.tar")
+  whole = fs.read_bytes(second)
+  with tarfile.open(second) as tar:
+    member = tar.getmember("000025.jpg")
+    png = tar.extractfile(member).read()
+  hollow = png[:8] + bytes(len(png) - 20) + png[-12:]
+  fs.write_bytes(second, whole[:member.offset_data] + hollow
+                 + whole[member.offset_data + member.size:])
+  with pytest.raises(image_check.UndecodableImage,
+                     match=r"00001.tar#000025 .*Replace it"):
+    loop.run_experiment(config, workdir)
+  fs.write_bytes(second, whole)
   loop.run_experiment(config, workdir)
   rows = report.read_rows(os.path.join(workdir, "metrics.jsonl"))
   assert [r["round"] for r in rows] == [0, 1, 2]
