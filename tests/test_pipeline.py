@@ -260,11 +260,17 @@ def test_shard_members_are_read_in_runs_not_one_read_per_image(
   refs = RangeRefs((str(shard),), np.zeros(100, int), offsets,
                    [len(b) for b in blobs], [str(i) for i in range(100)])
   reads = []
-  opened = pool_lib._open_cached
+  opened = pool_lib.fs.open
 
   class Counting:
     def __init__(self, f):
       self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
 
     def seek(self, *a):
       return self.f.seek(*a)
@@ -273,8 +279,8 @@ def test_shard_members_are_read_in_runs_not_one_read_per_image(
       reads.append(n)
       return self.f.read(n)
 
-  monkeypatch.setattr(pool_lib, "_open_cached",
-                      lambda path: Counting(opened(path)))
+  monkeypatch.setattr(pool_lib.fs, "open",
+                      lambda path, mode="r": Counting(opened(path, mode)))
   pool = UnalignedPool(items={"image": refs})
   indices = np.arange(100)[::-1][:90][::-1]  # Items 10..99 in order.
   z = pipeline.embed_pool(lambda p, x: x[:, 0, 0], None, pool, "image",

@@ -23,7 +23,7 @@ Buffer reads (webdataset / DataComp): the same JPEGs (with captions) as one
 `.tar` shard, read as a stream buffer pool (`webdataset.load_shards`) and
 decoded by `pipeline.host_batches`, reading shard members in runs of
 `READ_RUN` (one read per run: today's path) and one read per image (the
-previous path, `READ_RUN = 1`), interleaved; from local disk and, with
+previous path: `RangeRefs.read` per item), interleaved; from local disk and, with
 `--gcs_dir gs://BUCKET/DIR`, from a copy there (written through
 `mmal_jax.fs`; real GCS or an emulator: `python tests/gcs_emulator.py start
 --port 9023 --in-memory &` then `STORAGE_EMULATOR_HOST=http://127.0.0.1:9023
@@ -47,6 +47,7 @@ import time
 
 import numpy as np
 from PIL import Image
+import tensorflow as tf
 
 from mmal_jax import fs
 from mmal_jax.data import pipeline
@@ -97,8 +98,10 @@ def _tfdata(pool, res, batch):
 
 
 CONTENDERS = {"pil": _pil, "pipeline": _tfdata}
-# How many shard members one read takes, per buffer contender.
-BUFFER_READS = {"runs": pipeline.READ_RUN, "per_image": 1}
+# Buffer contenders: today's `host_batches` (runs of `pipeline.READ_RUN`
+# shard members per read) and the previous path (one read per image through
+# `RangeRefs.read`, `pipeline.preprocess_fn` per item).
+BUFFER_READS = ("runs", "per_image")
 
 
 def write_shard(path: str, folder: str, names: list[str]) -> None:
@@ -115,15 +118,19 @@ def write_shard(path: str, folder: str, names: list[str]) -> None:
   fs.write_bytes(path, buf.getvalue())
 
 
-def _buffer_pass(pool, res, batch, run):
-  """Images/s decoding a buffer pool's images, `run` members per read."""
-  saved, pipeline.READ_RUN = pipeline.READ_RUN, run
-  try:
-    start = time.perf_counter()
+def _buffer_pass(pool, res, batch, contender):
+  """Images/s decoding a buffer pool's images (see `BUFFER_READS`)."""
+  start = time.perf_counter()
+  if contender == "runs":
     n = _tfdata(pool, res, batch)
-    return n / (time.perf_counter() - start)
-  finally:
-    pipeline.READ_RUN = saved
+  else:
+    pp = f"decode|resize({res})|value_range(-1, 1)"
+    ds = tf.data.Dataset.from_tensor_slices(
+        np.arange(pool.num_items("image"))).map(
+            pipeline.preprocess_fn(pool, "image", pp),
+            num_parallel_calls=tf.data.AUTOTUNE)
+    n = sum(len(x) for x in ds.batch(batch).prefetch(2).as_numpy_iterator())
+  return n / (time.perf_counter() - start)
 
 
 def _make_bucket(url: str) -> None:
@@ -194,12 +201,13 @@ def run(args: argparse.Namespace) -> dict:
       pools[where] = webdataset.load_shards([path])
     buffer_rates = {f"{w}/{c}": [] for w in pools for c in BUFFER_READS}
     for pool in pools.values():  # Warm-up.
-      _buffer_pass(pool, args.res, args.batch, BUFFER_READS["runs"])
+      for contender in BUFFER_READS:
+        _buffer_pass(pool, args.res, args.batch, contender)
     for r in range(args.repeats):
       for where, pool in pools.items():
-        for contender, run in BUFFER_READS.items():
+        for contender in BUFFER_READS:
           buffer_rates[f"{where}/{contender}"].append(
-              _buffer_pass(pool, args.res, args.batch, run))
+              _buffer_pass(pool, args.res, args.batch, contender))
       print(f"  buffer repeat {r + 1}/{args.repeats}: " + ", ".join(
           f"{n} {v[-1]:.0f} img/s" for n, v in buffer_rates.items()),
             flush=True)
@@ -221,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
                               buffer_rates.items()},
       "buffer_runs_over_per_image": buffer_ratios,
       "buffer_target_ratio": args.buffer_target,
-      "read_run": BUFFER_READS["runs"],
+      "read_run": pipeline.READ_RUN,
   }
 
 

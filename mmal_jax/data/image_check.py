@@ -74,17 +74,33 @@ def encoded_problem(head: bytes, tail: bytes, size: int) -> str | None:
           f"{head[:8]!r})")
 
 
+# Items per task of `find_problems` (one shard open per task for RangeRefs).
+_CHUNK = 256
+
+
 def find_problems(refs) -> dict[int, str]:
   """`{index: problem}` for the items of `refs` (`pool.ItemRefs`) that fail
   `encoded_problem`. Cost: two reads of `ENDS_BYTES` bytes per item
-  (`refs.ends`), `_THREADS` at a time; an unreadable item is a problem."""
-  def check(i):
+  (`refs.ends`; shard members: `RangeRefs.ends_many`, one open per shard
+  and chunk), `_THREADS` at a time; an unreadable item is a problem."""
+  def check(lo):
+    chunk = range(lo, min(lo + _CHUNK, len(refs)))
     try:
-      return encoded_problem(*refs.ends(i, ENDS_BYTES))
-    except (OSError, ValueError) as e:
-      return f"cannot be read: {e}"
+      if isinstance(refs, pool_lib.RangeRefs):
+        ends = refs.ends_many(np.arange(chunk.start, chunk.stop), ENDS_BYTES)
+        return [encoded_problem(*e) for e in ends]
+    except (OSError, ValueError):
+      pass  # Item by item below, to name the unreadable one.
+    found = []
+    for i in chunk:
+      try:
+        found.append(encoded_problem(*refs.ends(i, ENDS_BYTES)))
+      except (OSError, ValueError) as e:
+        found.append(f"cannot be read: {e}")
+    return found
   with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-    found = list(pool.map(check, range(len(refs))))
+    found = [p for chunk in pool.map(check, range(0, len(refs), _CHUNK))
+             for p in chunk]
   return {i: p for i, p in enumerate(found) if p is not None}
 
 
