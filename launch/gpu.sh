@@ -18,7 +18,8 @@
 # SLURM_PROCID, and each process keeps GPU number SLURM_LOCALID of its node.
 # WORKDIR must be seen by every node (a shared filesystem or gs://).
 #
-# Install the CUDA build of jax first: pip install "jax[cuda12]==<jax pin>".
+# Install the CUDA build of jax first: pip install -r requirements-gpu.txt
+# (CUDA 12; requirements-gpu-cuda13.txt for CUDA 13 drivers).
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

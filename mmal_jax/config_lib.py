@@ -303,6 +303,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                f"out of the pool for pre-training, which "
                f"init.kind={config.init.kind!r} does not do: set "
                f"--config.init.kind=pretrain, or drop them.")
+  out += _tower_problems(config)
   if config.init.kind == "checkpoint" and not config.init.checkpoint:
     out.append("config.init.kind='checkpoint' needs "
                "--config.init.checkpoint=PATH (a big_vision .npz).")
@@ -316,6 +317,31 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   out += evals_problems
   if not evals_problems:
     out += _metric_problems(config)
+  return out
+
+
+# Sources whose items are feature rows (`feature_tower` inputs).
+FEATURE_SOURCES = ("features",)
+
+
+def _tower_problems(config) -> list[str]:
+  """Towers that cannot take the source's items: feature towers take float
+  rows (only from `FEATURE_SOURCES`), the other towers pixels / token ids."""
+  out = []
+  source = config.data.source
+  for m in MODALITIES:
+    name = config.model.get(f"{m}_model", None)
+    takes_rows = name == "feature_tower"
+    if takes_rows and source not in FEATURE_SOURCES:
+      out.append(f"config.model.{m}_model='feature_tower' takes feature rows, "
+                 f"but config.data.source={source!r} gives "
+                 f"{'images' if m == 'image' else 'captions'}: use a model "
+                 f"preset for them (models.presets) or data.source='features'.")
+    elif not takes_rows and source in FEATURE_SOURCES:
+      out.append(f"config.data.source={source!r} gives {m} feature rows, but "
+                 f"config.model.{m}_model={name!r} takes "
+                 f"{'images' if m == 'image' else 'token ids'}: use "
+                 f"presets.features(...) as configs/features.py does.")
   return out
 
 

@@ -69,6 +69,7 @@ from mmal_jax.data import oracle as oracle_lib
 from mmal_jax.data import pool as pool_lib
 from mmal_jax.data import sources
 from mmal_jax.data.annotation import AnnotationState
+from mmal_jax.evaluators.pool_metrics import pool_problems as eval_pool_problems
 from mmal_jax.models import checkpoint
 
 MODALITIES = train.MODALITIES
@@ -343,6 +344,7 @@ def _data_problems(config, data: sources.Sources, num_units: int,
     if set(pool.modalities) != set(MODALITIES):
       found.append(f"The {name} has modalities {pool.modalities}; training "
                    f"needs {MODALITIES}.")
+  found += eval_pool_problems(data.eval_pool)
   dims = config.get("feature_dims", None)
   for m, dim in zip(MODALITIES, dims or ()):
     shape = getattr(data.pool.items.get(m), "shape", ())
@@ -694,6 +696,7 @@ class Run:
             "queries": state.cost, "modality_counts": counts,
             "pairs": int(len(state.pairs("image", "text"))),
             "percent": 100.0 * state.cost / self.x.num_units,
+            "skipped_items": self.x.data.skipped_items,
             **timing, **metrics}
 
   def close(self) -> None:

@@ -148,7 +148,7 @@ def clip_loss(zimg, ztxt, t, valid=None, *, axis_name: Optional[str] = None):
   return nll / (2 * global_batch)
 
 
-# MMCSAL (Shen et al. 2024, ../shared/ALGORITHMS.md): Stage 1 objective.
+# MMCSAL (Shen et al. 2024, docs/algorithms.md): Stage 1 objective.
 
 
 def prototype_concentration(embeddings, prototypes, assignments,

@@ -1,6 +1,6 @@
 """Multimodal cold-start active learning (MMCSAL, the second paper).
 
-Setting (../shared/ALGORITHMS.md, "MMCSAL"): N pre-aligned pairs with class
+Setting (docs/algorithms.md, "MMCSAL"): N pre-aligned pairs with class
 labels; what is bought is labels; nothing is labelled at the start. A run
 (one selector, one seed) does, for each budget B (1/2/5/10% of N by
 default), one independent cold-start selection:

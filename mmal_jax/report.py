@@ -24,7 +24,7 @@ from mmal_jax.annotate import store as annotation_store
 TIMING_KEYS = ("embed_s", "acquire_s", "train_s", "eval_s", "device_hours")
 # Bookkeeping columns of a metrics row; every other number is a metric.
 ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
-            "train_steps", "modality_counts") + TIMING_KEYS
+            "train_steps", "modality_counts", "skipped_items") + TIMING_KEYS
 
 
 class MetricsFileError(ValueError):

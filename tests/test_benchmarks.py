@@ -79,13 +79,22 @@ def test_train_step_benchmark(tmp_path):
   assert per_device["256"] < per_device["1"] / 32
 
 
-def test_input_pipeline_benchmark(tmp_path):
+def test_input_pipeline_benchmark(gcs_bucket):
+  """Also the buffer reads from gs:// (the emulator) against local files,
+  the JSON written to gs:// through mmal_jax.fs (#17 items 16, 21)."""
+  from mmal_jax import fs  # pylint: disable=g-import-not-at-top
   out = _run("mmal_jax.benchmarks.input_pipeline", "--quick",
-             f"--out={tmp_path}")
+             f"--gcs_dir={gcs_bucket}/shards", f"--out={gcs_bucket}/out")
   assert "pipeline / pil" in out and ("PASS" in out or "MISS" in out)
-  result = json.loads((tmp_path / "input_pipeline.json").read_text())
+  assert "buffer repeat 5/5" in out and "load" in out.lower()
+  result = json.loads(fs.read_text(f"{gcs_bucket}/out/input_pipeline.json"))
   assert result["num_images"] == 16 and result["repeats"] == 5
   for name in ("pil", "pipeline"):
     rates = result["images_per_s"][name]
     assert len(rates["all"]) == 5 and rates["min"] > 0
-  assert result["machine"]["cpu_count"] > 0
+  for where in ("local", "gcs"):
+    for reads in ("runs", "per_image"):
+      assert result["buffer_images_per_s"][f"{where}/{reads}"]["min"] > 0
+    assert result["buffer_runs_over_per_image"][where]["median"] > 0
+  assert "gcs: runs / per-image" in out
+  assert result["machine"]["cpu_count"] > 0 and result["load_after"]

@@ -5,6 +5,7 @@ process (seconds of imports each): they run a few at a time.
 """
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -86,11 +87,15 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
   np.save(features / "image.npy", rng.normal(size=(40, 8)))
   np.save(features / "text.npy", rng.normal(size=(40, 8)))
   np.save(features / "pairs.npy", np.stack([np.arange(40)] * 2, 1))
-  features_config = write_config(tmp_path / "features.py", "**" + repr({
-      "data.source": "features", "init.kind": "scratch",
-      "data.image_features": str(features / "image.npy"),
-      "data.text_features": str(features / "text.npy"),
-      "data.pairs": str(features / "pairs.npy")}))
+  features_config = str(tmp_path / "features.py")  # configs/features.py
+  pathlib.Path(features_config).write_text(
+      "from mmal_jax import config_lib\n\n\ndef get_config():\n"
+      f"  config = config_lib.from_file("
+      f"{os.path.join(_ROOT, 'configs', 'features.py')!r})\n"
+      f"  config.data.update(image_features={str(features / 'image.npy')!r},"
+      f" text_features={str(features / 'text.npy')!r},"
+      f" pairs={str(features / 'pairs.npy')!r})\n"
+      "  config.feature_dims = (8, 8)\n  return config\n")
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   w = {name: str(tmp_path / name) for name in (
@@ -103,7 +108,8 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
       "syntax": (["--config", str(broken), "--workdir", w["syntax"]],
                  [f"{broken}:1", "SyntaxError"]),
       "raises": (["--config", str(raises), "--workdir", w["raises"]],
-                 [f"--config {raises}: ConfigError: config.init.kind="]),
+                 [f"--config {raises}: ConfigError:", "config.init.kind=",
+                  "config.model.image_model='vit' takes images"]),
       "budget": (["--config", "configs/demo.py", "--workdir", w["budget"],
                   "--config.budget=abc"], ["config.budget", "'abc'"]),
       "several": (["--config", tiny, "--workdir", w["several"],

@@ -48,7 +48,10 @@ def save(path, array):
 @pytest.mark.parametrize("make_bad, argument, match", [
     (lambda t: t / "missing.npy", 0, "image features file not found"),
     (lambda t: save(t / "bad.npy", np.array([[1.0, np.nan], [0.0, 1.0], [np.inf, 0]])), 0,
-     r"NaN/inf in 2 rows, first row 0"),
+     r"NaN/inf \(as float32\) in 2 rows, first row 0"),
+    # Finite in float64, inf once cast to float32: named with its file and row.
+    (lambda t: save(t / "big.npy", np.array([[1.0, 2.0], [0.0, 1e39]])), 1,
+     r"text features in .*big.npy have NaN/inf \(as float32\) in 1 rows, first row 1"),
     (lambda t: save(t / "bad.npy", np.ones((3, 2), np.int32)), 1, "must be floating point"),
     (lambda t: save(t / "bad.npy", np.ones(3, np.float32)), 0, r"\(N, D\) array, got shape \(3,\)"),
     (lambda t: save(t / "bad.npy", np.ones((0, 3), np.float32)), 0, "non-empty"),

@@ -81,6 +81,7 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
   for row in rows:
     assert row["queries"] == 8 * row["round"]
     assert row["percent"] == pytest.approx(100 * row["queries"] / 48)
+    assert row["skipped_items"] == 0  # Rendered shapes: nothing to decode.
     for key in ("colorswap/group", "groupmatch", "retrieval/i2t_r@1",
                 "pseudo_label/mean", "modality_gap/gap"):
       assert np.isfinite(row[key])
@@ -218,10 +219,11 @@ def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(config_lib.ConfigError,
                      match="3 problems: .*image_features: file not found: "
                      "no/such.npy"):
-    loop.Experiment.create(tiny_config(**{
-        "data.source": "features", "init.kind": "scratch", "data.image_features": "no/such.npy",
-        "data.text_features": "x.npy", "data.pairs": "p.npy"}),
-        str(tmp_path / "features"))
+    features = _load_config("features.py")
+    _override(features, {"data.image_features": "no/such.npy",
+                         "data.text_features": "x.npy", "data.pairs": "p.npy"})
+    loop.Experiment.create(config_lib.validate(features),
+                           str(tmp_path / "features"))
   assert not os.path.exists(tmp_path / "features")
   with pytest.raises(config_lib.ConfigError, match="main_metric names "
                      "'colorswap/group', which a 'features' run"):

@@ -4,7 +4,9 @@ evaluator (TFDS mock data), `datacomp_stream.py` on webdataset shards and
 `coco_stream.py` on ../shared's COCO mini. Only the towers, the budget and
 the epochs are shrunk; the source, regime, loss and optimizer are the
 config's."""
+import io
 import os
+import tarfile
 
 import jax
 import numpy as np
@@ -14,8 +16,10 @@ import tensorflow_datasets as tfds
 import test_loop
 from mmal_jax import config_lib
 from mmal_jax import evaluators
+from mmal_jax import fs
 from mmal_jax import loop
 from mmal_jax import report
+from mmal_jax.data import image_check
 from test_sources import write_colorswap, write_shard
 
 pytestmark = pytest.mark.skipif(
@@ -72,15 +76,41 @@ def test_datacomp_stream_config_on_webdataset_shards(tmp_path):
   write_shard(os.path.join(train, "00000.tar"), 0, 20, lone=(3,))
   write_shard(os.path.join(train, "00001.tar"), 20, 20)
   write_shard(os.path.join(held, "00000.tar"), 100, 8)
+  # A truncated download among the held-out samples: left out with its
+  # caption at load, counted in every row (#17 item 1).
+  good = os.path.join(held, "00000.tar")
+  write_shard(os.path.join(held, "00001.tar"), 200, 2, stats=False)
+  with tarfile.open(os.path.join(held, "00001.tar"), "a") as tar, \
+      tarfile.open(good) as source:
+    jpg = source.extractfile("000100.jpg").read()[:40]
+    for name, data in (("000300.jpg", jpg), ("000300.txt", b"cut short")):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
   config = tiny("datacomp_stream.py", stream_buffer=16, **{
       "data.dir": train, "data.eval_dir": held})
   assert config.regime == "stream"
   workdir = str(tmp_path / "run")
+  # An image whose ends look whole but whose data does not decode stops the
+  # run, named, when first embedded; replaced, the same run goes on.
+  second = os.path.join(train, "00001.tar")
+  whole = fs.read_bytes(second)
+  with tarfile.open(second) as tar:
+    member = tar.getmember("000025.jpg")
+    png = tar.extractfile(member).read()
+  hollow = png[:8] + bytes(len(png) - 20) + png[-12:]
+  fs.write_bytes(second, whole[:member.offset_data] + hollow
+                 + whole[member.offset_data + member.size:])
+  with pytest.raises(image_check.UndecodableImage,
+                     match=r"00001.tar#000025 .*Replace it"):
+    loop.run_experiment(config, workdir)
+  fs.write_bytes(second, whole)
   loop.run_experiment(config, workdir)
   rows = report.read_rows(os.path.join(workdir, "metrics.jsonl"))
   assert [r["round"] for r in rows] == [0, 1, 2]
   assert rows[-1]["queries"] == 16
   assert all(np.isfinite(r["retrieval/t2i_r@1"]) for r in rows)
+  assert all(r["skipped_items"] == 1 for r in rows)
 
 
 @pytest.mark.slow

@@ -266,3 +266,74 @@ def test_two_processes_read_their_own_rows_and_agree(tmp_path):
   for i in range(2):
     reads = json.loads((tmp_path / f"reads_{i}.json").read_text())
     assert len(reads) == IMAGES_READ // 2
+
+
+def test_shard_members_are_read_in_runs_not_one_read_per_image(
+    tmp_path, monkeypatch):
+  """#17 item 21: embedding a webdataset pool reads each run of consecutive
+  shard members with one read (one GET on gs://), same results."""
+  from mmal_jax.data import pool as pool_lib  # pylint: disable=g-import-not-at-top
+  blobs = [_png(np.full((4, 4, 3), (2 * i, 9, 200), np.uint8))
+           for i in range(100)]
+  shard = tmp_path / "shard.tar"
+  shard.write_bytes(b"".join(blobs))
+  offsets = np.cumsum([0] + [len(b) for b in blobs[:-1]])
+  refs = RangeRefs((str(shard),), np.zeros(100, int), offsets,
+                   [len(b) for b in blobs], [str(i) for i in range(100)])
+  reads = []
+  opened = pool_lib.fs.open
+
+  class Counting:
+    def __init__(self, f):
+      self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def seek(self, *a):
+      return self.f.seek(*a)
+
+    def read(self, n=-1):
+      reads.append(n)
+      return self.f.read(n)
+
+  monkeypatch.setattr(pool_lib.fs, "open",
+                      lambda path, mode="r": Counting(opened(path, mode)))
+  pool = UnalignedPool(items={"image": refs})
+  indices = np.arange(100)[::-1][:90][::-1]  # Items 10..99 in order.
+  z = pipeline.embed_pool(lambda p, x: x[:, 0, 0], None, pool, "image",
+                          indices, sharding.make_mesh(), 128,
+                          "decode|value_range(0, 255)")
+  np.testing.assert_allclose(np.asarray(z)[:90, 0], 2 * indices)
+  # 90 items padded to a batch of 128 (the last repeated): 2 runs of 64.
+  assert len(reads) == 2, reads
+
+
+def test_captions_are_tokenised_ahead_in_one_batch(monkeypatch):
+  """#17 item 21: no Python call per caption inside the tf.data graph; the
+  same tokens as the per-caption path."""
+  from mmal_jax.data import pp as pp_lib  # pylint: disable=g-import-not-at-top
+  pool, _ = counting_pool(40)
+  text_pp = ("tokenize(max_len=8, eos='sticky', model='bytes', "
+             "pad_value='</s>', lower=False, inkey='text', outkey='text')")
+  one_by_one = pipeline.preprocess_fn(pool, "text", text_pp)
+  want = np.stack([one_by_one(np.int64(i)).numpy() for i in range(40)])
+  calls = []
+  encode = pp_lib.encode
+  monkeypatch.setattr(pp_lib, "encode", lambda tok, texts, *a: (
+      calls.append(len(list(texts))) or encode(tok, texts, *a)))
+  z = pipeline.embed_pool(lambda p, x: x.astype(np.float32), None, pool,
+                          "text", np.arange(40), sharding.make_mesh(), 16,
+                          text_pp)
+  np.testing.assert_array_equal(np.asarray(z)[:40], want)
+  assert sorted(calls) == [1, 40]  # The op's argument check, then 1 batch.
+  calls.clear()
+  for batch in pipeline.train_batches(
+      pool, pool.pairs()[:16], 8, {"image": "decode", "text": text_pp},
+      seed=0, mesh=sharding.make_mesh()):
+    np.testing.assert_array_equal(
+        np.asarray(batch["text"]), want[np.asarray(batch["text_index"])])
+  assert sorted(calls) == [1, 16]

@@ -144,7 +144,7 @@ def test_colorswap_source(root):
   assert pool.items["text"][2] == "a red cube 5 and a blue ball"
   assert pool.items["text"][3] == "a blue cube 5 and a red ball"
   assert tuple(decoded(pool, "image", 3)[0, 0]) == (5, 80, 7)
-  assert "id 5 image_2" in pool.items["image"][3]
+  assert "(id 5) image_2" in pool.items["image"][3]
   # The input pipeline decodes the in-memory bytes.
   z = pipeline.embed_pool(
       lambda p, x: x[:, 0, 0], None, pool, "image", np.arange(6),

@@ -1,6 +1,6 @@
 """Cold-start selectors (MMCSAL Stage 2 and its baselines), sharded.
 
-Setting (the second paper, ../shared/ALGORITHMS.md "MMCSAL"): pairs are given,
+Setting (the second paper, docs/algorithms.md "MMCSAL"): pairs are given,
 labels are bought, nothing is labelled yet. A selector sees every pair's
 representations, one `(N, D_m)` array per modality (row i of each = pair i),
 and returns the pairs to label. One signature:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from mmal_jax import fs
+from mmal_jax.data import image_check
 from mmal_jax.data import preprocess
 from mmal_jax.data.pool import FileRefs, UnalignedPool, check_int
 
@@ -42,9 +43,11 @@ def load_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike, *,
   local or `gs://` (read through `mmal_jax.fs`). Raises FileNotFoundError for
   a missing JSON, image folder or referenced image file, ValueError for
   unreadable / malformed JSON, unknown or duplicate image ids, undecodable
-  images and an empty selection.
+  images (with `image_size`) and an empty selection. Without `image_size`,
+  images failing `image_check.encoded_problem` are left out with their
+  captions (named in `pool.skipped` and a warning).
   Cost: O(annotations) plus one listing of `image_dir`; with `image_size`,
-  one decode + resize per image.
+  one decode + resize per image, else two small reads per image.
   """
   captions_json, image_dir = os.fspath(captions_json), os.fspath(image_dir)
   if max_images is not None:
@@ -92,6 +95,7 @@ def load_coco(captions_json: str | os.PathLike, image_dir: str | os.PathLike, *,
   images = refs if image_size is None else np.stack(
       [preprocess.resize(preprocess.load_image(p), image_size) for p in refs])
   image_of_text = np.repeat(np.arange(num_images), [len(cs) for cs in captions_of])
-  return UnalignedPool(
+  pool = UnalignedPool(
       items={"image": images, "text": texts},
       links={("image", "text"): np.stack([image_of_text, np.arange(len(texts))], axis=1)})
+  return image_check.drop_undecodable(pool, image_dir)

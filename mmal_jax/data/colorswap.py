@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from mmal_jax import fs
+from mmal_jax.data import image_check
 from mmal_jax.data.pool import BytesRefs, UnalignedPool
 
 COLUMNS = ("id", "image_1", "image_2", "caption_1", "caption_2")
@@ -70,11 +71,13 @@ def check_schema(path: str) -> None:
 def load_colorswap(directory: str | os.PathLike, split: str) -> UnalignedPool:
   """One split of ColorSwap as a grouped one-to-one pool.
 
-  Items: `"image"` `BytesRefs` (2 per group, named `colorswap/split id I
+  Items: `"image"` `BytesRefs` (2 per group, named `FILE row R (id I)
   image_K`), `"text"` a tuple of captions; `groups` are the `id`s. Raises
   FileNotFoundError when the split has no files, ValueError naming file and
   column for a missing column, a wrong type, a missing image or caption, or
-  a repeated id. Cost: one read of the split's files.
+  a repeated id. A group with an image failing
+  `image_check.encoded_problem` is left out (named in `pool.skipped` and a
+  warning). Cost: one read of the split's files.
   """
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   directory = os.fspath(directory)
@@ -93,7 +96,7 @@ def load_colorswap(directory: str | os.PathLike, split: str) -> UnalignedPool:
           raise ValueError(f"ColorSwap file {path} row {r} (id {row['id']}): "
                            f"caption_{k} is empty.")
         images.append(image["bytes"])
-        names.append(f"colorswap/{split} id {row['id']} image_{k}")
+        names.append(f"{path} row {r} (id {row['id']}) image_{k}")
         captions.append(caption.strip())
       ids.append(row["id"])
   if not ids:
@@ -104,8 +107,9 @@ def load_colorswap(directory: str | os.PathLike, split: str) -> UnalignedPool:
                      "id.")
   group = np.repeat(np.asarray(ids, np.int64), 2)
   index = np.arange(len(captions))
-  return UnalignedPool(
+  pool = UnalignedPool(
       items={"image": BytesRefs(np.array(images, object), names),
              "text": tuple(captions)},
       links={("image", "text"): np.stack([index, index], axis=1)},
       groups={"image": group, "text": group})
+  return image_check.drop_undecodable(pool, f"ColorSwap {split!r} in {directory}")

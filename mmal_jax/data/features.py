@@ -55,11 +55,15 @@ def _load_features(path: str, modality: str) -> np.ndarray:
                      f"got shape {x.shape}.")
   if x.dtype.kind != "f":
     raise ValueError(f"{modality} features in {path} must be floating point, got {x.dtype}.")
+  # Checked after the cast: values beyond float32's range (1e39) become inf.
+  with np.errstate(over="ignore"):
+    x = x.astype(np.float32)
   bad = ~np.isfinite(x).all(axis=1)
   if bad.any():
-    raise ValueError(f"{modality} features in {path} have NaN/inf in {int(bad.sum())} rows, "
-                     f"first row {int(np.argmax(bad))}.")
-  return x.astype(np.float32)
+    raise ValueError(f"{modality} features in {path} have NaN/inf (as float32) in "
+                     f"{int(bad.sum())} rows, first row {int(np.argmax(bad))}: fix "
+                     "those rows of the file.")
+  return x
 
 
 def load_pairs(path: str | os.PathLike) -> np.ndarray:

@@ -37,10 +37,11 @@ import tensorflow as tf
 
 from mmal_jax import fs
 from mmal_jax import sharding
+from mmal_jax.data import image_check
 from mmal_jax.data import pp as pp_lib
 from mmal_jax.data import preprocess
-from mmal_jax.data.pool import (FileRefs, ItemRefs, UnalignedPool,
-                                as_index_rows, check_int)
+from mmal_jax.data.pool import (FileRefs, ItemRefs, RangeRefs,
+                                UnalignedPool, as_index_rows, check_int)
 
 AUTOTUNE = tf.data.AUTOTUNE
 try:  # Input pipelines run on the host; leave accelerators to JAX.
@@ -130,10 +131,42 @@ def reader(pool: UnalignedPool, modality: str):
 def preprocess_fn(pool: UnalignedPool, modality: str, pp: str):
   """`fn(index) -> model input` of one item: read, then the pp string."""
   read = reader(pool, modality)
+  process = process_fn(modality, pp)
+  return lambda i: process(read(i))
+
+
+def item_fn(pool: UnalignedPool, modality: str, pp: str, needed):
+  """`fn(index) -> model input`, as `preprocess_fn`, for items `needed`.
+
+  Captions held in memory are run through the pp ahead of the tf.data
+  graph, as one batch of the `needed` ones (one tokenizer call: no Python
+  per caption in the graph's threads), and the graph gathers their rows;
+  other items, and a pp that cannot take a batch, go through
+  `preprocess_fn`. Cost: the pp on `len(unique(needed))` captions once,
+  an int32 `(unique, len)` table and an int64 `(N,)` row map in memory.
+  """
+  items = pool.items[modality]
+  needed = np.unique(np.asarray(needed, np.int64))
+  if pp and _is_text(modality, items) and needed.size:
+    texts = tf.constant(np.array([items[i] for i in needed], object))
+    try:
+      table = process_fn(modality, pp)(texts)
+    except (ValueError, tf.errors.OpError):
+      table = None  # A pp that takes one caption at a time.
+    if table is not None and table.shape[:1] == (needed.size,):
+      row_of = np.zeros(len(items), np.int64)
+      row_of[needed] = np.arange(needed.size)
+      row_of = tf.constant(row_of)
+      return lambda i: tf.gather(table, tf.gather(row_of, i))
+  return preprocess_fn(pool, modality, pp)
+
+
+def process_fn(modality: str, pp: str):
+  """`fn(raw item) -> model input`: the pp string on one raw item (as
+  `reader` returns it)."""
   process = pp_lib.get_preprocess_fn(pp)
 
-  def fn(i):
-    value = read(i)
+  def fn(value):
     data = {modality: value}
     if modality == "text":
       data["texts"] = value
@@ -145,6 +178,21 @@ def preprocess_fn(pool: UnalignedPool, modality: str, pp: str):
                        f"(keys: {sorted(out)}).")
     return out[modality]
   return fn
+
+
+def _naming_bad_images(batches, pool: UnalignedPool, items_of: Mapping):
+  """`batches`, but a decoding error raises `image_check.UndecodableImage`
+  naming the first undecodable item among `items_of[modality]` (indices)."""
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError:
+    for modality, indices in items_of.items():
+      refs = pool.items[modality]
+      if isinstance(refs, ItemRefs):
+        found = image_check.first_undecodable(refs, indices)
+        if found is not None:
+          raise image_check.undecodable_error(*found) from None
+    raise
 
 
 def _rows_of(indices_map, devices, num_rows: int) -> np.ndarray:
@@ -192,6 +240,8 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   onwards) and carries `"valid"`, `(padded,)` bool, False on those rows: the
   loss ignores them (`losses`), so a run takes the same batches and steps on
   any mesh, and `batch_size` may be smaller than the device count.
+  An image that cannot be decoded raises `image_check.UndecodableImage`
+  naming it.
   Cost per batch and process: reading and preprocessing its
   `batch_size / processes` pairs, in parallel threads (`tf.data` AUTOTUNE),
   `prefetch` batches ahead.
@@ -208,7 +258,8 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   per_epoch = len(pairs) // batch_size
   first_epoch, skip = divmod(start_step, per_epoch)
   local = process_rows(sharding.row_sharding(mesh), padded)
-  fns = [preprocess_fn(pool, m, pp[m]) for m in modalities]
+  fns = [item_fn(pool, m, pp[m], pairs[:, col])
+         for col, m in enumerate(modalities)]
 
   def epoch_rows(epoch):
     epoch = int(epoch)
@@ -239,9 +290,12 @@ def train_batches(pool: UnalignedPool, pairs: np.ndarray, batch_size: int,
   extra = {}
   if padded != batch_size:
     extra["valid"] = local < batch_size
+  batches = _naming_bad_images(
+      ds.as_numpy_iterator(), pool,
+      {m: pairs[:, col] for col, m in enumerate(modalities)})
   return ({k: _to_global(mesh, v, padded)
            for k, v in {**batch, **extra}.items()}
-          for batch in ds.as_numpy_iterator())
+          for batch in batches)
 
 
 def host_batches(pool: UnalignedPool, modality: str, indices, pp: str,
@@ -249,10 +303,38 @@ def host_batches(pool: UnalignedPool, modality: str, indices, pp: str,
   """Preprocessed items `indices` of `modality`, in order, in host batches of
   `batch_size` (the last may be smaller): the reading half of `embed_pool`
   for one process. Items are read and preprocessed in parallel threads
-  (AUTOTUNE), `prefetch` batches ahead."""
-  ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64)).map(
-      preprocess_fn(pool, modality, pp), num_parallel_calls=AUTOTUNE)
+  (AUTOTUNE), `prefetch` batches ahead; shard members (`RangeRefs`) are
+  read in runs, one read per `READ_RUN` consecutive members
+  (`_sequential_reads`)."""
+  indices = np.asarray(indices, np.int64)
+  items = pool.items[modality]
+  if isinstance(items, RangeRefs):
+    ds = _sequential_reads(items, indices).map(
+        process_fn(modality, pp), num_parallel_calls=AUTOTUNE)
+  else:
+    ds = tf.data.Dataset.from_tensor_slices(indices).map(
+        item_fn(pool, modality, pp, indices), num_parallel_calls=AUTOTUNE)
   return _options(ds.batch(batch_size).prefetch(prefetch))
+
+
+# Items per read of a shard run (`RangeRefs.read_many`) in `host_batches`.
+READ_RUN = 64
+
+
+def _sequential_reads(refs: RangeRefs, indices: np.ndarray) -> tf.data.Dataset:
+  """The encoded bytes of `refs[indices]`, in order, read in runs of up to
+  `READ_RUN` items with one read of their byte span each (a shard's members
+  in order: one GET per run on gs://), several runs read in parallel
+  threads, their items kept in order."""
+  runs = [indices[i:i + READ_RUN] for i in range(0, len(indices), READ_RUN)]
+
+  def read(k) -> np.ndarray:
+    return np.array(refs.read_many(runs[int(k)]), object)
+
+  return tf.data.Dataset.range(len(runs)).map(
+      lambda k: tf.ensure_shape(
+          tf.numpy_function(read, [k], tf.string, stateful=False), (None,)),
+      num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
 
 
 @functools.lru_cache(maxsize=64)
@@ -308,8 +390,10 @@ def embed_pool(apply_fn, params, pool: UnalignedPool, modality: str, indices,
   Returns a global `(padded_rows, D)` array row-sharded over `mesh`
   (`sharding.row_sharding`): rows `[0, len(indices))` are the embeddings in
   the order of `indices`, padding rows at the end are zero; nothing is
-  gathered to one host. Cost: one forward pass per item (plus fewer than one
-  batch of padding), one read + preprocessing per item on its process.
+  gathered to one host. An image that cannot be decoded raises
+  `image_check.UndecodableImage` naming it. Cost: one forward pass per item
+  (plus fewer than one batch of padding), one read + preprocessing per item
+  on its process.
   """
   indices = np.asarray(indices, np.int64)
   if indices.ndim != 1 or indices.size == 0:
@@ -332,7 +416,9 @@ def embed_pool(apply_fn, params, pool: UnalignedPool, modality: str, indices,
   apply = _jitted_apply(apply_fn, mesh)
   update = _jitted_update(mesh, per_device)
   out = None
-  for step, local in enumerate(ds.as_numpy_iterator()):
+  batches = _naming_bad_images(ds.as_numpy_iterator(), pool,
+                                {modality: items})
+  for step, local in enumerate(batches):
     z = apply(params, _to_global(mesh, local, batch))
     if out is None:
       out = jnp.zeros((padded, z.shape[1]), z.dtype,

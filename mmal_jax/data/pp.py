@@ -234,25 +234,27 @@ def encode(tokenizer: tokenizers.Tokenizer, texts, max_len: int, eos: str,
 @_in_key_out_key("texts", "labels")
 def tokenize(max_len, eos, model="c4_en", lower=True, pad_value="<pad>",
              add_bos=False):
-  """A string -> int32 `(max_len,)` token ids (see `encode`)."""
+  """A string -> int32 `(max_len,)` token ids (see `encode`); a 1-D batch of
+  strings -> `(B, max_len)` in one tokenizer call (`data.pipeline`
+  tokenises captions ahead of the graph that way)."""
   tokenizer = get_tokenizer(model)
   pad_id = _pad_id(tokenizer, pad_value)
   encode(tokenizer, [""], max_len, eos, pad_id, add_bos)  # Checks arguments.
 
-  def one(text) -> np.ndarray:
-    text = np.asarray(text).item().decode("utf-8")  # bytes, or a 0-d array.
-    return encode(tokenizer, [text], max_len, eos, pad_id,
-                  add_bos)[0]
+  def many(texts) -> np.ndarray:
+    texts = [t.decode("utf-8") for t in np.asarray(texts).reshape(-1)]
+    return encode(tokenizer, texts, max_len, eos, pad_id, add_bos)
 
   def fn(text):
-    if text.shape.rank != 0:
+    if text.shape.rank not in (0, 1):
       raise ValueError("tokenize takes one string per example; pick one "
                        "caption first.")
     if lower:
       text = tf.strings.lower(text)
-    tokens = tf.numpy_function(one, [text], tf.int32, stateful=False)
-    tokens.set_shape((max_len,))
-    return tokens
+    tokens = tf.numpy_function(many, [text], tf.int32, stateful=False)
+    if text.shape.rank == 0:
+      return tf.ensure_shape(tokens[0], (max_len,))
+    return tf.ensure_shape(tokens, (None, max_len))
   return fn
 
 

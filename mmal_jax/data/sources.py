@@ -78,6 +78,12 @@ class Sources:
   pretrain_pool: UnalignedPool | None = None
   stream: webdataset.WebDatasetStream | None = None
 
+  @property
+  def skipped_items(self) -> int:
+    """Undecodable items left out of the pools (`data.image_check`)."""
+    return sum(len(p.skipped) for p in (self.pool, self.eval_pool,
+                                        self.pretrain_pool) if p is not None)
+
 
 def default_config() -> ml_collections.ConfigDict:
   """Every `config.data` field with its default (see the module docstring)."""

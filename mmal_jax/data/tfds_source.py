@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmal_jax.data import image_check
 from mmal_jax.data.pool import BytesRefs, UnalignedPool, check_int
 
 
@@ -93,7 +94,9 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None,
   Items: `"image"` `BytesRefs` (encoded, named `name/split#k`), `"text"` a
   tuple of captions (stripped); each image is linked to its example's
   captions. Raises ValueError naming the dataset for an unknown dataset,
-  split or feature key, a non-image image feature, and an empty split.
+  split or feature key, a non-image image feature, and an empty split. An
+  image failing `image_check.encoded_problem` is left out with its captions
+  (named in `pool.skipped` and a warning).
   Cost: one pass over the split, no image decoding.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -123,7 +126,8 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None,
   if not texts:
     raise ValueError(f"TFDS split {name}:{split} holds no {text_key!r} text.")
   pairs = np.stack([np.array(image_of_text), np.arange(len(texts))], axis=1)
-  return UnalignedPool(
+  pool = UnalignedPool(
       items={"image": BytesRefs(np.array(images, object), names),
              "text": tuple(texts)},
       links={("image", "text"): pairs})
+  return image_check.drop_undecodable(pool, f"TFDS {name}:{split}")

@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mmal_jax import fs
+from mmal_jax.data import image_check
 from mmal_jax.data.pool import RangeRefs, UnalignedPool, check_int
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -113,6 +114,8 @@ def to_pool(shards: Sequence[Shard], ranges: Sequence[tuple[int, int]] = (),
   """A pool of `shards[k]`'s samples `[lo, hi)` for `(lo, hi) = ranges[k]`
   (default: all). Images are `RangeRefs`, captions a tuple, in sample order;
   with `scramble_seed` the captions are put in a seeded random order.
+  A sample whose image fails `image_check.encoded_problem` is left out
+  (named in `pool.skipped` and a warning). Cost: two small reads per image.
   """
   ranges = list(ranges) or [(0, len(s)) for s in shards]
   files = tuple(s.path for s in shards)
@@ -137,10 +140,11 @@ def to_pool(shards: Sequence[Shard], ranges: Sequence[tuple[int, int]] = (),
     order = np.random.default_rng(scramble_seed).permutation(len(texts))
   image_of_text = np.asarray(image_of_text)[order]
   linked = np.flatnonzero(image_of_text >= 0)
-  return UnalignedPool(
+  pool = UnalignedPool(
       items={"image": RangeRefs(files, file_index, offset, size, keys),
              "text": tuple(texts[i] for i in order)},
       links={("image", "text"): np.stack([image_of_text[linked], linked], 1)})
+  return image_check.drop_undecodable(pool, f"shards {list(files)[:3]}")
 
 
 def load_shards(paths: Sequence[str]) -> UnalignedPool:

@@ -27,6 +27,21 @@ def pool_metric_names(grouped: bool, group_size: int = 2,
   return names
 
 
+# Items per modality the per-round metrics need (`modality_gap`'s
+# within-modality mean over distinct pairs).
+MIN_ITEMS = 2
+
+
+def pool_problems(pool) -> list[str]:
+  """Why `pool_metrics` cannot score `pool` (a held-out pool), one sentence
+  each ([] if it can): fewer than `MIN_ITEMS` items of a modality.
+  Cost: O(modalities)."""
+  return [f"The held-out pool holds {n} {m} item(s); the per-round metrics "
+         f"(modality gap) need at least {MIN_ITEMS} per modality: hold out "
+         f"more (config.data.eval_fraction, eval_pairs, eval data)."
+         for m, n in pool.sizes.items() if n < MIN_ITEMS]
+
+
 def pool_metrics(zimg, ztxt, pool) -> dict[str, float]:
   """Every metric `pool`'s matching supports, as `"family/name": %` entries.
 
