@@ -56,6 +56,7 @@ from mmal_jax import run_state
 from mmal_jax import sharding
 from mmal_jax import summaries
 from mmal_jax import train
+from mmal_jax import workdir_lock
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.annotate import ranking
@@ -82,7 +83,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   """Checks that WORKDIR/config.json, if there, is `config`; else writes it.
 
   Raises ConfigMismatchError for another config, ConfigError for an
-  unreadable config.json. Process 0 writes; every process waits for it.
+  unreadable config.json. With `write`, process 0 first takes the workdir's
+  lock (`workdir_lock.take`: WorkdirBusy if another process holds it; the
+  caller releases it) and writes; every process waits for it.
   """
   path = os.path.join(workdir, "config.json")
   current = _config_json(config)
@@ -102,8 +105,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
           f"it, or pass a new --workdir.")
   if not write:
     return
-  if sharding.is_main_process() and not exists:
-    fs.write_text(path, json.dumps(current, indent=2, sort_keys=True))
+  if sharding.is_main_process():
+    # Before the first write: a second process on this workdir stops here.
+    workdir_lock.take(workdir)
+    if not exists:
+      fs.write_text(path, json.dumps(current, indent=2, sort_keys=True))
   # Every process, also one that already sees process 0's file.
   sharding.barrier("config.json")
 
@@ -675,6 +681,13 @@ def _embedding_plot(experiment: Experiment, params, picked) -> None:
 def run_experiment(config: ml_collections.ConfigDict, workdir: str,
                    mesh=None) -> str:
   """Runs (or resumes) every strategy x seed; returns the results Markdown."""
+  try:
+    return _run_experiment(config, workdir, mesh)
+  finally:  # Done, an error, a signal: the next process may go on.
+    workdir_lock.release(workdir)
+
+
+def _run_experiment(config, workdir, mesh) -> str:
   start = time.perf_counter()
   experiment = Experiment.create(config, workdir, mesh)
   log_path = logfile.open_in(workdir)

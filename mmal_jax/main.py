@@ -137,12 +137,13 @@ def main(argv):
   from mmal_jax import report
   from mmal_jax import run_state
   from mmal_jax import train
+  from mmal_jax import workdir_lock
   from mmal_jax.data import oracle
   # pylint: enable=g-import-not-at-top
   # Problems a user fixes (config, data, workdir files, answers): one line, 2.
   user_errors = (config_lib.ConfigError, run_state.RunStateError,
                  report.MetricsFileError, oracle.AnswerFileError,
-                 train.TrainingDiverged)
+                 train.TrainingDiverged, workdir_lock.WorkdirBusy)
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
   logfile.install()
   if _MULTIHOST.value:

@@ -70,6 +70,7 @@ from mmal_jax import report
 from mmal_jax import sharding
 from mmal_jax import summaries
 from mmal_jax import tokenizers
+from mmal_jax import workdir_lock
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.data import digits
@@ -769,8 +770,15 @@ def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
   """Runs (or resumes) every strategy x seed x budget; returns results.md.
 
   `config` is validated (`validate`). Writes the workdir described in the
-  module docstring.
+  module docstring, holding its lock (`workdir_lock`) throughout.
   """
+  try:
+    return _run_cold_start(config, workdir, mesh)
+  finally:  # Done, an error, a signal: the next process may go on.
+    workdir_lock.release(workdir)
+
+
+def _run_cold_start(config, workdir, mesh) -> str:
   start = time.perf_counter()
   experiment = ColdStartExperiment(config, workdir, mesh)
   done = experiment.done()

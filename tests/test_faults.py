@@ -6,8 +6,10 @@ timings, final parameters) or in a one-line error naming the file, with
 every bought pair kept.
 """
 import json
+import logging
 import os
 import shutil
+import socket
 
 import jax
 import numpy as np
@@ -193,7 +195,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_pairs(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_resumes_exactly(reference, tmp_path):
+def test_sigkill_anywhere_resumes_exactly(reference, tmp_path, caplog):
   """10.2 / 13.2: SIGKILL at every named point of a run (`faults.point`),
   one after the other in one workdir; the end is the uninterrupted run's."""
   if jax.device_count() > 1:
@@ -218,7 +220,14 @@ def test_sigkill_anywhere_resumes_exactly(reference, tmp_path):
     if kill == "annotation_written:1":
       assert not os.path.exists(os.path.join(workdir, RUN, "annotated"))
   assert not os.path.exists(os.path.join(workdir, "results.md"))
-  text = loop.run_experiment(_config(), workdir)  # The same run, resumed.
+  # #17 item 5: the SIGKILLed process left its lock; a dead pid on this host
+  # makes it stale, so the resume breaks it at once and releases its own.
+  lock = json.loads(open(os.path.join(workdir, "lock")).read())
+  assert lock["host"] == socket.gethostname() and lock["pid"] != os.getpid()
+  with caplog.at_level(logging.WARNING):
+    text = loop.run_experiment(_config(), workdir)  # The same run, resumed.
+  assert "Breaking the stale lock" in caplog.text
+  assert not os.path.exists(os.path.join(workdir, "lock"))
   assert text.startswith("Nothing left to do")
   assert os.path.exists(os.path.join(workdir, "results.md"))
   assert_same(workdir, reference)
