@@ -244,15 +244,17 @@ class Experiment:
       resume = (latest[0]["train_step"], latest[1])
     save = lambda step, state: ckpt.save(
         {"round": 0, "phase": "training", "train_step": step}, train=state)
-    result = self.towers.fit(
-        params, pool, pool.pairs(), optim_config=optim_config,
-        epochs=pre.epochs, batch_size=pre.batch_size,
-        warmup_fraction=self.config.train.warmup_fraction,
-        seed=self.config.data.seed, resume=resume, on_checkpoint=save,
-        checkpoint_every=self.config.train.checkpoint_every,
-        log_every=self.config.train.log_every, label="[pretrain]",
-        lr_name="config.pretrain.lr")
-    ckpt.close()
+    try:
+      result = self.towers.fit(
+          params, pool, pool.pairs(), optim_config=optim_config,
+          epochs=pre.epochs, batch_size=pre.batch_size,
+          warmup_fraction=self.config.train.warmup_fraction,
+          seed=self.config.data.seed, resume=resume, on_checkpoint=save,
+          checkpoint_every=self.config.train.checkpoint_every,
+          log_every=self.config.train.log_every, label="[pretrain]",
+          lr_name="config.pretrain.lr")
+    finally:  # An error or a signal: the save in flight still commits.
+      ckpt.close()
     # Every process takes part: FSDP shards may live on several hosts.
     params = jax.tree.map(sharding.to_host, result.params)
     if sharding.is_main_process():

@@ -12,6 +12,8 @@ Exit status: 0 done (or nothing left to do); 2 a problem with the command,
 its config, its data or its workdir, named in one line on stderr (nothing
 bought or checkpointed is lost: fix it and rerun the same command);
 3 (`EXIT_AWAITING_ANNOTATIONS`) the file oracle waits for a round's answers;
+143 / 130 stopped by SIGTERM / Ctrl-C (SIGINT) after the checkpoint saves in
+flight committed, one line on stderr (`interrupt`): rerun to resume;
 1 anything else (a bug: a traceback).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 from ml_collections import config_flags
 
 from mmal_jax import config_lib
+from mmal_jax import interrupt
 from mmal_jax import logfile
 
 # Else TensorFlow (the input pipeline; imported later, maybe by the config
@@ -125,6 +128,19 @@ def _load_config():
 
 
 def main(argv):
+  interrupt.install()
+  try:
+    _main(argv)
+  except interrupt.Interrupted as e:
+    message = (f"mmal_jax.main: {e}: the checkpoint saves in flight were "
+               f"completed; rerun the same command to resume (exit status "
+               f"{e.exit_status}).")
+    logfile.note(message)
+    print(message, file=sys.stderr)
+    sys.exit(e.exit_status)
+
+
+def _main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: settings are "
           f"--config.KEY=VALUE.")

@@ -210,12 +210,38 @@ def test_sigkill_anywhere_resumes_exactly(reference, tmp_path, caplog):
       "round_end:1",           # Round 1 done.
       "checkpoint_saved:2",    # Round 2 step 1's async save just issued.
       "train_checkpoint:2",    # Round 2 mid-training (after step 2 or 3).
+      # #17 item 6: SIGTERM with the next training step's save in flight,
+      # Ctrl-C after round 2: one line, 143 / 130, the save committed.
+      "checkpoint_saved:1:TERM",
+      "round_end:1:INT",
       "report:1",              # Every round done, no results.md yet.
   )
+  ckpt = os.path.join(workdir, RUN, "ckpt")
+
+  def committed_steps():
+    checkpoints = run_state.RunCheckpoints(ckpt)
+    steps = checkpoints.steps()
+    checkpoints.close()
+    return steps
+
   for kill in kills:
+    steps = committed_steps() if kill.endswith("TERM") else None
     rc, _, stderr = run_main({kill: ["--config", config, "--workdir",
                                      workdir]},
                              env={**env, "MMAL_KILL_AT": kill})[kill]
+    if kill.endswith(("TERM", "INT")):
+      name, status = (("SIGTERM", 143) if kill.endswith("TERM")
+                      else ("SIGINT", 130))
+      assert rc == status, (kill, stderr[-3000:])
+      assert "Traceback" not in stderr, stderr
+      assert stderr.strip().splitlines()[-1].startswith(
+          f"mmal_jax.main: stopped by {name}: "), stderr[-3000:]
+      assert not os.path.exists(os.path.join(workdir, "lock"))  # Released.
+      if steps is not None:  # The save in flight at SIGTERM committed.
+        after = committed_steps()
+        assert after[-1] > steps[-1] and after[-1] % run_state.STRIDE not in (
+            0, run_state.EVALUATED), (steps, after)
+      continue
     assert rc == -9, (kill, stderr[-3000:])
     if kill == "annotation_written:1":
       assert not os.path.exists(os.path.join(workdir, RUN, "annotated"))
