@@ -12,6 +12,7 @@ Exit status: 0 done (or nothing left to do); 2 a problem with the command,
 its config, its data or its workdir, named in one line on stderr (nothing
 bought or checkpointed is lost: fix it and rerun the same command);
 3 (`EXIT_AWAITING_ANNOTATIONS`) the file oracle waits for a round's answers;
+2 also for a full disk, naming the path and "no space left on device";
 143 / 130 stopped by SIGTERM / Ctrl-C (SIGINT) after the checkpoint saves in
 flight committed, one line on stderr (`interrupt`): rerun to resume;
 1 anything else (a bug: a traceback).
@@ -69,6 +70,20 @@ def _first_line(error: BaseException) -> str:
     messages += [a for a in error.args[:1] if isinstance(a, str)]
     error = error.__cause__ or error.__context__
   return max(messages, key=len, default="").replace("\n", "; ")
+
+
+def disk_full_line(error: BaseException, workdir: str) -> str | None:
+  """The one-line message for an error caused by a full disk (or quota) in
+  any write of the run (config.json, checkpoints, logs, outputs), else
+  None. Everything saved before it is intact, so freeing space and rerunning
+  resumes."""
+  from mmal_jax import fs  # pylint: disable=g-import-not-at-top
+  path = fs.no_space_left(error)
+  if path is None:
+    return None
+  return (f"no space left on device writing {path or workdir}: free space "
+          f"there (or pass another --workdir) and rerun the same command; "
+          f"nothing saved before is lost.")
 
 
 def _parse_flags(argv):
@@ -178,6 +193,12 @@ def _main(argv):
     logging.warning("%s", e)
     print(e)
     sys.exit(EXIT_AWAITING_ANNOTATIONS)
+  except Exception as e:  # pylint: disable=broad-except
+    line = disk_full_line(e, _WORKDIR.value)
+    if line is None:
+      raise  # A bug: the traceback.
+    logfile.note(f"error: {line}")
+    _fail(line)
   if jax.process_index() == 0:
     print(text)
 

@@ -1,4 +1,5 @@
 """The filesystem layer on local disk and on gs:// (a local GCS emulator)."""
+import errno
 import os
 import stat
 
@@ -92,3 +93,16 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     fs.write_text(path, "new")
   assert path.read_text() == "old"
   assert [f.name for f in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_writability_probe_writes_real_bytes(tmp_path, monkeypatch):
+  """#17 item 7: an empty probe file is created even on a full disk."""
+  written = []
+  monkeypatch.setattr(fs, "write_bytes",
+                      lambda path, data: written.append(len(data)) or
+                      (_ for _ in ()).throw(OSError(
+                          errno.ENOSPC, "No space left on device", path)))
+  reason = fs.check_writable_dir(str(tmp_path / "w"))
+  assert written and written[0] > 0
+  assert reason == f"{tmp_path / 'w'} cannot be written: no space left on device"
+  assert not (tmp_path / "w").exists()

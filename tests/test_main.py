@@ -1,4 +1,5 @@
 """The command line: bad input exits with status 2 and one line naming it."""
+import errno
 import json
 import os
 import subprocess
@@ -48,3 +49,30 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
   assert "--workdir" in stderr
   assert json.loads((workdir / "config.json").read_text()) == saved
   assert (workdir / "metrics.jsonl").read_text() == '{"round": 0}\n'
+
+
+def test_full_disk_writing_config_json_is_one_line(tmp_path, monkeypatch):
+  """#17 item 7: the first write of a run (config.json) on a full disk: the
+  error names the path and "no space left"; nothing is left behind (no
+  config.json, no lock), so the same command runs once space is freed."""
+  from mmal_jax import fs  # pylint: disable=g-import-not-at-top
+  from mmal_jax import loop  # pylint: disable=g-import-not-at-top
+  from mmal_jax import main  # pylint: disable=g-import-not-at-top
+  from test_loop import tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "w")
+  write_text = fs.write_text
+
+  def full(path, text):
+    if path.endswith("config.json"):
+      raise OSError(errno.ENOSPC, "No space left on device", path)
+    write_text(path, text)
+
+  monkeypatch.setattr(fs, "write_text", full)
+  with pytest.raises(OSError) as error:
+    loop.run_experiment(tiny_config(strategies=("mmal",)), workdir)
+  line = main.disk_full_line(error.value, workdir)
+  assert line.startswith(
+      f"no space left on device writing {workdir}/config.json: free space")
+  assert "\n" not in line
+  assert sorted(os.listdir(workdir)) == []  # Lock released, nothing written.
+  assert main.disk_full_line(ValueError("other"), workdir) is None
