@@ -195,6 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.strategy_hparams.{name}.selector).")
   if not config.seeds:
     _fail("config.seeds is empty.")
+  for problem in config_lib.duplicate_problems(config):
+    _fail(problem)
   if not config.budgets or not all(0 < p <= 100 for p in config.budgets):
     _fail(f"config.budgets must be percentages in (0, 100], got "
           f"{config.budgets!r}.")

@@ -76,3 +76,24 @@ def test_full_disk_writing_config_json_is_one_line(tmp_path, monkeypatch):
   assert "\n" not in line
   assert sorted(os.listdir(workdir)) == []  # Lock released, nothing written.
   assert main.disk_full_line(ValueError("other"), workdir) is None
+
+
+def test_a_seed_or_strategy_named_twice_is_refused():
+  """#17 item 10: `--config.seeds=0,0` would run one run twice in a workdir
+  (rebuying every round); refused up front, for both experiment kinds."""
+  from mmal_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mmal_jax import mmcsal  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.seeds, config.strategies = (0, 1, 0), ("mmal", "random")
+  found = config_lib.problems(config)
+  assert ("config.seeds names 0 more than once ((0, 1, 0)); each run is one "
+          "strategy and one seed: list each once (e.g. --config.seeds=0,1)."
+          ) in found
+  config.seeds, config.strategies = (0,), ("mmal", "mmal")
+  assert any(p.startswith("config.strategies names 'mmal' more than once")
+             for p in config_lib.problems(config))
+  cold = config_lib.from_file(os.path.join(_ROOT, "configs",
+                                           "mmcsal_digits.py"))
+  cold.seeds = (3, 3)
+  with pytest.raises(config_lib.ConfigError, match="config.seeds names 3 "):
+    mmcsal.validate(cold)
