@@ -31,6 +31,7 @@ found nowhere stop the run with one line naming the files.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -120,6 +121,17 @@ def _differences(a, b, prefix=""):
       yield from _differences(a.get(key), b.get(key), f"{prefix}{key}.")
   elif a != b:
     yield prefix.rstrip(".")
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+  """Writes metrics rows to `path` whole and atomically, one JSON line each,
+  sorted by (strategy, seed, round), a later row replacing an earlier one
+  of the same key. With `report.read_rows` (which drops a torn last line)
+  this is how both experiment kinds add a row: never appended onto torn
+  text. Cost: one write of the file."""
+  by_key = {_row_key(r): r for r in rows}
+  fs.write_text(path, "".join(json.dumps(by_key[k]) + "\n"
+                              for k in sorted(by_key)))
 
 
 def _derived_seed(*parts: int) -> int:
@@ -291,10 +303,7 @@ class Experiment:
   def _write_rows(self) -> None:
     """Rewrites metrics.jsonl whole and atomically (process 0)."""
     if sharding.is_main_process():
-      rows = sorted(self.rows.values(), key=lambda r: (
-          r["strategy"], r["seed"], r["round"]))
-      fs.write_text(self.metrics_path,
-                    "".join(json.dumps(r) + "\n" for r in rows))
+      write_rows(self.metrics_path, list(self.rows.values()))
 
   def embed_all(self, params, pool, modality: str) -> np.ndarray:
     """`(N_m, D)` embeddings of every `modality` item of `pool`."""
@@ -460,11 +469,37 @@ class Run:
           f"{self.checkpoints.directory}) hold only {best.cost}. Restore "
           f"annotation.json from a copy; or, to buy the missing ones again, "
           f"delete that run's rows from metrics.jsonl and rerun.")
+    self._check_not_more_than_queried(best_path, best)
     if self.meta is not None and best.cost > len(self.meta["annotation"]["log"]):
       logging.warning("%s Resuming with %d bought queries from %s (the "
                       "checkpoint holds %d).", self.label, best.cost,
                       best_path, len(self.meta["annotation"]["log"]))
     return best
+
+  def _check_not_more_than_queried(self, path: str | None,
+                                   best: AnnotationState) -> None:
+    """#17 item 12: a record longer than the checkpoint is kept only where
+    it can be real: answers to rounds the checkpoint has not acquired yet
+    (a damaged newest step fell back), at most `config.budget` a round.
+    Answers added to rounds the checkpoint holds, or beyond a round's
+    budget, were never queried (an edited file): RunStateError naming it."""
+    checkpointed = len(self.meta["annotation"]["log"]) if self.meta else 0
+    acquired = self.meta["round"] if self.meta else 0
+    added = [a for a in best.log[checkpointed:] if a.round_index <= acquired]
+    per_round = collections.Counter(a.round_index for a in best.log)
+    over = {t: n for t, n in sorted(per_round.items())
+            if n > self.config.budget}
+    if not added and not over:
+      return
+    what = (f"{len(added)} answers to rounds {sorted({a.round_index for a in added})} "
+            f"that the checkpoint in {self.checkpoints.directory} does not "
+            f"hold" if added else
+            f"round {min(over)}: {over[min(over)]} answers for a budget of "
+            f"{self.config.budget}")
+    raise RunStateError(
+        f"{path} holds more answers than run {self.label} queried ({what}). "
+        f"Delete it (it is rewritten from the checkpoint) or restore it from "
+        f"a copy, and rerun.")
 
   def _write_annotation_outputs(self) -> None:
     """annotation.json and one snapshot per round, where missing or stale."""
@@ -604,8 +639,19 @@ class Run:
   def _acquire(self, t: int, params) -> dict[str, float]:
     """Buys round t's queries; returns the embedding / acquisition seconds."""
     queries = None
-    if isinstance(self.oracle, oracle_lib.FileOracle):
-      queries = self.oracle.pending_queries(t)
+    if isinstance(self.oracle, oracle_lib.FileOracle) and (
+        self.oracle.pending_queries(t) is not None):
+      # Picked before the run stopped for answers. The run's own record of
+      # them is the ranking file (written before the queries file); the
+      # oracle checks the queries file against it, naming a line that
+      # differs. Without a readable record the strategy picks them again.
+      try:
+        recorded = ranking.load(ranking.path(self.x.workdir, t))
+      except ValueError as e:
+        logging.warning("%s; round %d's queries are picked again to check "
+                        "the queries file.", e, t)
+        recorded = None
+      queries = None if recorded is None else recorded.queries
     timing = {"embed_s": 0.0, "acquire_s": 0.0}
     if queries is None:
       items = self._candidates(t)

@@ -181,10 +181,27 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
                "heartbeat": time.time(), "token": "t"}, f)
   before = _tree(busy)
   commands["busy"] = ["--config", tiny, "--workdir", busy]
+  # #17 item 11: lines appended to the run's queries file (which would buy
+  # more than the budget) are named by file and line.
+  appended = str(tmp_path / "appended")
+  shutil.copytree(w["several"], appended)
+  queries_path = os.path.join(appended, "queries", "round_1.jsonl")
+  bought = {(q["modality"], q["index"]) for q in queries}
+  extra = next(i for i in range(10 ** 6) if ("text", i) not in bought)
+  with open(queries_path, "a") as f:
+    f.write(json.dumps({"round": 1, "query": 8, "modality": "text",
+                        "index": extra}) + "\n")
+  os.makedirs(os.path.join(appended, "answers"))
+  with open(os.path.join(appended, "answers", "round_1.jsonl"), "w") as f:
+    f.write("".join(line + "\n" for line in good))
+  commands["appended"] = ["--config", tiny, "--workdir", appended]
   results = run_main(commands)
   line = error_line(results["busy"])
   assert f"{busy} is in use by process {os.getpid()}" in line, line
   assert _tree(busy) == before
+  line = error_line(results["appended"], alone=False)
+  assert f"{queries_path}:9: ('text', {extra}) is not one of the 8 " in line, (
+      line)
   for name, (_, lineno) in bad.items():
     line = error_line(results[name], alone=False)
     path = os.path.join(str(tmp_path / f"answers_{name}"), "answers",

@@ -21,6 +21,7 @@ from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import train
 from mmal_jax.data import AnnotationState
+from mmal_jax.data.annotation import Answer
 from mmal_jax.models import checkpoint
 from test_cli_errors import main_env
 from test_cli_errors import run_main
@@ -138,6 +139,33 @@ def test_shortened_annotation_never_loses_paid_pairs(reference, tmp_path):
   _one_line_naming(error, os.path.join(workdir, "metrics.jsonl"))
   assert "16 queries" in str(error.value) and "only 8" in str(error.value)
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
+
+
+def test_annotation_with_more_answers_than_queried_is_refused(reference,
+                                                              tmp_path):
+  """#17 item 12: answers added to annotation.json (to a round the
+  checkpoint holds, or beyond a round's budget) stop the run naming it,
+  instead of rows claiming pairs the model never trained on."""
+  workdir = _copy(reference, tmp_path, "more")
+  path = os.path.join(workdir, RUN, "annotation.json")
+  kept = open(path).read()
+  state = AnnotationState.from_json(kept)
+  free = [i for i in range(len(state.annotated["text"]))
+          if not state.annotated["text"][i]]
+  for round_index, named in ((2, "2 answers to rounds [2] that the "
+                                 "checkpoint"),
+                             (3, "round 3: 9 answers for a budget of 8")):
+    edited = AnnotationState.from_json(kept)
+    count = 2 if round_index == 2 else 9
+    edited.apply([Answer(round_index, "text", i) for i in free[:count]])
+    open(path, "w").write(edited.to_json())
+    with pytest.raises(run_state.RunStateError) as error:
+      loop.run_experiment(_config(), workdir)
+    _one_line_naming(error, path)
+    assert "more answers than run [mmal seed 0] queried" in str(error.value)
+    assert named in str(error.value), str(error.value)
+    assert open(path).read() == edited.to_json()  # Left for the user.
+  open(path, "w").write(kept)
 
 
 def test_damaged_checkpoint_falls_back(reference, tmp_path, monkeypatch):
