@@ -50,6 +50,7 @@ import io
 import json
 import os
 import time
+import zipfile
 
 from absl import logging
 import jax
@@ -604,6 +605,9 @@ class ColdStartExperiment:
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh() if mesh is None else mesh
+    unreachable = loop.unreachable_stores(config, workdir)
+    if unreachable:
+      config_lib.raise_problems(unreachable)
     loop.check_workdir(config, workdir, write=False)
     self.data = build_data(config.data)
     self.stage1 = Stage1(config, self.data, self.mesh)
@@ -627,10 +631,18 @@ class ColdStartExperiment:
     if key not in self._stage1:
       path = os.path.join(self.workdir, "stage1",
                           f"{VARIANTS[prototypes]}_seed_{seed}.npz")
+      result = None
       if fs.exists(path):
-        result = Stage1Result.from_bytes(fs.read_bytes(path),
-                                         self.data.modalities)
-      else:
+        try:
+          result = Stage1Result.from_bytes(fs.read_bytes(path),
+                                           self.data.modalities)
+        except (ValueError, OSError, EOFError, KeyError,
+                zipfile.BadZipFile) as e:
+          # Torn (a kill mid-write by a version without atomic writes) or
+          # damaged: recomputed, as a torn pretrained/params.npz is.
+          logging.warning("%s cannot be read (%s: %s); training Stage 1 "
+                          "again.", path, type(e).__name__, e)
+      if result is None:
         result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
         if sharding.is_main_process():
           fs.write_bytes(path, result.to_bytes())
@@ -676,10 +688,12 @@ class ColdStartExperiment:
             for r in report.read_rows(self.metrics_path)}
 
   def log_row(self, row: dict) -> None:
+    """Adds `row` to metrics.jsonl as the unaligned loop does: the rows read
+    (a torn last line dropped) plus this one, the file rewritten whole."""
     if sharding.is_main_process():
-      old = (fs.read_text(self.metrics_path)
-             if fs.exists(self.metrics_path) else "")
-      fs.write_text(self.metrics_path, old + json.dumps(row) + "\n")
+      rows = (report.read_rows(self.metrics_path)
+              if fs.exists(self.metrics_path) else [])
+      loop.write_rows(self.metrics_path, rows + [row])
 
   def run_dir(self, strategy: str, seed: int) -> str:
     return os.path.join(self.workdir, "runs", strategy, f"seed_{seed}")
