@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import uuid
 
 os.environ.setdefault("EPATH_USE_TF", "false")
@@ -250,6 +251,52 @@ def no_space_left(error: BaseException) -> str | None:
         or "No space left on device" in text or "ENOSPC" in text):
       return os.fspath(getattr(error, "filename", None) or "")
     error = error.__cause__ or error.__context__
+  return None
+
+
+# How long the up-front checks wait for an object store to answer
+# (`check_reachable`); MMAL_FS_TIMEOUT_S in the environment changes it.
+REACHABLE_TIMEOUT_S = 10.0
+
+
+def check_reachable(path: PathLike, timeout_s: float | None = None
+                    ) -> str | None:
+  """Why the store holding URL `path` cannot be reached, or None if it can
+  (always None for local paths).
+
+  Asks whether `path` exists, waiting at most `timeout_s` (default
+  `REACHABLE_TIMEOUT_S` or $MMAL_FS_TIMEOUT_S) seconds: without a network,
+  with a wrong endpoint or a firewall gcsfs retries for about a minute and
+  then raises a DNS or connection traceback. The question is asked in a
+  daemon thread, left behind if it does not answer in time. Cost: one
+  metadata request.
+  """
+  if not is_remote(path):
+    return None
+  if timeout_s is None:
+    timeout_s = float(os.environ.get("MMAL_FS_TIMEOUT_S",
+                                     REACHABLE_TIMEOUT_S))
+  outcome = []
+
+  def ask():
+    try:
+      exists(path)
+      outcome.append(None)
+    except Exception as e:  # pylint: disable=broad-except
+      # gcsfs, aiohttp and auth libraries raise many types.
+      outcome.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                     if str(e) else type(e).__name__)
+
+  thread = threading.Thread(target=ask, daemon=True,
+                            name=f"reachable {os.fspath(path)}")
+  thread.start()
+  thread.join(timeout_s)
+  if not outcome:
+    return (f"{os.fspath(path)} cannot be reached: no answer within "
+            f"{timeout_s:g}s (network, credentials, firewall or endpoint; "
+            f"set MMAL_FS_TIMEOUT_S to wait longer)")
+  if outcome[0] is not None:
+    return f"{os.fspath(path)} cannot be reached ({outcome[0]})"
   return None
 
 

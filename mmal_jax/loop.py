@@ -123,6 +123,42 @@ def _differences(a, b, prefix=""):
     yield prefix.rstrip(".")
 
 
+def _strings(tree):
+  if isinstance(tree, dict):
+    for value in tree.values():
+      yield from _strings(value)
+  elif isinstance(tree, (list, tuple)):
+    for value in tree:
+      yield from _strings(value)
+  elif isinstance(tree, str):
+    yield tree
+
+
+def unreachable_stores(config: ml_collections.ConfigDict,
+                       workdir: str) -> list[str]:
+  """One line per object store (gs://BUCKET) that does not answer within
+  `fs.check_reachable`'s bounded wait (seconds each, instead of a minute of
+  retries and a traceback), among those the run reads first: the workdir,
+  `init.checkpoint` (when used) and the `config.data` paths. One path per
+  bucket is asked. Cost: one metadata request per bucket."""
+  paths = [workdir, *_strings(config.data.to_dict())]
+  init = config.get("init", None)
+  if init is not None and init.kind == "checkpoint":
+    paths.append(init.checkpoint)
+  first = {}
+  for path in paths:
+    if fs.is_remote(path):
+      scheme, _, rest = path.partition("://")
+      first.setdefault(f"{scheme}://{rest.split('/')[0]}", path)
+  out = []
+  for path in first.values():
+    reason = fs.check_reachable(path)
+    if reason:
+      out.append(f"{reason}; fix access to it or give a path that can be "
+                 f"reached.")
+  return out
+
+
 def write_rows(path: str, rows: list[dict]) -> None:
   """Writes metrics rows to `path` whole and atomically, one JSON line each,
   sorted by (strategy, seed, round), a later row replacing an earlier one
@@ -177,6 +213,9 @@ class Experiment:
     """
     found = config_lib.problems(config)
     values_ok = not found
+    unreachable = unreachable_stores(config, workdir)
+    if unreachable:  # Every later check would wait on them too.
+      config_lib.raise_problems(found + unreachable)
     if sharding.is_main_process():
       reason = fs.check_writable_dir(workdir)
       if reason:
