@@ -154,9 +154,10 @@ def _is_gcs(path: PathLike) -> bool:
 def create_new(path: PathLike, data: bytes) -> bool:
   """Writes `data` to `path` only if nothing is there; True if it did.
 
-  Atomic test-and-create, what a lock needs: `O_CREAT | O_EXCL` locally (the
-  bytes are written to a temporary file first and hard-linked in, so the
-  file appears whole), on gs:// one upload with the precondition
+  Atomic test-and-create, what a lock needs: locally the bytes are written
+  to a temporary file and hard-linked in (fails if `path` exists; the file
+  appears whole), or where hard links are not supported `O_CREAT | O_EXCL`
+  then the write (a reader may briefly see it empty), on gs:// one upload with the precondition
   `ifGenerationMatch=0` (GCS refuses it, 412, if the object exists). Other
   object stores: an existence check then a write (not atomic). Parents are
   created. Cost: one small write.
@@ -184,6 +185,16 @@ def create_new(path: PathLike, data: bytes) -> bool:
     return True
   except FileExistsError:
     return False
+  except OSError:  # No hard links here (e.g. gcsfuse): O_EXCL, then write.
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    return True
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -47,6 +47,9 @@ HEARTBEAT_S = 30.0
 # minutes of clock skew between hosts or a slow object store.
 STALE_AFTER_S = 300.0
 LOCK_NAME = "lock"
+# An unreadable lock is read again after this long before it is broken: a
+# file system without hard links shows a lock empty while it is written.
+_REREAD_S = 0.5
 
 
 class WorkdirBusy(RuntimeError):
@@ -77,9 +80,10 @@ def stale_reason(holder: dict, now: float, stale_after_s: float
   age = now - float(holder.get("heartbeat", 0))
   if age > stale_after_s:
     return (f"its heartbeat is {age:.0f}s old (limit {stale_after_s:.0f}s)")
-  if holder.get("host") == socket.gethostname() and not _pid_alive(
-      int(holder.get("pid", -1))):
-    return f"process {holder.get('pid')} on this host no longer exists"
+  pid = holder.get("pid")
+  if holder.get("host") == socket.gethostname() and not (
+      isinstance(pid, int) and pid > 0 and _pid_alive(pid)):
+    return f"process {pid} on this host no longer exists"
   return None
 
 
@@ -142,6 +146,16 @@ class WorkdirLock:
 _HELD: dict[str, WorkdirLock] = {}
 
 
+def _parse(data: bytes) -> dict | None:
+  """A lock file's holder, None if the bytes are not one."""
+  try:
+    holder = json.loads(data)
+    float(holder["heartbeat"])
+    return holder
+  except (ValueError, TypeError, KeyError):
+    return None
+
+
 def take(workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
          stale_after_s: float = STALE_AFTER_S) -> WorkdirLock:
   """Takes WORKDIR/lock for this process (see the module docstring).
@@ -162,11 +176,18 @@ def take(workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
       held = fs.read_bytes(lock.path)
     except FileNotFoundError:
       continue  # Released meanwhile.
-    try:
-      holder = json.loads(held)
+    holder = _parse(held)
+    if holder is None:  # Maybe being written (O_EXCL, then the bytes).
+      time.sleep(_REREAD_S)
+      try:
+        held = fs.read_bytes(lock.path)
+      except FileNotFoundError:
+        continue
+      holder = _parse(held)
+    if holder is None:
+      reason = "it is not a lock file this program wrote"
+    else:
       reason = stale_reason(holder, time.time(), stale_after_s)
-    except (ValueError, TypeError, AttributeError):
-      holder, reason = {}, "it is not a lock file this program wrote"
     if reason is None:
       raise WorkdirBusy(
           f"{workdir} is in use by process {holder.get('pid')} on "

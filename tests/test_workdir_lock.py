@@ -47,6 +47,19 @@ def test_create_new_and_remove_if_unchanged_are_atomic(workdir):
   assert not fs.remove_if_unchanged(path, b"one")
 
 
+def test_create_new_without_hard_links(tmp_path, monkeypatch):
+  """gcsfuse and some other mounts have no hard links: O_EXCL instead."""
+  def no_links(*args):
+    raise PermissionError("Operation not permitted")
+
+  monkeypatch.setattr(os, "link", no_links)
+  path = str(tmp_path / "x")
+  assert fs.create_new(path, b"one")
+  assert not fs.create_new(path, b"two")
+  assert fs.read_bytes(path) == b"one"
+  assert sorted(os.listdir(tmp_path)) == ["x"]  # No temporary left.
+
+
 def test_live_holder_refuses_and_keeps_its_lock(workdir):
   held = _write_holder(workdir)  # Our parent: alive, on this host.
   with pytest.raises(workdir_lock.WorkdirBusy) as error:
