@@ -108,6 +108,16 @@ def read_bytes(path: PathLike) -> bytes:
   return as_path(path).read_bytes()
 
 
+def read_small(path: PathLike) -> bytes:
+  """The bytes of a small file read often (a lock): on object stores one
+  request without fsspec's read-ahead cache, which logs a line per open."""
+  if not is_remote(path):
+    return read_bytes(path)
+  fsys, key = _fsspec(path)
+  with fsys.open(key, "rb", cache_type="none") as f:
+    return f.read()
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` atomically (see the module docstring), 0644.
 
@@ -211,8 +221,8 @@ def remove_if_unchanged(path: PathLike, data: bytes) -> bool:
   """
   if _is_gcs(path):
     fsys, key = _fsspec(path)
-    try:
-      with fsys.open(key, "rb") as f:  # gcsfs pins the generation it read.
+    try:  # gcsfs pins the generation it read.
+      with fsys.open(key, "rb", cache_type="none") as f:
         held, generation = f.read(), f.details.get("generation")
     except FileNotFoundError:
       return False

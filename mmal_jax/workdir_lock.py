@@ -115,7 +115,7 @@ class WorkdirLock:
     """Rewrites the heartbeat until released; stops if the lock was lost."""
     while not self._stop.wait(self._heartbeat_s):
       try:
-        if fs.read_bytes(self.path) != self.data:
+        if fs.read_small(self.path) != self.data:
           logging.error("The lock %s is no longer this process' (broken as "
                         "stale by another?): two processes may now share "
                         "the workdir.", self.path)
@@ -173,14 +173,14 @@ def take(workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
       lock._start_heartbeat()  # pylint: disable=protected-access
       return lock
     try:
-      held = fs.read_bytes(lock.path)
+      held = fs.read_small(lock.path)
     except FileNotFoundError:
       continue  # Released meanwhile.
     holder = _parse(held)
     if holder is None:  # Maybe being written (O_EXCL, then the bytes).
       time.sleep(_REREAD_S)
       try:
-        held = fs.read_bytes(lock.path)
+        held = fs.read_small(lock.path)
       except FileNotFoundError:
         continue
       holder = _parse(held)
