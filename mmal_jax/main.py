@@ -9,10 +9,11 @@ Multi-host (TPU pods, several GPU hosts): pass --multihost so that
 `jax.distributed` connects the processes (see launch/).
 
 Exit status: 0 done (or nothing left to do); 2 a problem with the command,
-its config, its data or its workdir, named in one line on stderr (nothing
-bought or checkpointed is lost: fix it and rerun the same command);
+its config, its data or its workdir (also: another process holds its lock,
+a gs:// path cannot be reached, the disk is full: "no space left on device"
+and the path), named in one line on stderr (nothing bought or checkpointed
+is lost: fix it and rerun the same command);
 3 (`EXIT_AWAITING_ANNOTATIONS`) the file oracle waits for a round's answers;
-2 also for a full disk, naming the path and "no space left on device";
 143 / 130 stopped by SIGTERM / Ctrl-C (SIGINT) after the checkpoint saves in
 flight committed, one line on stderr (`interrupt`): rerun to resume;
 1 anything else (a bug: a traceback).
