@@ -51,11 +51,18 @@ _MULTIHOST = flags.DEFINE_bool(
     "and process ids from the environment, as on Cloud TPU / SLURM).")
 
 class _QuietCheckpointing(std_logging.Filter):
-  """Drops orbax's per-save INFO lines; its warnings and errors stay."""
+  """Drops orbax's per-save INFO lines; its warnings and errors stay, but
+  one caused by a full disk loses its traceback (the run then stops with
+  one line saying so, instead of a traceback per failed write)."""
 
   def filter(self, record):
-    return (record.levelno >= std_logging.WARNING
-            or "/orbax/" not in record.pathname)
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.exc_info and record.exc_info[1] is not None:
+      from mmal_jax import fs  # pylint: disable=g-import-not-at-top
+      if fs.no_space_left(record.exc_info[1]) is not None:
+        record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def _fail(message: str) -> NoReturn:

@@ -97,3 +97,25 @@ def test_a_seed_or_strategy_named_twice_is_refused():
   cold.seeds = (3, 3)
   with pytest.raises(config_lib.ConfigError, match="config.seeds names 3 "):
     mmcsal.validate(cold)
+
+
+def test_orbax_errors_of_a_full_disk_lose_their_traceback():
+  """#17 item 7: orbax logs a failed background write with its traceback;
+  for a full disk the line stays, the traceback goes."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from mmal_jax import main  # pylint: disable=g-import-not-at-top
+  try:
+    raise OSError(errno.ENOSPC, "No space left on device", "/w/ckpt/x")
+  except OSError:
+    exc_info = sys.exc_info()
+  record = logging.LogRecord("orbax", logging.ERROR,
+                             "/site-packages/orbax/checkpoint/async.py", 1,
+                             "write failed", None, exc_info)
+  assert main._QuietCheckpointing().filter(record)  # pylint: disable=protected-access
+  assert record.exc_info is None
+  assert logging.Formatter().format(record) == "write failed"
+  other = logging.LogRecord("orbax", logging.INFO,
+                            "/site-packages/orbax/checkpoint/x.py", 1,
+                            "saved", None, None)
+  assert not main._QuietCheckpointing().filter(other)  # pylint: disable=protected-access
