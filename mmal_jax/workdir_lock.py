@@ -50,6 +50,8 @@ LOCK_NAME = "lock"
 # An unreadable lock is read again after this long before it is broken: a
 # file system without hard links shows a lock empty while it is written.
 _REREAD_S = 0.5
+# Release waits this long for a heartbeat write in progress.
+_JOIN_S = 10.0
 
 
 class WorkdirBusy(RuntimeError):
@@ -135,7 +137,7 @@ class WorkdirLock:
     del _HELD[self.workdir]
     self._stop.set()
     if self._thread is not None:
-      self._thread.join()
+      self._thread.join(timeout=_JOIN_S)  # A write stuck on the network.
     try:
       fs.remove_if_unchanged(self.path, self.data)
     except Exception as e:  # pylint: disable=broad-except
