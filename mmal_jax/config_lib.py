@@ -224,6 +224,21 @@ def _strategy_problems(config) -> list[str]:
   return problems
 
 
+def duplicate_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """#17 item 10: a seed or strategy named twice would run the same run
+  twice in one workdir (the second buying every round again)."""
+  out = []
+  for name in ("seeds", "strategies"):
+    values = list(config[name])
+    twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if twice:
+      out.append(f"config.{name} names {', '.join(map(repr, twice))} more "
+                 f"than once ({tuple(values)!r}); each run is one strategy "
+                 f"and one seed: list each once (e.g. --config.{name}="
+                 f"{','.join(map(str, dict.fromkeys(values)))}).")
+  return out
+
+
 def problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every problem of a config's values that shows without data or files.
 
@@ -248,6 +263,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
                for s in config.seeds):
     out.append(f"config.seeds must be non-negative integers (e.g. "
                f"--config.seeds=0,1), got {config.seeds!r}.")
+  out += duplicate_problems(config)
   from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   out += [p for p in (
       _choice("regime", config.regime, REGIMES),

@@ -23,12 +23,17 @@ cluster needs.
 """
 from __future__ import annotations
 
+import errno
 import os
+import threading
+import uuid
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 from etils import epath  # noqa: E402  (after EPATH_USE_TF)
 from etils.epath import gpath as _gpath  # noqa: E402
+
+builtins_open = open  # `open` below shadows it.
 
 # epath caches whether to use TensorFlow on first use; a library imported
 # before this module may already have asked.
@@ -36,6 +41,9 @@ _gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 PathLike = str | os.PathLike
 _FILE_MODE = 0o644
+# What `check_writable_dir` writes: real bytes, so that a full disk fails the
+# probe (an empty file needs no data block and is created on a full disk).
+_PROBE_BYTES = 1 << 16
 
 
 def is_remote(path: PathLike) -> bool:
@@ -100,6 +108,16 @@ def read_bytes(path: PathLike) -> bytes:
   return as_path(path).read_bytes()
 
 
+def read_small(path: PathLike) -> bytes:
+  """The bytes of a small file read often (a lock): on object stores one
+  request without fsspec's read-ahead cache, which logs a line per open."""
+  if not is_remote(path):
+    return read_bytes(path)
+  fsys, key = _fsspec(path)
+  with fsys.open(key, "rb", cache_type="none") as f:
+    return f.read()
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` atomically (see the module docstring), 0644.
 
@@ -133,6 +151,176 @@ def write_text(path: PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+def _fsspec(path: PathLike):
+  """(fsspec filesystem, path within it) of URL `path`."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  return fsspec.core.url_to_fs(os.fspath(path))
+
+
+def _is_gcs(path: PathLike) -> bool:
+  return os.fspath(path).startswith("gs://")
+
+
+def create_new(path: PathLike, data: bytes) -> bool:
+  """Writes `data` to `path` only if nothing is there; True if it did.
+
+  Atomic test-and-create, what a lock needs: locally the bytes are written
+  to a temporary file and hard-linked in (fails if `path` exists; the file
+  appears whole), or where hard links are not supported `O_CREAT | O_EXCL`
+  then the write (a reader may briefly see it empty), on gs:// one upload with the precondition
+  `ifGenerationMatch=0` (GCS refuses it, 412, if the object exists). Other
+  object stores: an existence check then a write (not atomic). Parents are
+  created. Cost: one small write.
+  """
+  p = as_path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if _is_gcs(path):
+    fsys, key = _fsspec(path)
+    try:
+      fsys.pipe_file(key, data, mode="create")
+    except FileExistsError:  # gcsfs' name for 412 Precondition Failed.
+      return False
+    return True
+  if is_remote(path):
+    if p.exists():
+      return False
+    write_bytes(path, data)
+    return True
+  path = os.fspath(path)
+  tmp = os.path.join(os.path.dirname(path) or ".",
+                     f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+  try:
+    write_bytes(tmp, data)
+    os.link(tmp, path)  # Fails with FileExistsError if `path` exists.
+    return True
+  except FileExistsError:
+    return False
+  except OSError:  # No hard links here (e.g. gcsfuse): O_EXCL, then write.
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    return True
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def remove_if_unchanged(path: PathLike, data: bytes) -> bool:
+  """Deletes `path` only if it still holds exactly `data`; True if it did.
+
+  A compare-and-delete (breaking a stale lock that another process may be
+  replacing at the same moment): on gs:// the object's generation is read
+  with its bytes and the delete carries `ifGenerationMatch`; locally the
+  file is renamed aside, compared, and linked back if it changed. Other
+  object stores: read, compare, delete (not atomic). Cost: one small read.
+  """
+  if _is_gcs(path):
+    fsys, key = _fsspec(path)
+    try:  # gcsfs pins the generation it read.
+      with fsys.open(key, "rb", cache_type="none") as f:
+        held, generation = f.read(), f.details.get("generation")
+    except FileNotFoundError:
+      return False
+    if held != data:
+      return False
+    bucket, name, _ = fsys.split_path(key)
+    try:
+      fsys.call("DELETE", "b/{}/o/{}", bucket, name,
+                ifGenerationMatch=generation)
+    except (FileNotFoundError, FileExistsError):  # 404 / 412: it changed.
+      return False
+    fsys.invalidate_cache(key)
+    return True
+  if is_remote(path):
+    if not exists(path) or read_bytes(path) != data:
+      return False
+    remove(path)
+    return True
+  path = os.fspath(path)
+  aside = os.path.join(os.path.dirname(path) or ".",
+                       f".removing-{uuid.uuid4().hex}-{os.path.basename(path)}")
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:
+    return False
+  with builtins_open(aside, "rb") as f:
+    held = f.read()
+  if held == data:
+    os.remove(aside)
+    return True
+  try:  # Not ours to delete: put it back unless a new one is there.
+    os.link(aside, path)
+  except FileExistsError:
+    pass
+  os.remove(aside)
+  return False
+
+
+def no_space_left(error: BaseException) -> str | None:
+  """If `error` (or an exception in its chain) says the disk is full, the
+  path it names (or "" when it names none); else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error)
+    if (getattr(error, "errno", None) == errno.ENOSPC
+        or "No space left on device" in text or "ENOSPC" in text):
+      return os.fspath(getattr(error, "filename", None) or "")
+    error = error.__cause__ or error.__context__
+  return None
+
+
+# How long the up-front checks wait for an object store to answer
+# (`check_reachable`); MMAL_FS_TIMEOUT_S in the environment changes it.
+REACHABLE_TIMEOUT_S = 10.0
+
+
+def check_reachable(path: PathLike, timeout_s: float | None = None
+                    ) -> str | None:
+  """Why the store holding URL `path` cannot be reached, or None if it can
+  (always None for local paths).
+
+  Asks whether `path` exists, waiting at most `timeout_s` (default
+  `REACHABLE_TIMEOUT_S` or $MMAL_FS_TIMEOUT_S) seconds: without a network,
+  with a wrong endpoint or a firewall gcsfs retries for about a minute and
+  then raises a DNS or connection traceback. The question is asked in a
+  daemon thread, left behind if it does not answer in time. Cost: one
+  metadata request.
+  """
+  if not is_remote(path):
+    return None
+  if timeout_s is None:
+    timeout_s = float(os.environ.get("MMAL_FS_TIMEOUT_S",
+                                     REACHABLE_TIMEOUT_S))
+  outcome = []
+
+  def ask():
+    try:
+      exists(path)
+      outcome.append(None)
+    except Exception as e:  # pylint: disable=broad-except
+      # gcsfs, aiohttp and auth libraries raise many types.
+      outcome.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                     if str(e) else type(e).__name__)
+
+  thread = threading.Thread(target=ask, daemon=True,
+                            name=f"reachable {os.fspath(path)}")
+  thread.start()
+  thread.join(timeout_s)
+  if not outcome:
+    return (f"{os.fspath(path)} cannot be reached: no answer within "
+            f"{timeout_s:g}s (network, credentials, firewall or endpoint; "
+            f"set MMAL_FS_TIMEOUT_S to wait longer)")
+  if outcome[0] is not None:
+    return f"{os.fspath(path)} cannot be reached ({outcome[0]})"
+  return None
+
+
 def remove(path: PathLike) -> None:
   """Deletes file `path`; no-op if it is not there."""
   p = as_path(path)
@@ -150,7 +338,8 @@ def rmtree(path: PathLike) -> None:
 def check_writable_dir(path: PathLike) -> str | None:
   """Why folder `path` cannot hold a run's files, or None if it can.
 
-  Writes and removes a probe file in it, creating the folder for that and
+  Writes (64 KiB of real bytes, which a full disk refuses) and removes a
+  probe file in it, creating the folder for that and
   removing it again if it was not there (a local folder), so nothing is left
   behind. Returns a one-line reason for a path under a file, an existing
   file, a read-only or unreachable location.
@@ -168,11 +357,13 @@ def check_writable_dir(path: PathLike) -> str | None:
   probe = os.path.join(path, f".write-probe-{os.getpid()}")
   try:
     makedirs(path)
-    write_bytes(probe, b"")
+    write_bytes(probe, os.urandom(_PROBE_BYTES))
     remove(probe)
   except Exception as e:  # pylint: disable=broad-except
     # gcsfs, tensorstore and the OS raise many types; only the reason matters.
     reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    if no_space_left(e) is not None:
+      reason = "no space left on device"
     return f"{path} cannot be written: {reason.splitlines()[0]}"
   finally:
     for folder in created:  # Deepest first.

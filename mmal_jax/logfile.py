@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -32,6 +33,7 @@ class FileLog(logging.Handler):
     self.remote_interval_s = remote_interval_s
     self._written = 0       # Lines already in the file.
     self._last_write = 0.0
+    self.stopped = False    # A write failed: no more lines are kept.
     atexit.register(self.close)
 
   def open_in(self, workdir: str) -> str:
@@ -52,6 +54,8 @@ class FileLog(logging.Handler):
     return self.path
 
   def emit(self, record: logging.LogRecord) -> None:
+    if self.stopped:
+      return
     try:
       self.lines.append(self.format(record))
     except Exception:  # pylint: disable=broad-except
@@ -60,9 +64,25 @@ class FileLog(logging.Handler):
     self.flush()
 
   def flush(self, force: bool = False) -> None:
-    """Writes the lines not written yet (remote: whole file, rate-limited)."""
+    """Writes the lines not written yet (remote: whole file, rate-limited).
+
+    A write that fails (a full disk) stops the file log with one line on
+    stderr instead of a traceback per log line; the run goes on logging to
+    stderr (its next checkpoint save then reports the full disk).
+    """
     if self.path is None or self._written == len(self.lines):
       return
+    try:
+      self._write(force)
+    except Exception as e:  # pylint: disable=broad-except
+      # OSError locally; gcsfs raises its own types. A handler never raises.
+      reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+      print(f"mmal_jax: cannot write the log {self.path} ({reason}); "
+            f"logging to stderr only.", file=sys.stderr)
+      self.path, self.lines, self._written = None, [], 0
+      self.stopped = True
+
+  def _write(self, force: bool) -> None:
     if not fs.is_remote(self.path):
       fs.makedirs(os.path.dirname(self.path))
       with fs.open(self.path, "a") as f:
@@ -107,7 +127,7 @@ def _stderr_handler() -> logging.Handler:
 def note(message: str) -> None:
   """Adds a line to the log file only (not to stderr), e.g. the error that
   the CLI prints as its one line."""
-  if _HANDLER is not None:
+  if _HANDLER is not None and not _HANDLER.stopped:
     _HANDLER.lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
     _HANDLER.flush(force=True)
 

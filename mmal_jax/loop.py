@@ -37,6 +37,7 @@ found nowhere stop the run with one line naming the files.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -62,6 +63,7 @@ from mmal_jax import run_state
 from mmal_jax import sharding
 from mmal_jax import summaries
 from mmal_jax import train
+from mmal_jax import workdir_lock
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.annotate import ranking
@@ -89,7 +91,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   """Checks that WORKDIR/config.json, if there, is `config`; else writes it.
 
   Raises ConfigMismatchError for another config, ConfigError for an
-  unreadable config.json. Process 0 writes; every process waits for it.
+  unreadable config.json. With `write`, process 0 first takes the workdir's
+  lock (`workdir_lock.take`: WorkdirBusy if another process holds it; the
+  caller releases it) and writes; every process waits for it.
   """
   path = os.path.join(workdir, "config.json")
   current = _config_json(config)
@@ -109,8 +113,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
           f"it, or pass a new --workdir.")
   if not write:
     return
-  if sharding.is_main_process() and not exists:
-    fs.write_text(path, json.dumps(current, indent=2, sort_keys=True))
+  if sharding.is_main_process():
+    # Before the first write: a second process on this workdir stops here.
+    workdir_lock.take(workdir)
+    if not exists:
+      fs.write_text(path, json.dumps(current, indent=2, sort_keys=True))
   # Every process, also one that already sees process 0's file.
   sharding.barrier("config.json")
 
@@ -121,6 +128,53 @@ def _differences(a, b, prefix=""):
       yield from _differences(a.get(key), b.get(key), f"{prefix}{key}.")
   elif a != b:
     yield prefix.rstrip(".")
+
+
+def _strings(tree):
+  if isinstance(tree, dict):
+    for value in tree.values():
+      yield from _strings(value)
+  elif isinstance(tree, (list, tuple)):
+    for value in tree:
+      yield from _strings(value)
+  elif isinstance(tree, str):
+    yield tree
+
+
+def unreachable_stores(config: ml_collections.ConfigDict,
+                       workdir: str) -> list[str]:
+  """One line per object store (gs://BUCKET) that does not answer within
+  `fs.check_reachable`'s bounded wait (seconds each, instead of a minute of
+  retries and a traceback), among those the run reads first: the workdir,
+  `init.checkpoint` (when used) and the `config.data` paths. One path per
+  bucket is asked. Cost: one metadata request per bucket."""
+  paths = [workdir, *_strings(config.data.to_dict())]
+  init = config.get("init", None)
+  if init is not None and init.kind == "checkpoint":
+    paths.append(init.checkpoint)
+  first = {}
+  for path in paths:
+    if fs.is_remote(path):
+      scheme, _, rest = path.partition("://")
+      first.setdefault(f"{scheme}://{rest.split('/')[0]}", path)
+  out = []
+  for path in first.values():
+    reason = fs.check_reachable(path)
+    if reason:
+      out.append(f"{reason}; fix access to it or give a path that can be "
+                 f"reached.")
+  return out
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+  """Writes metrics rows to `path` whole and atomically, one JSON line each,
+  sorted by (strategy, seed, round), a later row replacing an earlier one
+  of the same key. With `report.read_rows` (which drops a torn last line)
+  this is how both experiment kinds add a row: never appended onto torn
+  text. Cost: one write of the file."""
+  by_key = {_row_key(r): r for r in rows}
+  fs.write_text(path, "".join(json.dumps(by_key[k]) + "\n"
+                              for k in sorted(by_key)))
 
 
 def _derived_seed(*parts: int) -> int:
@@ -166,6 +220,9 @@ class Experiment:
     """
     found = config_lib.problems(config)
     values_ok = not found
+    unreachable = unreachable_stores(config, workdir)
+    if unreachable:  # Every later check would wait on them too.
+      config_lib.raise_problems(found + unreachable)
     if sharding.is_main_process():
       reason = fs.check_writable_dir(workdir)
       if reason:
@@ -259,7 +316,7 @@ class Experiment:
           checkpoint_every=self.config.train.checkpoint_every,
           log_every=self.config.train.log_every, label="[pretrain]",
           lr_name="config.pretrain.lr")
-    finally:  # Interrupted too: a pending asynchronous save still commits.
+    finally:  # An error or a signal: the save in flight still commits.
       ckpt.close()
     # Every process takes part: FSDP shards may live on several hosts.
     params = jax.tree.map(sharding.to_host, result.params)
@@ -297,10 +354,7 @@ class Experiment:
   def _write_rows(self) -> None:
     """Rewrites metrics.jsonl whole and atomically (process 0)."""
     if sharding.is_main_process():
-      rows = sorted(self.rows.values(), key=lambda r: (
-          r["strategy"], r["seed"], r["round"]))
-      fs.write_text(self.metrics_path,
-                    "".join(json.dumps(r) + "\n" for r in rows))
+      write_rows(self.metrics_path, list(self.rows.values()))
 
   def embed_all(self, params, pool, modality: str) -> np.ndarray:
     """`(N_m, D)` embeddings of every `modality` item of `pool`."""
@@ -473,11 +527,37 @@ class Run:
           f"{self.checkpoints.directory}) hold only {best.cost}. Restore "
           f"annotation.json from a copy; or, to buy the missing ones again, "
           f"delete that run's rows from metrics.jsonl and rerun.")
+    self._check_not_more_than_queried(best_path, best)
     if self.meta is not None and best.cost > len(self.meta["annotation"]["log"]):
       logging.warning("%s Resuming with %d bought queries from %s (the "
                       "checkpoint holds %d).", self.label, best.cost,
                       best_path, len(self.meta["annotation"]["log"]))
     return best
+
+  def _check_not_more_than_queried(self, path: str | None,
+                                   best: AnnotationState) -> None:
+    """#17 item 12: a record longer than the checkpoint is kept only where
+    it can be real: answers to rounds the checkpoint has not acquired yet
+    (a damaged newest step fell back), at most `config.budget` a round.
+    Answers added to rounds the checkpoint holds, or beyond a round's
+    budget, were never queried (an edited file): RunStateError naming it."""
+    checkpointed = len(self.meta["annotation"]["log"]) if self.meta else 0
+    acquired = self.meta["round"] if self.meta else 0
+    added = [a for a in best.log[checkpointed:] if a.round_index <= acquired]
+    per_round = collections.Counter(a.round_index for a in best.log)
+    over = {t: n for t, n in sorted(per_round.items())
+            if n > self.config.budget}
+    if not added and not over:
+      return
+    what = (f"{len(added)} answers to rounds {sorted({a.round_index for a in added})} "
+            f"that the checkpoint in {self.checkpoints.directory} does not "
+            f"hold" if added else
+            f"round {min(over)}: {over[min(over)]} answers for a budget of "
+            f"{self.config.budget}")
+    raise RunStateError(
+        f"{path} holds more answers than run {self.label} queried ({what}). "
+        f"Delete it (it is rewritten from the checkpoint) or restore it from "
+        f"a copy, and rerun.")
 
   def _write_annotation_outputs(self) -> None:
     """annotation.json and one snapshot per round, where missing or stale."""
@@ -642,8 +722,19 @@ class Run:
   def _acquire(self, t: int, params) -> dict[str, float]:
     """Buys round t's queries; returns the embedding / acquisition seconds."""
     queries = None
-    if isinstance(self.oracle, oracle_lib.FileOracle):
-      queries = self.oracle.pending_queries(t)
+    if isinstance(self.oracle, oracle_lib.FileOracle) and (
+        self.oracle.pending_queries(t) is not None):
+      # Picked before the run stopped for answers. The run's own record of
+      # them is the ranking file (written before the queries file); the
+      # oracle checks the queries file against it, naming a line that
+      # differs. Without a readable record the strategy picks them again.
+      try:
+        recorded = ranking.load(ranking.path(self.x.workdir, t))
+      except ValueError as e:
+        logging.warning("%s; round %d's queries are picked again to check "
+                        "the queries file.", e, t)
+        recorded = None
+      queries = None if recorded is None else recorded.queries
     timing = {"embed_s": 0.0, "acquire_s": 0.0}
     if queries is None:
       items = self._candidates(t)
@@ -724,6 +815,13 @@ def _embedding_plot(experiment: Experiment, params, picked) -> None:
 def run_experiment(config: ml_collections.ConfigDict, workdir: str,
                    mesh=None) -> str:
   """Runs (or resumes) every strategy x seed; returns the results Markdown."""
+  try:
+    return _run_experiment(config, workdir, mesh)
+  finally:  # Done, an error, a signal: the next process may go on.
+    workdir_lock.release(workdir)
+
+
+def _run_experiment(config, workdir, mesh) -> str:
   start = time.perf_counter()
   experiment = Experiment.create(config, workdir, mesh)
   log_path = logfile.open_in(workdir)

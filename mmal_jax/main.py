@@ -9,9 +9,13 @@ Multi-host (TPU pods, several GPU hosts): pass --multihost so that
 `jax.distributed` connects the processes (see launch/).
 
 Exit status: 0 done (or nothing left to do); 2 a problem with the command,
-its config, its data or its workdir, named in one line on stderr (nothing
-bought or checkpointed is lost: fix it and rerun the same command);
+its config, its data or its workdir (also: another process holds its lock,
+a gs:// path cannot be reached, the disk is full: "no space left on device"
+and the path), named in one line on stderr (nothing bought or checkpointed
+is lost: fix it and rerun the same command);
 3 (`EXIT_AWAITING_ANNOTATIONS`) the file oracle waits for a round's answers;
+143 / 130 stopped by SIGTERM / Ctrl-C (SIGINT) after the checkpoint saves in
+flight committed, one line on stderr (`interrupt`): rerun to resume;
 1 anything else (a bug: a traceback).
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ml_collections import config_flags
 
 from mmal_jax import compile_cache
 from mmal_jax import config_lib
+from mmal_jax import interrupt
 from mmal_jax import logfile
 
 # Else TensorFlow (the input pipeline; imported later, maybe by the config
@@ -47,11 +52,18 @@ _MULTIHOST = flags.DEFINE_bool(
     "and process ids from the environment, as on Cloud TPU / SLURM).")
 
 class _QuietCheckpointing(std_logging.Filter):
-  """Drops orbax's per-save INFO lines; its warnings and errors stay."""
+  """Drops orbax's per-save INFO lines; its warnings and errors stay, but
+  one caused by a full disk loses its traceback (the run then stops with
+  one line saying so, instead of a traceback per failed write)."""
 
   def filter(self, record):
-    return (record.levelno >= std_logging.WARNING
-            or "/orbax/" not in record.pathname)
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.exc_info and record.exc_info[1] is not None:
+      from mmal_jax import fs  # pylint: disable=g-import-not-at-top
+      if fs.no_space_left(record.exc_info[1]) is not None:
+        record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def _fail(message: str) -> NoReturn:
@@ -67,6 +79,20 @@ def _first_line(error: BaseException) -> str:
     messages += [a for a in error.args[:1] if isinstance(a, str)]
     error = error.__cause__ or error.__context__
   return max(messages, key=len, default="").replace("\n", "; ")
+
+
+def disk_full_line(error: BaseException, workdir: str) -> str | None:
+  """The one-line message for an error caused by a full disk (or quota) in
+  any write of the run (config.json, checkpoints, logs, outputs), else
+  None. Everything saved before it is intact, so freeing space and rerunning
+  resumes."""
+  from mmal_jax import fs  # pylint: disable=g-import-not-at-top
+  path = fs.no_space_left(error)
+  if path is None:
+    return None
+  return (f"no space left on device writing {path or workdir}: free space "
+          f"there (or pass another --workdir) and rerun the same command; "
+          f"nothing saved before is lost.")
 
 
 def _parse_flags(argv):
@@ -126,6 +152,19 @@ def _load_config():
 
 
 def main(argv):
+  interrupt.install()
+  try:
+    _main(argv)
+  except interrupt.Interrupted as e:
+    message = (f"mmal_jax.main: {e}: the checkpoint saves in flight were "
+               f"completed; rerun the same command to resume (exit status "
+               f"{e.exit_status}).")
+    logfile.note(message)
+    print(message, file=sys.stderr)
+    sys.exit(e.exit_status)
+
+
+def _main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: settings are "
           f"--config.KEY=VALUE.")
@@ -139,12 +178,14 @@ def main(argv):
   from mmal_jax import run_state
   from mmal_jax import train
   from mmal_jax.data import image_check
+  from mmal_jax import workdir_lock
   from mmal_jax.data import oracle
   # pylint: enable=g-import-not-at-top
   # Problems a user fixes (config, data, workdir files, answers): one line, 2.
   user_errors = (config_lib.ConfigError, run_state.RunStateError,
                  report.MetricsFileError, oracle.AnswerFileError,
-                 train.TrainingDiverged, image_check.UndecodableImage)
+                 train.TrainingDiverged, image_check.UndecodableImage,
+                 workdir_lock.WorkdirBusy)
   logging.get_absl_handler().addFilter(_QuietCheckpointing())
   logfile.install()
   cache = compile_cache.enable()  # Before the first compile.
@@ -166,6 +207,12 @@ def main(argv):
     logging.warning("%s", e)
     print(e)
     sys.exit(EXIT_AWAITING_ANNOTATIONS)
+  except Exception as e:  # pylint: disable=broad-except
+    line = disk_full_line(e, _WORKDIR.value)
+    if line is None:
+      raise  # A bug: the traceback.
+    logfile.note(f"error: {line}")
+    _fail(line)
   if jax.process_index() == 0:
     print(text)
 

@@ -50,6 +50,7 @@ import io
 import json
 import os
 import time
+import zipfile
 
 from absl import logging
 import jax
@@ -70,6 +71,7 @@ from mmal_jax import report
 from mmal_jax import sharding
 from mmal_jax import summaries
 from mmal_jax import tokenizers
+from mmal_jax import workdir_lock
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.data import digits
@@ -194,6 +196,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.strategy_hparams.{name}.selector).")
   if not config.seeds:
     _fail("config.seeds is empty.")
+  for problem in config_lib.duplicate_problems(config):
+    _fail(problem)
   if not config.budgets or not all(0 < p <= 100 for p in config.budgets):
     _fail(f"config.budgets must be percentages in (0, 100], got "
           f"{config.budgets!r}.")
@@ -598,6 +602,9 @@ class ColdStartExperiment:
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh() if mesh is None else mesh
+    unreachable = loop.unreachable_stores(config, workdir)
+    if unreachable:
+      config_lib.raise_problems(unreachable)
     loop.check_workdir(config, workdir, write=False)
     self.data = build_data(config.data)
     self.stage1 = Stage1(config, self.data, self.mesh)
@@ -621,10 +628,18 @@ class ColdStartExperiment:
     if key not in self._stage1:
       path = os.path.join(self.workdir, "stage1",
                           f"{VARIANTS[prototypes]}_seed_{seed}.npz")
+      result = None
       if fs.exists(path):
-        result = Stage1Result.from_bytes(fs.read_bytes(path),
-                                         self.data.modalities)
-      else:
+        try:
+          result = Stage1Result.from_bytes(fs.read_bytes(path),
+                                           self.data.modalities)
+        except (ValueError, OSError, EOFError, KeyError,
+                zipfile.BadZipFile) as e:
+          # Torn (a kill mid-write by a version without atomic writes) or
+          # damaged: recomputed, as a torn pretrained/params.npz is.
+          logging.warning("%s cannot be read (%s: %s); training Stage 1 "
+                          "again.", path, type(e).__name__, e)
+      if result is None:
         result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
         if sharding.is_main_process():
           fs.write_bytes(path, result.to_bytes())
@@ -670,10 +685,12 @@ class ColdStartExperiment:
             for r in report.read_rows(self.metrics_path)}
 
   def log_row(self, row: dict) -> None:
+    """Adds `row` to metrics.jsonl as the unaligned loop does: the rows read
+    (a torn last line dropped) plus this one, the file rewritten whole."""
     if sharding.is_main_process():
-      old = (fs.read_text(self.metrics_path)
-             if fs.exists(self.metrics_path) else "")
-      fs.write_text(self.metrics_path, old + json.dumps(row) + "\n")
+      rows = (report.read_rows(self.metrics_path)
+              if fs.exists(self.metrics_path) else [])
+      loop.write_rows(self.metrics_path, rows + [row])
 
   def run_dir(self, strategy: str, seed: int) -> str:
     return os.path.join(self.workdir, "runs", strategy, f"seed_{seed}")
@@ -766,8 +783,15 @@ def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
   """Runs (or resumes) every strategy x seed x budget; returns results.md.
 
   `config` is validated (`validate`). Writes the workdir described in the
-  module docstring.
+  module docstring, holding its lock (`workdir_lock`) throughout.
   """
+  try:
+    return _run_cold_start(config, workdir, mesh)
+  finally:  # Done, an error, a signal: the next process may go on.
+    workdir_lock.release(workdir)
+
+
+def _run_cold_start(config, workdir, mesh) -> str:
   start = time.perf_counter()
   experiment = ColdStartExperiment(config, workdir, mesh)
   done = experiment.done()

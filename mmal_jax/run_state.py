@@ -20,7 +20,8 @@ every array back with the sharding of the target given (the current mesh,
 which may differ from the one the checkpoint was written on). A step whose
 files are damaged is skipped with a warning, falling back to the previous one.
 A background save that fails (orbax raises it from the next save) is logged
-and superseded by that next save; two failing in a row stop the run.
+and superseded by that next save; two failing in a row, or one failing for
+a full disk, stop the run.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+
+from mmal_jax import fs
 
 STRIDE = 10 ** 7
 ACQUIRED = 0
@@ -106,8 +109,8 @@ class RunCheckpoints:
       self._failed_saves = 0
     except Exception as e:  # pylint: disable=broad-except
       self._failed_saves += 1
-      if self._failed_saves > 1:
-        raise
+      if self._failed_saves > 1 or fs.no_space_left(e) is not None:
+        raise  # A full disk fails the next save too: stop now.
       logging.warning("An asynchronous checkpoint save in %s failed (%s: %s);"
                       " the next save supersedes it.", self.directory,
                       type(e).__name__, str(e).splitlines()[0][:200])

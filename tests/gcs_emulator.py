@@ -6,18 +6,23 @@ that point gcsfs (`STORAGE_EMULATOR_HOST`) and tensorstore
 it. `use_in_this_process()` applies them here and drops gcsfs' cached
 clients. Buckets are created on first use by `bucket(name)`.
 
-`python gcs_emulator.py start ...` runs the emulator with one fix: its
+`python gcs_emulator.py start ...` runs the emulator with two fixes: its
 downloads carry the object's `x-goog-generation` header, as GCS' do.
 Without it tensorstore reads generation 0 and rejects its own next
 conditional write ("Malformed StorageGeneration"), which OCDBT (orbax's
-array store) makes for every array after the first of a checkpoint.
+array store) makes for every array after the first of a checkpoint. And
+uploads with `ifGenerationMatch=0` (create only if absent) and deletes with
+`ifGenerationMatch=G` answer 412 Precondition Failed when the object exists
+/ has another generation, as GCS' do (the workdir lock relies on them).
 """
 from __future__ import annotations
 
+from http import HTTPStatus
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -86,6 +91,7 @@ def _serve(argv: list[str]) -> None:
   """The emulator's command line, downloads with generation headers."""
   from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator import storage as storage_lib  # pylint: disable=g-import-not-at-top
   download = objects.download
 
   def download_with_generation(request, response, storage, *args, **kwargs):
@@ -98,8 +104,50 @@ def _serve(argv: list[str]) -> None:
     response["x-goog-generation"] = obj["generation"]
     response["x-goog-metageneration"] = obj["metageneration"]
 
+  insert, delete = objects.insert, objects.delete
+  uploading = threading.local()  # The upload's precondition, if any.
+  create_file = storage_lib.Storage.create_file
+
+  class PreconditionFailed(Exception):
+    pass
+
+  def create_file_if_absent(self, bucket_name, file_name, *args, **kwargs):
+    if getattr(uploading, "if_absent", False):
+      try:
+        self.get_file_obj(bucket_name, file_name)
+        raise PreconditionFailed(file_name)
+      except NotFound:
+        pass
+    return create_file(self, bucket_name, file_name, *args, **kwargs)
+
+  def insert_with_precondition(request, response, storage, *args, **kwargs):
+    uploading.if_absent = request.query.get("ifGenerationMatch") == ["0"]
+    try:
+      return insert(request, response, storage, *args, **kwargs)
+    except PreconditionFailed:
+      response.status = HTTPStatus.PRECONDITION_FAILED
+    finally:
+      uploading.if_absent = False
+
+  def delete_with_precondition(request, response, storage, *args, **kwargs):
+    match = request.query.get("ifGenerationMatch")
+    if match:
+      try:
+        obj = storage.get_file_obj(request.params["bucket_name"],
+                                   request.params["object_id"])
+      except NotFound:
+        response.status = HTTPStatus.NOT_FOUND
+        return None
+      if str(obj["generation"]) != match[0]:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        return None
+    return delete(request, response, storage, *args, **kwargs)
+
   # Before the server module builds its routing table from `objects`.
   objects.download = download_with_generation
+  objects.insert = insert_with_precondition
+  objects.delete = delete_with_precondition
+  storage_lib.Storage.create_file = create_file_if_absent
   from gcp_storage_emulator import __main__ as cli  # pylint: disable=g-import-not-at-top
   cli.main(argv)
 

@@ -7,8 +7,10 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -19,6 +21,13 @@ import conftest
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 _PARALLEL = 4
+
+
+def _tree(folder) -> dict:
+  """Relative path -> bytes of every file under `folder`."""
+  return {os.path.relpath(os.path.join(d, n), folder):
+          open(os.path.join(d, n), "rb").read()
+          for d, _, names in os.walk(folder) for n in names}
 
 
 def write_config(path, overrides: str = "") -> str:
@@ -168,7 +177,37 @@ def test_config_that_cannot_run_is_one_line_and_leaves_no_trace(tmp_path):
     with open(os.path.join(workdir, "answers", "round_1.jsonl"), "w") as f:
       f.write("".join(line + "\n" for line in lines))
     commands[name] = ["--config", tiny, "--workdir", workdir]
+  # #17 item 5: a second process on a workdir whose lock a live process
+  # holds (this one, on this host) is refused, the workdir left as it was.
+  busy = str(tmp_path / "busy")
+  shutil.copytree(w["several"], busy)
+  with open(os.path.join(busy, "lock"), "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+               "started": time.time(), "started_utc": "now",
+               "heartbeat": time.time(), "token": "t"}, f)
+  before = _tree(busy)
+  commands["busy"] = ["--config", tiny, "--workdir", busy]
+  # #17 item 11: lines appended to the run's queries file (which would buy
+  # more than the budget) are named by file and line.
+  appended = str(tmp_path / "appended")
+  shutil.copytree(w["several"], appended)
+  queries_path = os.path.join(appended, "queries", "round_1.jsonl")
+  bought = {(q["modality"], q["index"]) for q in queries}
+  extra = next(i for i in range(10 ** 6) if ("text", i) not in bought)
+  with open(queries_path, "a") as f:
+    f.write(json.dumps({"round": 1, "query": 8, "modality": "text",
+                        "index": extra}) + "\n")
+  os.makedirs(os.path.join(appended, "answers"))
+  with open(os.path.join(appended, "answers", "round_1.jsonl"), "w") as f:
+    f.write("".join(line + "\n" for line in good))
+  commands["appended"] = ["--config", tiny, "--workdir", appended]
   results = run_main(commands)
+  line = error_line(results["busy"])
+  assert f"{busy} is in use by process {os.getpid()}" in line, line
+  assert _tree(busy) == before
+  line = error_line(results["appended"], alone=False)
+  assert f"{queries_path}:9: ('text', {extra}) is not one of the 8 " in line, (
+      line)
   for name, (_, lineno) in bad.items():
     line = error_line(results[name], alone=False)
     path = os.path.join(str(tmp_path / f"answers_{name}"), "answers",

@@ -6,8 +6,10 @@ timings, final parameters) or in a one-line error naming the file, with
 every bought pair kept.
 """
 import json
+import logging
 import os
 import shutil
+import socket
 
 import jax
 import numpy as np
@@ -19,6 +21,7 @@ from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import train
 from mmal_jax.data import AnnotationState
+from mmal_jax.data.annotation import Answer
 from mmal_jax.models import checkpoint
 from test_cli_errors import main_env
 from test_cli_errors import run_main
@@ -138,6 +141,33 @@ def test_shortened_annotation_never_loses_paid_pairs(reference, tmp_path):
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
 
 
+def test_annotation_with_more_answers_than_queried_is_refused(reference,
+                                                              tmp_path):
+  """#17 item 12: answers added to annotation.json (to a round the
+  checkpoint holds, or beyond a round's budget) stop the run naming it,
+  instead of rows claiming pairs the model never trained on."""
+  workdir = _copy(reference, tmp_path, "more")
+  path = os.path.join(workdir, RUN, "annotation.json")
+  kept = open(path).read()
+  state = AnnotationState.from_json(kept)
+  free = [i for i in range(len(state.annotated["text"]))
+          if not state.annotated["text"][i]]
+  for round_index, named in ((2, "2 answers to rounds [2] that the "
+                                 "checkpoint"),
+                             (3, "round 3: 9 answers for a budget of 8")):
+    edited = AnnotationState.from_json(kept)
+    count = 2 if round_index == 2 else 9
+    edited.apply([Answer(round_index, "text", i) for i in free[:count]])
+    open(path, "w").write(edited.to_json())
+    with pytest.raises(run_state.RunStateError) as error:
+      loop.run_experiment(_config(), workdir)
+    _one_line_naming(error, path)
+    assert "more answers than run [mmal seed 0] queried" in str(error.value)
+    assert named in str(error.value), str(error.value)
+    assert open(path).read() == edited.to_json()  # Left for the user.
+  open(path, "w").write(kept)
+
+
 def test_damaged_checkpoint_falls_back(reference, tmp_path, monkeypatch):
   """13.6: a finished run reruns without restoring arrays; a damaged latest
   step falls back to the one before and ends the same."""
@@ -193,7 +223,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_pairs(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_resumes_exactly(reference, tmp_path):
+def test_sigkill_anywhere_resumes_exactly(reference, tmp_path, caplog):
   """10.2 / 13.2: SIGKILL at every named point of a run (`faults.point`),
   one after the other in one workdir; the end is the uninterrupted run's."""
   if jax.device_count() > 1:
@@ -209,12 +239,38 @@ def test_sigkill_anywhere_resumes_exactly(reference, tmp_path):
       "round_end:1",           # Round 1 done.
       "checkpoint_saved:2",    # Round 2 step 1's async save just issued.
       "train_checkpoint:2",    # Round 2 mid-training (after step 2 or 3).
+      # #17 item 6: SIGTERM with the next training step's save in flight,
+      # Ctrl-C after round 2: one line, 143 / 130, the save committed.
+      "checkpoint_saved:1:TERM",
+      "round_end:1:INT",
       "report:1",              # Every round done, no results.md yet.
   )
+  ckpt = os.path.join(workdir, RUN, "ckpt")
+
+  def committed_steps():
+    checkpoints = run_state.RunCheckpoints(ckpt)
+    steps = checkpoints.steps()
+    checkpoints.close()
+    return steps
+
   for kill in kills:
+    steps = committed_steps() if kill.endswith("TERM") else None
     rc, _, stderr = run_main({kill: ["--config", config, "--workdir",
                                      workdir]},
                              env={**env, "MMAL_KILL_AT": kill})[kill]
+    if kill.endswith(("TERM", "INT")):
+      name, status = (("SIGTERM", 143) if kill.endswith("TERM")
+                      else ("SIGINT", 130))
+      assert rc == status, (kill, stderr[-3000:])
+      assert "Traceback" not in stderr, stderr
+      assert stderr.strip().splitlines()[-1].startswith(
+          f"mmal_jax.main: stopped by {name}: "), stderr[-3000:]
+      assert not os.path.exists(os.path.join(workdir, "lock"))  # Released.
+      if steps is not None:  # The save in flight at SIGTERM committed.
+        after = committed_steps()
+        assert after[-1] > steps[-1] and after[-1] % run_state.STRIDE not in (
+            0, run_state.EVALUATED), (steps, after)
+      continue
     assert rc == -9, (kill, stderr[-3000:])
     if kill == "annotation_written:1":
       assert not os.path.exists(os.path.join(workdir, RUN, "annotated"))
@@ -222,7 +278,14 @@ def test_sigkill_anywhere_resumes_exactly(reference, tmp_path):
       assert not os.path.exists(os.path.join(workdir, "pretrained",
                                              "params.npz"))
   assert not os.path.exists(os.path.join(workdir, "results.md"))
-  text = loop.run_experiment(_config(), workdir)  # The same run, resumed.
+  # #17 item 5: the SIGKILLed process left its lock; a dead pid on this host
+  # makes it stale, so the resume breaks it at once and releases its own.
+  lock = json.loads(open(os.path.join(workdir, "lock")).read())
+  assert lock["host"] == socket.gethostname() and lock["pid"] != os.getpid()
+  with caplog.at_level(logging.WARNING):
+    text = loop.run_experiment(_config(), workdir)  # The same run, resumed.
+  assert "Breaking the stale lock" in caplog.text
+  assert not os.path.exists(os.path.join(workdir, "lock"))
   assert text.startswith("Nothing left to do")
   assert os.path.exists(os.path.join(workdir, "results.md"))
   assert_same(workdir, reference)

@@ -1,6 +1,8 @@
 """The filesystem layer on local disk and on gs:// (a local GCS emulator)."""
+import errno
 import os
 import stat
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -92,3 +94,48 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     fs.write_text(path, "new")
   assert path.read_text() == "old"
   assert [f.name for f in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_writability_probe_writes_real_bytes(tmp_path, monkeypatch):
+  """#17 item 7: an empty probe file is created even on a full disk."""
+  written = []
+  monkeypatch.setattr(fs, "write_bytes",
+                      lambda path, data: written.append(len(data)) or
+                      (_ for _ in ()).throw(OSError(
+                          errno.ENOSPC, "No space left on device", path)))
+  reason = fs.check_writable_dir(str(tmp_path / "w"))
+  assert written and written[0] > 0
+  assert reason == f"{tmp_path / 'w'} cannot be written: no space left on device"
+  assert not (tmp_path / "w").exists()
+
+
+def test_unreachable_store_is_one_line_after_a_bounded_wait(tmp_path,
+                                                            monkeypatch):
+  """#17 item 15: a gs:// path whose endpoint does not answer (here a
+  closed local port as the emulator endpoint) stops the up-front checks
+  within MMAL_FS_TIMEOUT_S with one line naming it, writing nothing."""
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  from mmal_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mmal_jax import loop  # pylint: disable=g-import-not-at-top
+  from test_loop import tiny_config  # pylint: disable=g-import-not-at-top
+  closed = f"http://127.0.0.1:{gcs_emulator._free_port()}"  # pylint: disable=protected-access
+  for key, value in {"STORAGE_EMULATOR_HOST": closed,
+                     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+                     "GOOGLE_CLOUD_PROJECT": "test",
+                     "MMAL_FS_TIMEOUT_S": "1"}.items():
+    monkeypatch.setenv(key, value)
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  try:
+    config = tiny_config(**{"init.kind": "checkpoint",
+                            "init.checkpoint": "gs://nowhere/towers.npz"})
+    start = time.monotonic()
+    with pytest.raises(config_lib.ConfigError) as error:
+      loop.Experiment.create(config, str(tmp_path / "w"))
+    assert time.monotonic() - start < 15
+    message = str(error.value)
+    assert "\n" not in message
+    assert "gs://nowhere/towers.npz cannot be reached" in message, message
+    assert not (tmp_path / "w").exists()
+  finally:
+    gcsfs.GCSFileSystem.clear_instance_cache()

@@ -1,6 +1,7 @@
 """The workdir's log file, local and on gs://: restarts keep earlier lines,
 closing writes the lines the remote interval held back."""
 import atexit
+import errno
 import logging
 import os
 
@@ -46,3 +47,22 @@ def test_restart_keeps_earlier_lines_and_close_writes_the_rest(workdir):
   if fs.is_remote(workdir):
     # Held back by the interval, then lost with the process.
     assert not any("first run" in line for line in lines)
+
+
+def test_a_full_disk_stops_the_log_with_one_line(tmp_path, monkeypatch,
+                                                   capsys):
+  """#17 item 7: one line on stderr, not a logging traceback per line."""
+  handler = logfile.FileLog()
+  _open(handler, str(tmp_path))
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(fs, "open", full)
+  for i in range(3):
+    _log(handler, f"line {i}")
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and len(err.splitlines()) == 1, err
+  assert "cannot write the log" in err and "No space left" in err
+  assert handler.lines == []  # Nothing piles up in memory.
+  handler.close()

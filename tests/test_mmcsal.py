@@ -16,6 +16,7 @@ from mmal_jax import config_lib
 from mmal_jax import fs
 from mmal_jax import mmcsal
 from mmal_jax import plots
+from mmal_jax import report
 from mmal_jax import sharding
 from mmal_jax.data import digits
 from mmal_jax.data import shapes
@@ -306,6 +307,24 @@ def test_run_writes_the_workdir_and_resumes(tmp_path, caplog):
   # Rerunning the same config adds nothing; another config is refused.
   assert mmcsal.run_cold_start(config, workdir) == text
   assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 8
+  # #17 item 13: a torn last metrics line is redone without being appended
+  # onto (every later rerun still reads the file), a torn Stage-1 file is
+  # trained again.
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  full = open(metrics).read()
+  open(metrics, "w").write(full[:-40])
+  npz = os.path.join(workdir, "stage1", "proto_seed_0.npz")
+  data = open(npz, "rb").read()
+  open(npz, "wb").write(data[:len(data) // 2])
+  mmcsal.run_cold_start(config, workdir)
+  mmcsal.run_cold_start(config, workdir)
+  assert open(metrics).read().endswith("\n")
+  drop = lambda rows: sorted(
+      ({k: v for k, v in r.items() if k not in report.TIMING_KEYS}
+       for r in rows), key=lambda r: (r["strategy"], r["round"]))
+  assert drop(report.read_rows(metrics)) == drop(rows)
+  assert open(npz, "rb").read()[:100] == data[:100]  # Rewritten whole.
+  assert len(open(npz, "rb").read()) == len(data)
   other = mmcsal.validate(tiny_config(seed=1))
   with pytest.raises(config_lib.ConfigError, match="different config"):
     mmcsal.run_cold_start(other, workdir)

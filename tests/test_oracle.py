@@ -103,6 +103,35 @@ def test_file_oracle_rerun_keeps_queries_file_and_rejects_other_queries(tmp_path
     oracle.answer(3, QUERIES[:2] + [("text", 3)])
 
 
+@pytest.mark.parametrize("edit, named", [
+    # 13.11: lines appended (round 2 bought 12 of a budget of 8).
+    (lambda lines: lines + [{"modality": "text", "index": 3},
+                            {"modality": "text", "index": 4}], ":4: "),
+    # A line naming another item (e.g. one bought in an earlier round).
+    (lambda lines: lines[:1] + [{"modality": "text", "index": 0}]
+     + lines[2:], ":2: "),
+    (lambda lines: lines + lines[:1], ":4: ('image', 0) is listed again "
+     "(first at line 1)"),
+    (lambda lines: lines[:2], ".jsonl lists 2 of the 3 queries"),
+])
+def test_file_oracle_names_the_line_of_an_edited_queries_file(
+    tmp_path, edit, named):
+  """#17 item 11: the queries file is the run's own output, checked against
+  the queries the run recorded; the first line that differs is named."""
+  oracle = FileOracle(tmp_path, make_pool())
+  with pytest.raises(AwaitingAnnotations):
+    oracle.answer(1, QUERIES)
+  path = oracle.queries_path(1)
+  lines = [json.loads(x) for x in open(path).read().splitlines()]
+  write_lines(path, edit(lines))
+  write_lines(oracle.answers_path(1), GOOD_LINES)
+  with pytest.raises(ValueError) as error:
+    oracle.answer(1, QUERIES)
+  message = str(error.value)
+  assert message.startswith(path) and named in message, message
+  assert "delete it and rerun" in message and "\n" not in message
+
+
 def test_file_oracle_polls_until_answers_appear(tmp_path):
   oracle = FileOracle(tmp_path, make_pool(), timeout_s=20.0, poll_interval_s=0.02)
   answers_path = tmp_path / "answers" / "round_0.jsonl"

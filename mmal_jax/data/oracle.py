@@ -106,8 +106,9 @@ class FileOracle:
 
   Without the answers file it raises `AwaitingAnnotations`, so that the loop
   saves its state and exits. On a rerun the queries file is kept as it is if it
-  holds the same queries (in any order); a different query set for the same
-  round is an error.
+  holds the same queries (in any order); a line that is not one of the round's
+  queries (as the run recorded them), a repeated or a missing one is an error
+  naming the file and line.
   """
 
   def __init__(self, workdir: str | os.PathLike, pool: UnalignedPool, *,
@@ -129,6 +130,11 @@ class FileOracle:
 
   def pending_queries(self, round_index: int) -> list[ItemRef] | None:
     """The queries already written for a round (in file order), None if none were."""
+    lines = self._query_lines(round_index)
+    return None if lines is None else [ref for _, ref in lines]
+
+  def _query_lines(self, round_index: int) -> list[tuple[int, ItemRef]] | None:
+    """(line number, query) of a round's queries file, None if there is none."""
     path = self.queries_path(round_index)
     if not fs.exists(path):
       return None
@@ -137,8 +143,8 @@ class FileOracle:
       if not isinstance(obj, dict) or "modality" not in obj or "index" not in obj:
         raise AnswerFileError(f"{path}:{lineno}: a query line needs modality and index.")
       try:
-        refs.append((obj["modality"], check_ref(self.pool.sizes, obj["modality"],
-                                                obj["index"], f"{path}:{lineno}")))
+        refs.append((lineno, (obj["modality"], check_ref(
+            self.pool.sizes, obj["modality"], obj["index"], f"{path}:{lineno}"))))
       except ValueError as e:
         raise AnswerFileError(str(e)) from None
     return refs
@@ -152,7 +158,7 @@ class FileOracle:
     """
     sizes = self.pool.sizes
     queries = check_queries(sizes, round_index, queries)
-    written = self.pending_queries(round_index)
+    written = self._query_lines(round_index)
     if written is None:
       lines = []
       for k, (m, i) in enumerate(queries):
@@ -162,10 +168,8 @@ class FileOracle:
           line["item"] = item
         lines.append(json.dumps(line) + "\n")
       fs.write_text(self.queries_path(round_index), "".join(lines))
-    elif len(written) != len(queries) or set(written) != set(queries):
-      raise AnswerFileError(
-          f"{self.queries_path(round_index)} holds a different query set for round "
-          f"{round_index} than the one asked now; a round's queries cannot change.")
+    else:
+      self._check_written(round_index, written, queries)
     path = self.answers_path(round_index)
     deadline = time.monotonic() + self.timeout_s
     while not fs.exists(path):
@@ -176,6 +180,35 @@ class FileOracle:
     answers = _read_answers(path, round_index, queries, sizes)
     self.cost += len(answers)
     return answers
+
+
+  def _check_written(self, round_index: int,
+                     written: list[tuple[int, ItemRef]],
+                     queries: list[ItemRef]) -> None:
+    """Checks a queries file written earlier against the round's queries
+    (the run's record of its acquisition; any order). AnswerFileError names
+    the first line that differs. Cost: O(queries)."""
+    path = self.queries_path(round_index)
+    fix = (f"it is the run's own output and a round's queries cannot change: "
+           f"delete it and rerun to have it written again.")
+    asked, seen = set(queries), {}
+    for lineno, ref in written:
+      if ref not in asked:
+        raise AnswerFileError(
+            f"{path}:{lineno}: {ref} is not one of the {len(queries)} queries "
+            f"the run picked: a different query set for round {round_index}; "
+            f"{fix}")
+      if ref in seen:
+        raise AnswerFileError(
+            f"{path}:{lineno}: {ref} is listed again (first at line "
+            f"{seen[ref]}); {fix}")
+      seen[ref] = lineno
+    if len(seen) < len(asked):
+      missing = [q for q in queries if q not in seen]
+      raise AnswerFileError(
+          f"{path} lists {len(seen)} of the {len(queries)} queries the run "
+          f"picked (a different query set for round {round_index}; missing "
+          f"e.g. {missing[:3]}); {fix}")
 
 
 def _read_jsonl(path: str):
