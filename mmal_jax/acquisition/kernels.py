@@ -20,7 +20,9 @@ Distances (`metric`):
     then recomputed exactly for the nearest center;
   cosine: 1 - <x, c> / (||x|| ||c||), sklearn's `cosine_distances`.
 Features may be stored in float32, bfloat16 or float16 (the products' operand
-dtype); products accumulate in float32.
+dtype); products accumulate in float32 (see `dot`). Float32 pools compute at
+float32 accuracy on every backend, so their picks are the same on CPU, GPU and
+TPU; bfloat16/float16 pools are their own, faster mode.
 
 The public functions here take plain `(N, D)` arrays and return numpy arrays;
 the `*_sharded` forms take already laid-out `ShardedRows` so that strategies
@@ -51,6 +53,29 @@ def check_metric(metric: str) -> str:
   if metric not in METRICS:
     raise ValueError(f"Unknown metric {metric!r}; expected one of {METRICS}.")
   return metric
+
+
+def product_precision(dtype) -> jax.lax.Precision:
+  """The matrix-unit precision of a product whose operands are `dtype`.
+
+  float32: HIGHEST, i.e. float32 accuracy on every backend (XLA's default
+  runs float32 products as TF32 on NVIDIA GPUs and as one bfloat16 pass on
+  TPUs, which moves distances by ~1e-3 relative and changes picks).
+  bfloat16 / float16: DEFAULT, one pass over the operands as stored,
+  accumulated in float32: the documented low-precision mode of a pool stored
+  in that dtype.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return jax.lax.Precision.DEFAULT
+
+
+def dot(subscripts: str, a, b) -> jax.Array:
+  """`jnp.einsum(subscripts, a, b)` for the acquisition kernels: float32
+  result, precision from the operands' dtype (`product_precision`). Same
+  shapes and flops as the einsum."""
+  return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32,
+                    precision=product_precision(jnp.result_type(a, b)))
 
 
 def _distances(dots, x_sq, c_sq, metric):
@@ -183,7 +208,7 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
   """(blocks, rb) distance of every row to its nearest center (+inf if none)."""
   dim = rows.shape[-1]
   dtype = rows.dtype
-  c_sq = jnp.einsum("cd,cd->c", centers, centers)
+  c_sq = dot("cd,cd->c", centers, centers)
   valid = jnp.arange(centers.shape[0]) < num_centers
   # The tile's score is a * <x, c> - bias, largest for the nearest center:
   # 2<x^, c> - ||c||^2 (euclidean) or <x, c> (cosine); -inf when invalid.
@@ -201,8 +226,7 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
         best, best_idx = carry
         c, c_bias = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
                      for a in chunks)
-        dots = jnp.einsum("rd,cd->rc", x, c,
-                          preferred_element_type=jnp.float32)
+        dots = dot("rd,cd->rc", x, c)
         score = factor * dots - c_bias[None, :]
         top = jnp.max(score, axis=1)
         idx = jnp.min(jnp.where(score == top[:, None],
@@ -376,8 +400,7 @@ def _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq, valid,
   vecs = vecs.astype(blocks.dtype)
 
   def run(x, x_scale, x_sq):
-    dots = jnp.einsum("brd,pd->brp", x, vecs,
-                      preferred_element_type=jnp.float32) * x_scale[..., None]
+    dots = dot("brd,pd->brp", x, vecs) * x_scale[..., None]
     dist = _distances(dots, x_sq[..., None], vec_sq, metric)
     return jnp.min(jnp.where(valid, dist, jnp.inf), axis=-1)
 
@@ -455,7 +478,7 @@ def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
         beats = (top > bound_val) | ((top == bound_val) & (idx[b] < bound_idx))
         accept = (going & (top > -jnp.inf) & (count + j < k) &
                   ((j == 0) | beats))
-        to_b = _distances(jnp.einsum("cd,d->c", vecs, vecs[b]), vec_sq,
+        to_b = _distances(dot("cd,d->c", vecs, vecs[b]), vec_sq,
                           vec_sq[b], metric)
         current = jnp.where(accept, jnp.minimum(current, to_b).at[b].set(
             -jnp.inf), current)
@@ -503,7 +526,7 @@ def _distance_to_mean_kernel(rows, scale, sq_norms, eligible, *, shape,
                               jnp.zeros(rows.shape[-1], jnp.float32))
     count = jax.lax.psum(eligible.sum(), _AXIS)
     mean = total / jnp.maximum(count, 1).astype(jnp.float32)
-    dots = jnp.einsum("brd,d->br", blocks.astype(jnp.float32), mean) * scale
+    dots = dot("brd,d->br", blocks.astype(jnp.float32), mean) * scale
     dist = _distances(dots, sq_norms, jnp.sum(mean * mean), metric)
     return jnp.where(eligible, dist, -jnp.inf)
 
@@ -673,8 +696,7 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
         k, k_scale, k_valid = (jax.lax.dynamic_index_in_dim(a, b,
                                                             keepdims=False)
                                for a in (blocks, scale, key_valid))
-        sims = jnp.einsum("qd,rd->qr", q, k,
-                          preferred_element_type=jnp.float32)
+        sims = dot("qd,rd->qr", q, k)
         sims = jnp.where(k_valid[None, :], sims * k_scale[None, :], -jnp.inf)
         return _top2_update(*carry, sims)
 
