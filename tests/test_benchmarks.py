@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from mmal_jax import fs
+
 
 def _run(module, *args):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -11,18 +13,20 @@ def _run(module, *args):
                         check=True, capture_output=True, text=True).stdout
 
 
-def test_acquisition_benchmark(tmp_path):
+def test_acquisition_benchmark(gcs_bucket):
   # Pool sizes in one shape bucket (one compile); part 4's subprocesses are
-  # tested on their own below.
+  # tested on their own below. Outputs go through mmal_jax.fs: a gs:// folder.
+  out_dir = f"{gcs_bucket}/bench"
   out = _run("mmal_jax.benchmarks.acquisition", "--quick", "--rate_sizes=256",
              "--sizes=600,1000", "--dim=16", "--budget=8",
              "--coreset_size=32", "--step_n=2100", "--step_dim=16",
-             "--parts=rates,rounds,greedy,compiles", f"--out={tmp_path}")
+             "--parts=rates,rounds,greedy,compiles", f"--out={out_dir}")
   for line in ("Kernel rates", "slope", "numpy float32 step",
                "sklearn pairwise_distances", "bandwidth floor",
                "Compiles per mmal call", "Targets:"):
     assert line in out, line
-  results = json.loads((tmp_path / "results.json").read_text())
+  assert not os.path.exists("gs:")  # No local folder named after the URL.
+  results = json.loads(fs.read_text(f"{out_dir}/results.json"))
   assert results["repeats"] >= 5 and results["machine"]["loadavg_after"]
   for name in ("mmal", "mmal_with_rebuild", "coreset", "uncertainty",
                "badge", "cache_rebuild"):
@@ -37,7 +41,7 @@ def test_acquisition_benchmark(tmp_path):
   assert results["compile_counts"]["after_first"] == 0
   verdicts = [t["verdict"] for t in results["targets"]]
   assert set(verdicts) <= {"PASS", "MISS", "SKIP"} and len(verdicts) == 5
-  assert (tmp_path / "acquisition_scaling.png").stat().st_size > 0
+  assert fs.read_bytes(f"{out_dir}/acquisition_scaling.png")[:4] == b"\x89PNG"
 
 
 def test_acquisition_benchmark_memory_probe():

@@ -79,6 +79,24 @@ def test_rows_against_peaks_of_every_device():
   assert train["fraction_of_peak"] == pytest.approx(0.08 / 0.4)
 
 
+def test_every_flag_set_compare_builds_parses():
+  machines = [_machine(), _machine(device_count=1),
+              _machine(platform="cpu", device_kind="cpu", device_count=1,
+                       dtype="float32")]
+  argvs = [compare.benchmark_flags(machine, quick)
+           for machine in machines for quick in (False, True)]
+  compare.check_flags(compare.TRAIN_STEP,
+                      [train + ["--out=x"] for _, train in argvs])
+  # The acquisition flag sets, and one it must refuse, in one subprocess.
+  bad = ["--quick", "--rebuild_cap=30"]
+  with pytest.raises(compare.FlagsNotAccepted) as refused:
+    compare.check_flags(compare.ACQUISITION, [
+        acquisition + ["--out=x"] for acquisition, _ in argvs] + [bad])
+  message = str(refused.value)
+  assert message.count("Unknown command line flag 'rebuild_cap'") == 1
+  assert "--sizes" not in message
+
+
 def test_append_rows_to_gcs(gcs_bucket):
   path = f"{gcs_bucket}/compare/{compare.ROWS_FILE}"
   compare.append_rows(path, [{"a": 1}])

@@ -42,10 +42,11 @@ Part 5, compile counts: programs lowered by `mmal` calls whose N, budget and
 annotated count change within a power-of-two bucket (target 0).
 
 Prints each target with its measured value and PASS / MISS, writes
-DIR/results.json and DIR/acquisition_scaling.png.
+DIR/results.json and DIR/acquisition_scaling.png (DIR may be gs://).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -60,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmal_jax import fs
 from mmal_jax import sharding
 from mmal_jax.acquisition import badge as badge_lib
 from mmal_jax.acquisition import kernels
@@ -483,8 +485,10 @@ def _plot(rows, slopes, path):
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
+  fs.write_bytes(path, buffer.getvalue())
 
 
 def _machine() -> dict:
@@ -606,7 +610,7 @@ def main(argv):
   unknown = set(_PARTS.value) - set(PARTS)
   if unknown:
     raise app.UsageError(f"Unknown --parts {sorted(unknown)}; know {PARTS}.")
-  os.makedirs(_OUT.value, exist_ok=True)
+  fs.makedirs(_OUT.value)
   mode = QUICK if _QUICK.value else FULL
   ints = lambda values: [int(v) for v in values]  # noqa: E731
   sizes = ints(_SIZES.value or mode["sizes"])
@@ -651,8 +655,8 @@ def main(argv):
     results["compile_counts"] = compiles
   results["targets"] = _targets(results)
   machine["loadavg_after"] = _machine()["loadavg"]
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  fs.write_text(os.path.join(_OUT.value, "results.json"),
+                json.dumps(results, indent=2))
   print(f"\nWrote {_OUT.value}/results.json")
   if rows is not None:
     _plot(rows, results["loglog_slope"],

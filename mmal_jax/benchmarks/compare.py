@@ -54,6 +54,8 @@ _TRAIN_STEP_FLAGS = flags.DEFINE_string(
     "train_step_flags", "", "More flags for the train-step benchmark.")
 
 ROWS_FILE = "compare.jsonl"
+ACQUISITION = "mmal_jax.benchmarks.acquisition"
+TRAIN_STEP = "mmal_jax.benchmarks.train_step"
 
 def measure_cpu_peaks(quick: bool, dtype: str) -> dict:
   """This host's best matmul TFLOP/s (an n x n `jnp.dot` in `dtype`) and copy
@@ -124,8 +126,7 @@ def benchmark_flags(machine: dict, quick: bool) -> tuple[list, list]:
              f"--batch={count * max(1, 8 // count)}", "--text_len=8",
              "--steps=2", "--warmup=1"]
   else:
-    acquisition = ["--sizes=10000,100000,1000000", "--uncertainty_cap=30",
-                   "--rebuild_cap=30"]
+    acquisition = ["--sizes=10000,100000,1000000", "--uncertainty_cap=30"]
     if machine["platform"] == "cpu":
       train = ["--steps=10"]
     else:  # README's accelerator row, 256 examples per device.
@@ -133,6 +134,69 @@ def benchmark_flags(machine: dict, quick: bool) -> tuple[list, list]:
                f"--batch={256 * count}", "--text_len=64", "--vocab_size=32000",
                "--steps=20"]
   return acquisition, train + [f"--dtype={machine['dtype']}"]
+
+
+# Run in a subprocess (each benchmark defines its own --out): imports a
+# benchmark module and parses each argv against its flags, running nothing.
+# absl modules: FLAGS(argv); argparse modules: main() up to parse_args.
+_PARSE_ONLY = r"""
+import argparse, importlib, json, sys
+from absl import flags
+name, argvs = sys.argv[1], json.loads(sys.argv[2])
+module = importlib.import_module(name)
+
+class Parsed(Exception):
+  pass
+
+def error(self, message):
+  raise ValueError(message)
+
+def parse_only(self, args=None, namespace=None):
+  _, extra = self.parse_known_args(args, namespace)
+  if extra:
+    raise ValueError("unrecognized arguments: " + " ".join(extra))
+  raise Parsed
+
+argparse.ArgumentParser.error = error
+argparse.ArgumentParser.parse_args = parse_only
+uses_absl = bool(flags.FLAGS.get_flags_for_module(name))
+problems = []
+for argv in argvs:
+  try:
+    if uses_absl:
+      try:
+        flags.FLAGS([name] + argv)
+      finally:
+        flags.FLAGS.unparse_flags()
+    else:
+      sys.argv = [name] + argv
+      module.main()
+      problems.append("main() ran past parse_args")
+  except Parsed:
+    pass
+  except (flags.Error, ValueError) as e:
+    problems.append(f"{' '.join(argv)}: {e}")
+print(json.dumps(problems))
+"""
+
+
+class FlagsNotAccepted(ValueError):
+  """A benchmark does not accept the flags compare would pass it."""
+
+
+def check_flags(module: str, argvs: list[list[str]]) -> None:
+  """Parses each of `argvs` against benchmark `module`'s command-line flags
+  (absl or argparse) without running it, in one subprocess (a few seconds:
+  the module's imports).
+
+  Raises:
+    FlagsNotAccepted: naming each argv that does not parse and why.
+  """
+  problems = json.loads(_python("-c", _PARSE_ONLY, module,
+                                json.dumps(argvs)).strip().splitlines()[-1])
+  if problems:
+    raise FlagsNotAccepted(f"{module} does not accept the flags: "
+                     + "; ".join(problems))
 
 
 def _fraction(achieved, peak):
@@ -209,15 +273,19 @@ def run(quick: bool, dtype: str | None = None, acquisition_flags=(),
   machine.update(quick=quick, date=datetime.datetime.now(
       datetime.timezone.utc).isoformat(timespec="seconds"))
   acquisition, train = benchmark_flags(machine, quick)
+  acquisition += list(acquisition_flags)
+  train += list(train_step_flags)
+  # Every flag checked before the first (long) benchmark starts.
+  check_flags(ACQUISITION, [acquisition + ["--out=x"]])
+  check_flags(TRAIN_STEP, [train + ["--out=x"]])
   with tempfile.TemporaryDirectory() as tmp:
-    _python("-m", "mmal_jax.benchmarks.acquisition", f"--out={tmp}",
-            *acquisition, *acquisition_flags)
-    with open(os.path.join(tmp, "results.json")) as f:
-      rows = acquisition_rows(json.load(f), machine)
-    _python("-m", "mmal_jax.benchmarks.train_step", f"--out={tmp}", *train,
-            *train_step_flags)
-    with open(os.path.join(tmp, "train_step.json")) as f:
-      rows += train_step_rows(json.load(f), machine)
+    _python("-m", ACQUISITION, f"--out={tmp}", *acquisition)
+    rows = acquisition_rows(
+        json.loads(fs.read_text(os.path.join(tmp, "results.json"))), machine)
+    _python("-m", TRAIN_STEP, f"--out={tmp}", *train)
+    rows += train_step_rows(
+        json.loads(fs.read_text(os.path.join(tmp, "train_step.json"))),
+        machine)
   return rows
 
 
@@ -330,9 +398,14 @@ def main(argv):
     print(f"Plotted {len(rows)} rows of {len(paths)} file(s) into "
           f"{_OUT.value}/compare.png")
     return
-  rows = run(_QUICK.value, _DTYPE.value,
-             shlex.split(_ACQUISITION_FLAGS.value),
-             shlex.split(_TRAIN_STEP_FLAGS.value))
+  try:
+    rows = run(_QUICK.value, _DTYPE.value,
+               shlex.split(_ACQUISITION_FLAGS.value),
+               shlex.split(_TRAIN_STEP_FLAGS.value))
+  except FlagsNotAccepted as e:  # Before any benchmark has run.
+    print(f"compare: {e} Fix --acquisition_flags / --train_step_flags.",
+          file=sys.stderr)
+    sys.exit(2)
   print(table(rows))
   append_rows(path, rows)
   print(f"\nAppended {len(rows)} rows to {path}")
