@@ -422,3 +422,34 @@ def test_float32_products_ask_for_full_precision():
   bad = {name: _low_precision_f32_products(text)
          for name, text in lowered.items()}
   assert not {name: lines for name, lines in bad.items() if lines}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_laying_out_allocates_nothing_pool_sized(dtype):
+  """The programs that lay a pool out (row statistics, re-layout, host
+  pieces) need temporaries far below the pool's bytes: no second copy."""
+  if dtype == "bfloat16" and jax.default_backend() == "cpu":
+    pytest.skip("XLA's CPU backend computes bfloat16 in float32: any pass "
+                "over a bfloat16 array gets a float32 copy there.")
+  mesh = sharding.make_mesh()
+  n, dim = 1 << 15, 128
+  pool = layout_lib.pool_layout(n, mesh, 1024)
+  rows = jax.ShapeDtypeStruct((pool.padded_rows, dim), dtype,
+                              sharding=sharding.row_sharding(mesh))
+  count = jax.ShapeDtypeStruct((), jnp.int32,
+                               sharding=sharding.replicated(mesh))
+  pool_bytes = rows.size * jnp.dtype(dtype).itemsize // mesh.size
+  piece = jax.ShapeDtypeStruct((1024, dim), dtype,
+                               sharding=sharding.replicated(mesh))
+  programs = {
+      "_row_stats": layout_lib._row_stats.lower(
+          rows, count, shape=pool.shape, normalize=True),
+      "_relayout": layout_lib._relayout.lower(
+          jax.ShapeDtypeStruct((n, dim), jnp.float32), count,
+          shape=pool.shape, dtype=jnp.dtype(dtype)),
+      "_write_chunk": layout_lib._write_chunk.lower(
+          rows, piece, count, shape=pool.shape, dtype=jnp.dtype(dtype))}
+  for name, lowered in programs.items():
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    # Per-row vectors (scale, norms, indices: 16 bytes a row) are expected.
+    assert temp < pool_bytes / 4, (name, temp, pool_bytes)
