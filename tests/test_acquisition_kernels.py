@@ -453,3 +453,42 @@ def test_laying_out_allocates_nothing_pool_sized(dtype):
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     # Per-row vectors (scale, norms, indices: 16 bytes a row) are expected.
     assert temp < pool_bytes / 4, (name, temp, pool_bytes)
+
+
+def test_auto_tiling_per_backend_and_memory():
+  gib = 1 << 30
+  # CPU: today's tuned values, whatever the pool or memory.
+  for n in (10, 10**6, 10**8):
+    assert layout_lib.auto_tiling("cpu", None, n, 768, "float32") == (
+        layout_lib.CPU_TILING)
+  assert layout_lib.CPU_TILING == layout_lib.Tiling(1024, 16)
+  # Accelerators with room: 8192-wide tiles, 64 picks per pass.
+  for backend, memory in (("gpu", 80 * gib), ("tpu", 16 * gib),
+                          ("gpu", None)):
+    assert layout_lib.auto_tiling(backend, memory, 12_800_000, 768,
+                                  "bfloat16") == layout_lib.Tiling(8192, 64)
+  # A tile's working set (3 float32 tiles + 2 row blocks) within 1/16 of
+  # the memory: 8192 needs ~0.8 GB, 4096 ~0.2 GB; never below 1024.
+  tiling = lambda memory: layout_lib.auto_tiling(
+      "gpu", memory, 10**7, 768, "float32").block
+  assert tiling(16 * gib) == 8192
+  assert tiling(8 * gib) == 4096
+  assert tiling(gib // 8) == 1024
+  # A pool smaller than a tile: the tile shrinks to it.
+  assert layout_lib.auto_tiling("gpu", 80 * gib, 3000, 768,
+                                "bfloat16").block == 4096
+
+
+def test_auto_block_on_this_backend():
+  x = _gaussian(300, 8, 0)
+  pool = layout_lib.shard_rows(x)
+  want = layout_lib.device_tiling(pool.layout.mesh, 300, 8, np.float32)
+  assert kernels.pool_block("auto", pool) == want.block
+  assert kernels.resolve_picks_per_pass("auto", pool) == want.picks_per_pass
+  assert kernels.pool_block(64, pool) == 64
+  with pytest.raises(ValueError, match="block must be"):
+    layout_lib.check_block("big")
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(
+        kcenter_greedy(x, 20), kcenter_greedy(x, 20, block=1024,
+                                              picks_per_pass=16))

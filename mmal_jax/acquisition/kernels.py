@@ -145,6 +145,7 @@ def host_operand(x, pool: ShardedRows, *, block: int, name: str,
     raise ValueError(f"{name} have dimension {x.shape[1]}, {pool_has} "
                      f"{pool.dim}.")
   x = np.asarray(x, np.float32)
+  block = pool_block(block, pool)
   bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
   if bad.size:
     raise ValueError(f"{name} has NaN or inf values in {bad.size} row(s), "
@@ -161,11 +162,20 @@ def host_operand(x, pool: ShardedRows, *, block: int, name: str,
                  sharding.put_global(np.int32(n), replicated), n, chunk)
 
 
-def gather_rows(pool: ShardedRows, indices, *, block: int = DEFAULT_BLOCK
-                ) -> Operand:
+def pool_block(block, pool: ShardedRows) -> int:
+  """The tile edge for operands of `pool`: `block`, or for "auto" the one
+  `layout.device_tiling` chose for the pool."""
+  return layout_lib.resolve_block(block, pool.layout.mesh,
+                                  pool.layout.num_rows, pool.dim,
+                                  pool.rows.dtype)
+
+
+def gather_rows(pool: ShardedRows, indices, *,
+                block: int | str = DEFAULT_BLOCK) -> Operand:
   """Rows `indices` of a laid-out pool (scaled), as an `Operand`."""
   indices = np.asarray(indices, np.int64).reshape(-1)
   n = indices.size
+  block = pool_block(block, pool)
   chunk, num_chunks = layout_lib.pow2_capacity(n, block)
   padded = np.zeros(chunk * num_chunks, np.int32)
   padded[:n] = indices
@@ -282,7 +292,7 @@ def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
 
 def min_distance(x, centers, *, metric: str = "euclidean",
                  mesh: Mesh | None = None,
-                 block: int = DEFAULT_BLOCK) -> np.ndarray:
+                 block: int | str = DEFAULT_BLOCK) -> np.ndarray:
   """Distance of each row of `x` to its nearest row of `centers`.
 
   Args:
@@ -291,7 +301,8 @@ def min_distance(x, centers, *, metric: str = "euclidean",
     metric: "euclidean" (||x - c||) or "cosine" (sklearn's
       `cosine_distances`: rows are normalised first).
     mesh: the device mesh (default: all devices); rows of `x` are split over it.
-    block: tile edge; no more than `block x block` distances exist at once.
+    block: tile edge; no more than `block x block` distances exist at once;
+      "auto" (default): `layout.auto_tiling`'s for the backend and memory.
 
   Returns:
     `(N,)` float32 numpy, +inf everywhere if `centers` is empty. Cost:
@@ -308,7 +319,7 @@ def min_distance(x, centers, *, metric: str = "euclidean",
 
 def covering_radius(x, centers, *, metric: str = "euclidean",
                     mesh: Mesh | None = None,
-                    block: int = DEFAULT_BLOCK) -> float:
+                    block: int | str = DEFAULT_BLOCK) -> float:
   """max_i min_c d(x_i, c): how far the worst-covered row is from `centers`.
 
   Same arguments and cost as `min_distance`; +inf if `centers` is empty,
@@ -534,17 +545,30 @@ def _distance_to_mean_kernel(rows, scale, sq_norms, eligible, *, shape,
       rows, scale, sq_norms, eligible)
 
 
-DEFAULT_PICKS_PER_PASS = 16
+# "auto": `layout.auto_tiling`'s choice for the backend (16 on CPU).
+DEFAULT_PICKS_PER_PASS = layout_lib.AUTO
 
 
-def check_picks_per_pass(picks_per_pass) -> int:
+def check_picks_per_pass(picks_per_pass) -> int | str:
+  """A positive whole number, or "auto"."""
+  if isinstance(picks_per_pass, str) and picks_per_pass == layout_lib.AUTO:
+    return picks_per_pass
   return layout_lib.check_count(picks_per_pass, "picks_per_pass", 1)
+
+
+def resolve_picks_per_pass(picks_per_pass, pool: ShardedRows) -> int:
+  """`picks_per_pass`, or for "auto" `layout.device_tiling`'s choice."""
+  picks_per_pass = check_picks_per_pass(picks_per_pass)
+  if picks_per_pass == layout_lib.AUTO:
+    return layout_lib.device_tiling(pool.layout.mesh, pool.layout.num_rows,
+                                    pool.dim, pool.rows.dtype).picks_per_pass
+  return picks_per_pass
 
 
 def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
                            init_dist: jax.Array | None,
                            metric: str = "euclidean",
-                           picks_per_pass: int = DEFAULT_PICKS_PER_PASS
+                           picks_per_pass: int | str = DEFAULT_PICKS_PER_PASS
                            ) -> np.ndarray:
   """Greedy k-center (Algorithm 2) on a laid-out pool.
 
@@ -559,7 +583,7 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
     metric: "euclidean" or "cosine".
     picks_per_pass: most picks made per pass over the pool (see
       `_greedy_kernel`: each is the pick plain greedy would make); 1 = one
-      pass per pick.
+      pass per pick; "auto": `layout.auto_tiling`'s for the backend.
 
   Returns:
     `(k,)` int32 numpy global row indices in pick order (ties: smallest
@@ -573,7 +597,7 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
       than k rows could be picked.
   """
   check_metric(metric)
-  picks_per_pass = check_picks_per_pass(picks_per_pass)
+  picks_per_pass = resolve_picks_per_pass(picks_per_pass, pool)
   if k == 0:
     return np.zeros((0,), np.int32)
   capacity = layout_lib.next_pow2(k)
@@ -610,8 +634,8 @@ def check_mask(mask, n: int, name: str) -> np.ndarray:
 
 
 def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
-                   mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
-                   picks_per_pass: int = DEFAULT_PICKS_PER_PASS
+                   mesh: Mesh | None = None, block: int | str = DEFAULT_BLOCK,
+                   picks_per_pass: int | str = DEFAULT_PICKS_PER_PASS
                    ) -> np.ndarray:
   """Greedy k-center (Sener & Savarese 2018), Algorithm 2 of the spec.
 
@@ -747,7 +771,7 @@ def _margins(top1, top2):
 
 
 def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
-                block: int = DEFAULT_BLOCK) -> np.ndarray:
+                block: int | str = DEFAULT_BLOCK) -> np.ndarray:
   """For each query, top-1 minus top-2 of its inner products with the keys.
 
   Args:
