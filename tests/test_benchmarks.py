@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import pytest
+
 from mmal_jax import fs
 
 
@@ -81,3 +84,41 @@ def test_input_pipeline_benchmark(tmp_path):
     rates = result["images_per_s"][name]
     assert len(rates["all"]) == 5 and rates["min"] > 0
   assert result["machine"]["cpu_count"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(jax.device_count() > 1, reason="1-device pass only (one "
+                    "run of every part; the kernels' meshes are tested "
+                    "elsewhere)")
+def test_accelerator_check_quick(gcs_bucket, capsys):
+  from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
+  out = f"{gcs_bucket}/check"
+  accelerator_check.main([
+      f"--out={out}", "--quick", "--parts=kernels,round,train",
+      "--kernel_n=256", "--dim=16", "--dot_n=64", "--greedy_n=2048",
+      "--round_sizes=1500",
+      "--train_flags=--variant=mu/8 --text_variant=mu --res=16 "
+      "--batch={batch} --text_len=8 --steps=1 --warmup=1"])
+  printed = capsys.readouterr().out
+  for line in ("kernels: Q = N = 256", "greedy k-center: N = 2,048",
+               "mmal round with cache rebuild: N = 1,500", "train step:",
+               "Targets:"):
+    assert line in printed, line
+  results = json.loads(fs.read_text(f"{out}/accelerator_check.json"))
+  assert results["device_kind"] == jax.devices()[0].device_kind
+  assert results["kernels"]["tflops"]["jnp.dot"]["median"] > 0
+  assert results["kernels"]["greedy"]["picks_per_pass"] >= 1
+  assert results["round"]["1500"]["matmul_s_at_dot_rate"] > 0
+  assert results["train"]["step_ms"] > 0
+  verdicts = [t["verdict"] for t in results["targets"]]
+  assert len(verdicts) == 7 and set(verdicts) <= {"PASS", "MISS", "SKIP"}
+  assert printed.count("[PASS]") + printed.count("[MISS]") >= 2 * (
+      verdicts.count("PASS") + verdicts.count("MISS"))
+
+
+def test_accelerator_check_refuses_bad_flags(capsys):
+  from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    accelerator_check.parse_args(["--out=x", "--parts=kernels,gpu"])
+  assert exit_info.value.code == 2
+  assert "unknown --parts ['gpu']" in capsys.readouterr().err
