@@ -21,6 +21,7 @@ from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.acquisition import layout as layout_lib
+from mmal_jax.acquisition import pallas_kernels
 from mmal_jax.acquisition import strategies
 
 # Small tiles so that small pools still span many blocks and center chunks.
@@ -392,6 +393,12 @@ def _lowered_kernels():
       "cold_start._top_k_kernel": lambda m: _lowered(cold_start._top_k_kernel,
           pool.rows, pool.scale, pool.num_rows, mask, small.values,
           shape=shape, k=2),
+      "pallas_kernels.top2": lambda m: _lowered(
+          pallas_kernels.top2, small.values, small.values, dist[0, :8],
+          mask[0, :8], block_rows=8, block_cols=8, interpret=True),
+      "pallas_kernels.nearest": lambda m: _lowered(
+          pallas_kernels.nearest, small.values, dist[0, :8], small.values,
+          dist[0, :8], block_rows=8, block_cols=8, interpret=True),
       "cold_start._optimize_kernel": lambda m: _lowered(cold_start._optimize_kernel,
           pool.rows, pool.scale, pool.num_rows, mask,
           put(np.ones((4, 2, 3), np.float32)), key, shape=shape, budget=4,
@@ -411,7 +418,7 @@ def test_float32_products_ask_for_full_precision():
   for HIGHEST precision in every float32 product (bf16 pools: one bf16 pass
   accumulated in float32, which needs no request)."""
   modules = (kernels, layout_lib, kmeans_lib, badge_lib, strategies,
-             cold_start)
+             cold_start, pallas_kernels)
   jitted = {f"{module.__name__.rsplit('.', 1)[1]}.{name}"
             for module in modules for name, fn in vars(module).items()
             if callable(fn) and hasattr(fn, "lower") and hasattr(fn, "trace")}
@@ -492,3 +499,25 @@ def test_auto_block_on_this_backend():
     np.testing.assert_array_equal(
         kcenter_greedy(x, 20), kcenter_greedy(x, 20, block=1024,
                                               picks_per_pass=16))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_greedy_pass_copies_no_pool(batch):
+  """A greedy pass reads the pool where it lies: its runs of blocks are not
+  copied out as operands of the branches that skip padding (XLA:CPU may
+  still materialise the largest run, half the pool, for its product)."""
+  mesh = sharding.make_mesh()
+  pool = layout_lib.pool_layout(1 << 14, mesh, 1024)
+  row_spec = sharding.row_sharding(mesh)
+  blocked = lambda dtype: jax.ShapeDtypeStruct(
+      (pool.num_blocks, pool.rows_per_block), dtype, sharding=row_spec)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32,
+                                sharding=sharding.replicated(mesh))
+  rows = jax.ShapeDtypeStruct((pool.padded_rows, 64), jnp.float32,
+                              sharding=row_spec)
+  compiled = kernels._greedy_kernel.lower(
+      rows, blocked(jnp.float32), blocked(jnp.float32), scalar,
+      blocked(jnp.float32), scalar, shape=pool.shape, metric="euclidean",
+      capacity=64, first_replaces=False, batch=batch).compile()
+  pool_bytes = rows.size * 4 // mesh.size
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.75 * pool_bytes

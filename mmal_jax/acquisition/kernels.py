@@ -417,10 +417,14 @@ def _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq, valid,
 
   out = []
   for start, stop in _segments(blocks.shape[0]):
-    piece = tuple(a[start:stop] for a in (blocks, scale, sq_norms))
+    # The whole arrays go into the branch and are sliced there: slices
+    # passed as operands would each be copied out of the pool first.
     out.append(jax.lax.cond(
-        num_real > start, lambda p: run(*p),
-        lambda p: jnp.full(p[1].shape, jnp.inf, jnp.float32), piece))
+        num_real > start,
+        lambda a, start=start, stop=stop: run(*(x[start:stop] for x in a)),
+        lambda a, start=start, stop=stop: jnp.full(
+            (stop - start,) + a[1].shape[1:], jnp.inf, jnp.float32),
+        (blocks, scale, sq_norms)))
   return jnp.concatenate(out)
 
 
@@ -685,7 +689,7 @@ def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
 # Top-2 similarity margins.
 
 
-def _top2_update(t1, t2, sims):
+def top2_update(t1, t2, sims):
   """Folds a `(q, r)` tile into the running top-2 `(q,)` of each row.
 
   Three reductions XLA fuses with the product (no argmax): the tile's best,
@@ -722,7 +726,7 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
                                for a in (blocks, scale, key_valid))
         sims = dot("qd,rd->qr", q, k)
         sims = jnp.where(k_valid[None, :], sims * k_scale[None, :], -jnp.inf)
-        return _top2_update(*carry, sims)
+        return top2_update(*carry, sims)
 
       init = jnp.full((2, query_chunk), -jnp.inf, jnp.float32)
       top = jax.lax.fori_loop(0, num_real, one_key_block, (init[0], init[1]))

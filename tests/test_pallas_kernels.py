@@ -1,0 +1,83 @@
+"""The Pallas tile reductions, in interpret mode, against the references of
+the XLA kernels (tests/acquisition_reference.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import acquisition_reference as ref
+from mmal_jax.acquisition import pallas_kernels
+
+
+def _gaussian(n, d, seed):
+  return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _integers(n, d, seed, high=2):
+  rng = np.random.default_rng(seed)
+  return rng.integers(-high, high + 1, (n, d)).astype(np.float32)
+
+
+def _margins(queries, keys, mask):
+  top1, top2 = pallas_kernels.top2(
+      jnp.asarray(queries), jnp.asarray(keys),
+      jnp.ones(len(keys), jnp.float32), jnp.asarray(mask), block_rows=16,
+      block_cols=32, interpret=True)
+  top1, top2 = np.asarray(top1), np.asarray(top2)
+  return np.where(top2 == -np.inf, np.inf, top1 - top2)
+
+
+def test_top2_matches_reference():
+  queries, keys = _gaussian(48, 8, 0), _gaussian(96, 8, 1)
+  mask = np.random.default_rng(2).random(96) < 0.7
+  np.testing.assert_allclose(_margins(queries, keys, mask),
+                             ref.top2_margin(queries, keys, mask),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_top2_exact_ties_and_too_few_keys():
+  queries, keys = _integers(32, 4, 3), _integers(64, 4, 4)
+  mask = np.random.default_rng(5).random(64) < 0.6
+  # Integer products are exact: bit equality on any backend.
+  np.testing.assert_array_equal(
+      _margins(queries, keys, mask),
+      ref.top2_margin(queries, keys, mask).astype(np.float32))
+  dup = np.concatenate([keys[:63], keys[:1]])  # The best key, twice.
+  assert _margins(keys[:16], dup, np.ones(64, bool))[0] == 0
+  one = np.zeros(64, bool)
+  one[40] = True
+  assert (_margins(queries, keys, one) == np.inf).all()
+
+
+@pytest.mark.parametrize("integers", [False, True])
+def test_nearest_center_matches_reference(integers):
+  make = _integers if integers else _gaussian
+  x, centers = make(64, 5, 6), make(64, 5, 7)
+  valid = np.arange(64) < 41  # Padding centers past the real 41.
+  bias = np.where(valid, np.einsum("cd,cd->c", centers, centers), np.inf)
+  best, idx = pallas_kernels.nearest(
+      jnp.asarray(x), jnp.full(64, 2., jnp.float32), jnp.asarray(centers),
+      jnp.asarray(bias, jnp.float32), block_rows=16, block_cols=16,
+      interpret=True)
+  assert np.isfinite(np.asarray(best)).all()
+  # As the XLA kernel: the distance recomputed to the chosen center.
+  dist = np.linalg.norm(x - centers[np.asarray(idx)], axis=1)
+  want = ref.min_distance(x, centers[:41]).astype(np.float32)
+  if integers and jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(dist.astype(np.float32), want)
+  else:
+    np.testing.assert_allclose(dist, want, rtol=1e-5, atol=1e-5)
+  # Ties go to the first center: duplicated centers never win.
+  dup = np.concatenate([centers[:32], centers[:32]])
+  _, idx = pallas_kernels.nearest(
+      jnp.asarray(x), jnp.full(64, 2., jnp.float32), jnp.asarray(dup),
+      jnp.asarray(np.einsum("cd,cd->c", dup, dup), jnp.float32),
+      block_rows=16, block_cols=16, interpret=True)
+  assert (np.asarray(idx) < 32).all()
+
+
+def test_no_valid_center():
+  best, _ = pallas_kernels.nearest(
+      jnp.ones((16, 4)), jnp.ones(16), jnp.ones((16, 4)),
+      jnp.full(16, jnp.inf), block_rows=16, block_cols=16, interpret=True)
+  assert (np.asarray(best) == -np.inf).all()
