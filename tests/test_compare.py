@@ -117,9 +117,15 @@ def _other_machine(rows):
 def test_quick_run_then_plot_beside_another_machine(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
   out = tmp_path / "cpu"
-  subprocess.run([sys.executable, "-m", "mmal_jax.benchmarks.compare",
-                  "--quick", f"--out={out}"], check=True, env=env,
-                 capture_output=True, text=True)
+  printed = subprocess.run(
+      [sys.executable, "-m", "mmal_jax.benchmarks.compare", "--quick",
+       f"--out={out}"], check=True, env=env, capture_output=True,
+      text=True).stdout
+  # Progress as it goes: compare's own lines and the benchmarks' output.
+  for line in ("[compare", "probing the devices",
+               "mmal_jax.benchmarks.acquisition --quick", "Targets:",
+               "mmal_jax.benchmarks.train_step", "examples_per_s"):
+    assert line in printed, line
   rows = compare.read_rows([str(out / compare.ROWS_FILE)])
   benchmarks = {r["benchmark"] for r in rows}
   assert {"acquisition/mmal", "acquisition/uncertainty", "kcenter_step",

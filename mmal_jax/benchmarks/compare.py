@@ -102,17 +102,24 @@ def probe(quick: bool, dtype: str | None) -> dict:
   return machine
 
 
-def _python(*args: str) -> str:
-  """Runs `python args` with this package importable; returns its stdout."""
+def _progress(message: str) -> None:
+  print(f"[compare {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _python(*args: str, stream: bool = False) -> str:
+  """Runs `python args` with this package importable; returns its stdout
+  (`stream`: lets its output through to this process' instead, as it
+  comes, and returns "")."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   result = subprocess.run([sys.executable, *args], env=env, text=True,
-                          capture_output=True)
+                          capture_output=not stream)
   if result.returncode:
-    raise RuntimeError(f"{' '.join(args[:3])} failed:\n{result.stderr[-3000:]}")
-  return result.stdout
+    raise RuntimeError(f"{' '.join(args[:3])} failed" + (
+        "" if stream else f":\n{result.stderr[-3000:]}"))
+  return result.stdout or ""
 
 
 def benchmark_flags(machine: dict, quick: bool) -> tuple[list, list]:
@@ -266,7 +273,9 @@ def train_step_rows(result: dict, machine: dict) -> list[dict]:
 
 def run(quick: bool, dtype: str | None = None, acquisition_flags=(),
         train_step_flags=()) -> list[dict]:
-  """Probes the devices, runs both benchmarks; returns their rows."""
+  """Probes the devices, runs both benchmarks (their output streamed as it
+  comes); returns their rows."""
+  _progress("probing the devices" + ("" if quick else " and their peaks"))
   machine = json.loads(_python(
       "-c", "import json, sys; from mmal_jax.benchmarks import compare; "
       f"print(json.dumps(compare.probe({quick!r}, {dtype!r})))"))
@@ -276,13 +285,17 @@ def run(quick: bool, dtype: str | None = None, acquisition_flags=(),
   acquisition += list(acquisition_flags)
   train += list(train_step_flags)
   # Every flag checked before the first (long) benchmark starts.
+  _progress(f"{machine['device_count']} x {machine['device_kind']}; "
+            f"checking the benchmarks' flags")
   check_flags(ACQUISITION, [acquisition + ["--out=x"]])
   check_flags(TRAIN_STEP, [train + ["--out=x"]])
   with tempfile.TemporaryDirectory() as tmp:
-    _python("-m", ACQUISITION, f"--out={tmp}", *acquisition)
+    _progress(f"{ACQUISITION} {' '.join(acquisition)}")
+    _python("-m", ACQUISITION, f"--out={tmp}", *acquisition, stream=True)
     rows = acquisition_rows(
         json.loads(fs.read_text(os.path.join(tmp, "results.json"))), machine)
-    _python("-m", TRAIN_STEP, f"--out={tmp}", *train)
+    _progress(f"{TRAIN_STEP} {' '.join(train)}")
+    _python("-m", TRAIN_STEP, f"--out={tmp}", *train, stream=True)
     rows += train_step_rows(
         json.loads(fs.read_text(os.path.join(tmp, "train_step.json"))),
         machine)
