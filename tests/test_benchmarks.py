@@ -110,6 +110,13 @@ def test_accelerator_check_quick(gcs_bucket, capsys):
   assert results["kernels"]["greedy"]["picks_per_pass"] >= 1
   assert results["round"]["1500"]["matmul_s_at_dot_rate"] > 0
   assert results["train"]["step_ms"] > 0
+  rows = [json.loads(line) for line in
+          fs.read_text(f"{out}/compare.jsonl").splitlines()]
+  assert {r["benchmark"] for r in rows} == {
+      "accelerator_check/top2_margin", "accelerator_check/min_distance",
+      "accelerator_check/jnp.dot", "accelerator_check/greedy_one_pass_per_pick",
+      "accelerator_check/greedy_default_per_pick",
+      "accelerator_check/mmal_round_rebuild", "train_step"}
   verdicts = [t["verdict"] for t in results["targets"]]
   assert len(verdicts) == 7 and set(verdicts) <= {"PASS", "MISS", "SKIP"}
   assert printed.count("[PASS]") + printed.count("[MISS]") >= 2 * (

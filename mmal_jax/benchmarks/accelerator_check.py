@@ -4,7 +4,8 @@ r"""One command that checks issue 16's targets on the accelerator at hand.
 
 Parts, in order, each printing progress as it goes and its targets with
 value and PASS / MISS, then rewriting DIR/accelerator_check.json (through
-`mmal_jax.fs`, so DIR may be gs://):
+`mmal_jax.fs`, so DIR may be gs://); at the end, rows in the schema of
+`benchmarks.compare` go to DIR/compare.jsonl (for `compare --plot`):
 
 1. tests: the kernel tests' device subset (`pytest -k --tests_k` over
    tests/test_acquisition_kernels.py and tests/test_strategies.py), in a
@@ -49,6 +50,7 @@ from mmal_jax import sharding
 from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
+from mmal_jax.benchmarks import compare
 from mmal_jax.benchmarks import timing
 from mmal_jax.benchmarks import train_step as train_step_bench
 
@@ -264,6 +266,38 @@ def train_step(flags: list[str]) -> dict:
     return json.loads(fs.read_text(os.path.join(tmp, "train_step.json")))
 
 
+def compare_rows(results: dict, machine: dict) -> list[dict]:
+  """`results` as rows of `benchmarks.compare` (its compare.jsonl schema),
+  against `machine`'s peaks (`compare.probe`)."""
+  rows = []
+  rates = results.get("kernels")
+  if rates:
+    peak = compare._total_peak(machine, "peak_tflops")  # pylint: disable=protected-access
+    for name in ("top2_margin", "min_distance", "jnp.dot"):
+      tflops = rates["tflops"][name]["median"]
+      n = rates["dot_n"] if name == "jnp.dot" else rates["n"]
+      rows.append(compare._row(  # pylint: disable=protected-access
+          machine, f"accelerator_check/{name}", n=n, d=rates["dim"],
+          dtype=rates["dtype"], seconds=2. * n * n * rates["dim"] / (
+              tflops * 1e12), achieved=tflops,
+          unit="TFLOP/s", peak=peak,
+          fraction_of_peak=tflops / peak if peak else None))
+    greedy = rates["greedy"]
+    for name in ("one_pass_per_pick_s", "default_per_pick_s"):
+      rows.append(compare._row(  # pylint: disable=protected-access
+          machine, f"accelerator_check/greedy_{name[:-2]}", n=greedy["n"],
+          d=rates["dim"], dtype=rates["dtype"],
+          seconds=greedy[name]["median"]))
+  for n, r in (results.get("round") or {}).items():
+    rows.append(compare._row(  # pylint: disable=protected-access
+        machine, "accelerator_check/mmal_round_rebuild", n=int(n),
+        d=results["dim"], dtype=results["dtype"],
+        seconds=r["seconds"]["median"]))
+  if results.get("train"):
+    rows += compare.train_step_rows(results["train"], machine)
+  return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True,
@@ -312,7 +346,7 @@ def main(argv=None):
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "loadavg": os.getloadavg(), "quick": args.quick, "dtype": dtype,
-      "repeats": args.repeats, "targets": []}
+      "repeats": args.repeats, "dim": dim, "targets": []}
   _progress(f"Accelerator check on {jax.device_count()} x "
             f"{device.device_kind} ({device.platform}), jax {jax.__version__}"
             f", {dtype}, load {results['loadavg']}")
@@ -385,6 +419,13 @@ def main(argv=None):
     _target(results, f"train step compile s <= {TARGET_FIRST_STEP_S}",
             step["compile_s"], step["compile_s"] <= TARGET_FIRST_STEP_S)
     _write(args.out, results)
+  machine = compare.probe(args.quick, dtype)
+  machine.update(quick=args.quick, date=results["date"])
+  rows = compare_rows(results, machine)
+  compare.append_rows(os.path.join(args.out, compare.ROWS_FILE), rows)
+  _progress(f"appended {len(rows)} rows to "
+            f"{os.path.join(args.out, compare.ROWS_FILE)} "
+            f"(python -m mmal_jax.benchmarks.compare --plot --out DIR)")
   print("\nTargets:")
   for t in results["targets"]:
     shown = "-" if t["value"] is None else f"{t['value']:.3g}"
