@@ -44,6 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from mmal_jax import fs
 from mmal_jax import sharding
@@ -93,21 +94,38 @@ def _write(out: str, results: dict) -> None:
   fs.write_text(os.path.join(out, RESULTS_FILE), json.dumps(results, indent=2))
 
 
+# Rows generated per step of `random_pool`: its float32 temporaries stay
+# small next to a pool of millions of rows.
+_GENERATE_ROWS = 1 << 16
+
+
 def random_pool(n: int, dim: int, dtype, mesh, seed: int
                 ) -> layout_lib.ShardedRows:
   """`n` unit-norm Gaussian rows generated on the devices, already in the
-  kernels' layout (padding rows zero), laid out without a copy. Cost: one
-  write of the pool."""
+  kernels' layout (padding rows zero), laid out without a copy. Each device
+  writes its own rows, `_GENERATE_ROWS` at a time. Cost: one write of the
+  pool."""
   pool = layout_lib.pool_layout(n, mesh, layout_lib.DEFAULT_BLOCK, dim, dtype)
+  local_rows = pool.padded_rows // mesh.size
+  step = min(local_rows, _GENERATE_ROWS)  # Powers of two: step divides.
+  spec = sharding.row_spec()
 
-  @jax.jit
-  def generate(key):
-    x = jax.random.normal(key, (pool.padded_rows, dim), jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True))
-    x = jnp.where((jnp.arange(pool.padded_rows) < n)[:, None], x, 0.)
-    return jax.lax.with_sharding_constraint(x.astype(dtype),
-                                            sharding.row_sharding(mesh))
+  def local(key):
+    first = layout_lib.first_global_row(local_rows)
 
+    def body(c, out):
+      x = jax.random.normal(jax.random.fold_in(key, first + c * step),
+                            (step, dim), jnp.float32)
+      x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True))
+      real = first + c * step + jnp.arange(step) < n
+      x = jnp.where(real[:, None], x, 0.).astype(dtype)
+      return jax.lax.dynamic_update_slice_in_dim(out, x, c * step, 0)
+
+    return jax.lax.fori_loop(0, local_rows // step, body,
+                             jnp.zeros((local_rows, dim), dtype))
+
+  generate = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(),
+                                   out_specs=spec, check_vma=False))
   rows = generate(jax.random.PRNGKey(seed))
   return layout_lib.shard_rows(rows, mesh, num_rows=n)
 

@@ -416,7 +416,7 @@ def main(argv):
                shlex.split(_ACQUISITION_FLAGS.value),
                shlex.split(_TRAIN_STEP_FLAGS.value))
   except FlagsNotAccepted as e:  # Before any benchmark has run.
-    print(f"compare: {e} Fix --acquisition_flags / --train_step_flags.",
+    print(f"compare: {e}. Fix --acquisition_flags / --train_step_flags.",
           file=sys.stderr)
     sys.exit(2)
   print(table(rows))
