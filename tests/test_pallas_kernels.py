@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import acquisition_reference as ref
+from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import pallas_kernels
 
-# Single-device kernels: the 8-device CI pass would repeat the same run.
-pytestmark = pytest.mark.skipif(jax.device_count() > 1,
-                                reason="1-device pass only")
+# Single-device calls: the 8-device CI pass would repeat the same run.
+_ONE_DEVICE_PASS = pytest.mark.skipif(jax.device_count() > 1,
+                                      reason="1-device pass only")
 
 
 def _gaussian(n, d, seed):
@@ -31,6 +32,7 @@ def _margins(queries, keys, mask):
   return np.where(top2 == -np.inf, np.inf, top1 - top2)
 
 
+@_ONE_DEVICE_PASS
 def test_top2_matches_reference():
   queries, keys = _gaussian(48, 8, 0), _gaussian(96, 8, 1)
   mask = np.random.default_rng(2).random(96) < 0.7
@@ -39,6 +41,7 @@ def test_top2_matches_reference():
                              rtol=1e-5, atol=1e-5)
 
 
+@_ONE_DEVICE_PASS
 def test_top2_exact_ties_and_too_few_keys():
   queries, keys = _integers(32, 4, 3), _integers(64, 4, 4)
   mask = np.random.default_rng(5).random(64) < 0.6
@@ -53,6 +56,7 @@ def test_top2_exact_ties_and_too_few_keys():
   assert (_margins(queries, keys, one) == np.inf).all()
 
 
+@_ONE_DEVICE_PASS
 @pytest.mark.parametrize("integers", [False, True])
 def test_nearest_center_matches_reference(integers):
   make = _integers if integers else _gaussian
@@ -80,8 +84,25 @@ def test_nearest_center_matches_reference(integers):
   assert (np.asarray(idx) < 32).all()
 
 
+@_ONE_DEVICE_PASS
 def test_no_valid_center():
   best, _ = pallas_kernels.nearest(
       jnp.ones((16, 4)), jnp.ones(16), jnp.ones((16, 4)),
       jnp.full(16, jnp.inf), block_rows=16, block_cols=16, interpret=True)
   assert (np.asarray(best) == -np.inf).all()
+
+
+def test_sharded_top2_margin_through_pallas():
+  """`top2_margin(impl="pallas")`: the sharded path with the Pallas tile
+  reduction gives the XLA path's margins (same tiles: the same bits on CPU)."""
+  queries, keys = _gaussian(37, 8, 8), _gaussian(203, 8, 9)
+  mask = np.random.default_rng(10).random(203) < 0.8
+  xla = kernels.top2_margin(queries, keys, key_mask=mask, block=16)
+  pallas = kernels.top2_margin(queries, keys, key_mask=mask, block=16,
+                               impl="pallas")
+  np.testing.assert_allclose(pallas, ref.top2_margin(queries, keys, mask),
+                             rtol=1e-5, atol=1e-5)
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(pallas, xla)
+  with pytest.raises(ValueError, match="Unknown impl"):
+    kernels.top2_margin(queries, keys, impl="triton")

@@ -133,7 +133,7 @@ class Operand:
   chunk: int
 
 
-def host_operand(x, pool: ShardedRows, *, block: int, name: str,
+def host_operand(x, pool: ShardedRows, *, block: int | str, name: str,
                  pool_has: str, normalize: bool) -> Operand:
   """A user's `(n, D)` array as an `Operand` for kernels over `pool`.
 
@@ -705,13 +705,44 @@ def top2_update(t1, t2, sims):
           jnp.maximum(jnp.minimum(t1, best), jnp.maximum(t2, second)))
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "query_chunk"))
+IMPLS = ("xla", "pallas")
+
+
+def check_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown impl {impl!r}; expected one of {IMPLS}.")
+  return impl
+
+
+def _merge_top2(top1, top2):
+  """Merges each device's top-2 over the mesh with max/min only (inside
+  `shard_map`): the global second best is the global best again if two
+  devices hold it, else the best of the others' bests and the holder's own
+  second best."""
+  best = jax.lax.pmax(top1, _AXIS)
+  holders = jax.lax.psum((top1 == best).astype(jnp.int32), _AXIS)
+  runner_up = jax.lax.pmax(jnp.where(top1 == best, top2, top1), _AXIS)
+  return best, jnp.where(holders >= 2, best, runner_up)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "query_chunk", "impl"))
 def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
-                 shape, query_chunk):
+                 shape, query_chunk, impl="xla"):
   """(Qp,) top-1 and top-2 inner products of each query over the valid keys."""
   dim = queries.shape[-1]
   chunks = queries.astype(rows.dtype).reshape(-1, query_chunk, dim)
   num_chunks = (num_queries + query_chunk - 1) // query_chunk
+
+  def local_pallas(chunks, rows, scale, key_valid, num_rows):
+    # Imported here: pallas_kernels builds on this module.
+    from mmal_jax.acquisition import pallas_kernels  # pylint: disable=g-import-not-at-top
+    del num_rows  # Padding keys are invalid: they add -inf only.
+    top1, top2 = pallas_kernels.top2(
+        chunks.reshape(-1, dim), rows, scale.reshape(-1),
+        key_valid.reshape(-1), block_rows=query_chunk,
+        block_cols=shape.rows_per_block,
+        interpret=shape.mesh.devices.flat[0].platform == "cpu")
+    return _merge_top2(top1, top2)
 
   def local(chunks, rows, scale, key_valid, num_rows):
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
@@ -734,29 +765,26 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
 
     out = jnp.full((2, chunks.shape[0], query_chunk), -jnp.inf, jnp.float32)
     top1, top2 = jax.lax.fori_loop(0, num_chunks, one_query_chunk, out)
-    top1, top2 = top1.reshape(-1), top2.reshape(-1)
-    # Merge over devices with max/min only: the global second best is the
-    # global best again if two devices hold it, else the best of the others'
-    # bests and the holder's own second best.
-    best = jax.lax.pmax(top1, _AXIS)
-    holders = jax.lax.psum((top1 == best).astype(jnp.int32), _AXIS)
-    runner_up = jax.lax.pmax(jnp.where(top1 == best, top2, top1), _AXIS)
-    return best, jnp.where(holders >= 2, best, runner_up)
+    return _merge_top2(top1.reshape(-1), top2.reshape(-1))
 
-  return _shard_map(local, shape.mesh,
+  return _shard_map(local if impl == "xla" else local_pallas, shape.mesh,
                     (_REPLICATED, _ROWS, _ROWS, _ROWS, _REPLICATED),
                     (_REPLICATED, _REPLICATED))(
                         chunks, rows, scale, key_valid, num_rows)
 
 
 def top2_margin_sharded(queries: Operand, keys: ShardedRows,
-                        key_valid: jax.Array) -> jax.Array:
+                        key_valid: jax.Array, *, impl: str = "xla"
+                        ) -> jax.Array:
   """Top-1 minus top-2 inner product of each query over the valid keys.
 
   Args:
     queries: the queries (`host_operand` / `gather_rows`), scaled like keys.
     keys: the laid-out keys, `N` rows.
     key_valid: `(num_blocks, rows_per_block)` bool, keys that count.
+    impl: "xla" (every backend), or "pallas": `pallas_kernels.top2`, the
+      reduction fused into the product's epilogue (interpreted on CPU; not
+      yet compiled on a GPU/TPU), over every local block, padding included.
 
   Returns:
     `(Qp,)` float32 replicated, Qp >= Q the padded query count; margins >= 0
@@ -765,7 +793,8 @@ def top2_margin_sharded(queries: Operand, keys: ShardedRows,
   """
   top1, top2 = _top2_kernel(
       queries.values, queries.count, keys.rows, keys.scale, key_valid,
-      keys.num_rows, shape=keys.layout.shape, query_chunk=queries.chunk)
+      keys.num_rows, shape=keys.layout.shape, query_chunk=queries.chunk,
+      impl=check_impl(impl))
   return _margins(top1, top2)
 
 
@@ -775,7 +804,8 @@ def _margins(top1, top2):
 
 
 def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
-                block: int | str = DEFAULT_BLOCK) -> np.ndarray:
+                block: int | str = DEFAULT_BLOCK, impl: str = "xla"
+                ) -> np.ndarray:
   """For each query, top-1 minus top-2 of its inner products with the keys.
 
   Args:
@@ -783,6 +813,7 @@ def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
     keys: `(N, D)` floating array; rows are split over the mesh.
     key_mask: optional `(N,)` bool; False keys are ignored.
     mesh, block: as in `min_distance`.
+    impl: "xla" or "pallas" (see `top2_margin_sharded`).
 
   Returns:
     `(Q,)` float32 numpy margins (>= 0; 0 for tied best keys), +inf where
@@ -796,5 +827,5 @@ def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
   queries = host_operand(queries, keys, block=block, name="queries",
                          pool_has="keys have", normalize=False)
   margins = top2_margin_sharded(
-      queries, keys, layout_lib.shard_mask(key_mask, keys.layout))
+      queries, keys, layout_lib.shard_mask(key_mask, keys.layout), impl=impl)
   return np.asarray(margins)[:queries.size]
