@@ -106,3 +106,17 @@ def test_sharded_top2_margin_through_pallas():
     np.testing.assert_array_equal(pallas, xla)
   with pytest.raises(ValueError, match="Unknown impl"):
     kernels.top2_margin(queries, keys, impl="triton")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_sharded_min_distance_through_pallas(metric):
+  x, centers = _gaussian(203, 8, 11), _gaussian(41, 8, 12)
+  xla = kernels.min_distance(x, centers, metric=metric, block=16)
+  pallas = kernels.min_distance(x, centers, metric=metric, block=16,
+                                impl="pallas")
+  np.testing.assert_allclose(pallas, ref.min_distance(x, centers, metric),
+                             rtol=1e-5, atol=1e-5)
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(pallas, xla)
+  empty = kernels.min_distance(x, centers[:0], block=16, impl="pallas")
+  assert (empty == np.inf).all()

@@ -212,9 +212,9 @@ def _replicate(blocked, *, shape: PoolLayout):
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("shape", "metric", "center_chunk"))
+                   static_argnames=("shape", "metric", "center_chunk", "impl"))
 def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
-                         shape, metric, center_chunk):
+                         shape, metric, center_chunk, impl="xla"):
   """(blocks, rb) distance of every row to its nearest center (+inf if none)."""
   dim = rows.shape[-1]
   dtype = rows.dtype
@@ -226,6 +226,33 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
   num_chunks = (num_centers + center_chunk - 1) // center_chunk
   chunks = (centers.astype(dtype).reshape(-1, center_chunk, dim),
             bias.reshape(-1, center_chunk))
+
+  def finish(centers, x, x_scale, best, best_idx):
+    """A block's distances from its best scores and their centers."""
+    if metric == "euclidean":
+      # ||x||^2 + ||c||^2 - 2<x,c> cancels badly for close pairs: recompute
+      # the distance to the chosen center directly (exact 0 for duplicates).
+      diff = x.astype(jnp.float32) * x_scale[:, None] - centers[best_idx]
+      dist = jnp.sqrt(jnp.sum(diff * diff, axis=1))
+    else:
+      dist = 1. - x_scale * best
+    return jnp.where(best > -jnp.inf, dist, jnp.inf)
+
+  def local_pallas(rows, scale, num_rows, centers, chunks):
+    # Imported here: pallas_kernels builds on this module.
+    from mmal_jax.acquisition import pallas_kernels  # pylint: disable=g-import-not-at-top
+    factor = (2. * scale if metric == "euclidean" else jnp.ones_like(scale))
+    best, best_idx = pallas_kernels.nearest(
+        rows, factor.reshape(-1), chunks[0].reshape(-1, dim),
+        chunks[1].reshape(-1), block_rows=shape.rows_per_block,
+        block_cols=center_chunk,
+        interpret=shape.mesh.devices.flat[0].platform == "cpu")
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    return over_real_blocks(functools.partial(finish, centers),
+                            num_local_blocks(num_rows, shape),
+                            jnp.inf, blocks, scale,
+                            best.reshape(scale.shape),
+                            best_idx.reshape(scale.shape))
 
   def local(rows, scale, num_rows, centers, chunks):
     def one_block(x, x_scale):
@@ -250,26 +277,20 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
           0, num_chunks, one_chunk,
           (jnp.full(x.shape[:1], -jnp.inf, jnp.float32),
            jnp.zeros(x.shape[:1], jnp.int32)))
-      if metric == "euclidean":
-        # ||x||^2 + ||c||^2 - 2<x,c> cancels badly for close pairs: recompute
-        # the distance to the chosen center directly (exact 0 for duplicates).
-        diff = x.astype(jnp.float32) * x_scale[:, None] - centers[best_idx]
-        dist = jnp.sqrt(jnp.sum(diff * diff, axis=1))
-      else:
-        dist = 1. - x_scale * best
-      return jnp.where(best > -jnp.inf, dist, jnp.inf)
+      return finish(centers, x, x_scale, best, best_idx)
 
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
     return over_real_blocks(one_block, num_local_blocks(num_rows, shape),
                              jnp.inf, blocks, scale)
 
-  return _shard_map(local, shape.mesh,
+  return _shard_map(local if impl == "xla" else local_pallas, shape.mesh,
                     (_ROWS, _ROWS, _REPLICATED, _REPLICATED, _REPLICATED),
                     _ROWS)(rows, scale, num_rows, centers, chunks)
 
 
 def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
-                         metric: str = "euclidean") -> jax.Array:
+                         metric: str = "euclidean", impl: str = "xla"
+                         ) -> jax.Array:
   """Distance of each pool row to its nearest center, in the pool's layout.
 
   Args:
@@ -277,6 +298,9 @@ def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
     centers: the centers (`host_operand` / `gather_rows`), C may be 0; scaled
       like the pool (normalised for a normalised pool).
     metric: "euclidean" or "cosine".
+    impl: "xla" (every backend), or "pallas": `pallas_kernels.nearest`, the
+      reduction fused into the product's epilogue (interpreted on CPU; not
+      yet compiled on a GPU/TPU), over every local block, padding included.
 
   Returns:
     `(num_blocks, rows_per_block)` float32, sharded like the pool; +inf where
@@ -287,12 +311,13 @@ def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
   return _min_distance_kernel(
       pool.rows, pool.scale, pool.num_rows, centers.values, centers.count,
       shape=pool.layout.shape, metric=metric,
-      center_chunk=centers.chunk)
+      center_chunk=centers.chunk, impl=check_impl(impl))
 
 
 def min_distance(x, centers, *, metric: str = "euclidean",
                  mesh: Mesh | None = None,
-                 block: int | str = DEFAULT_BLOCK) -> np.ndarray:
+                 block: int | str = DEFAULT_BLOCK,
+                 impl: str = "xla") -> np.ndarray:
   """Distance of each row of `x` to its nearest row of `centers`.
 
   Args:
@@ -303,6 +328,7 @@ def min_distance(x, centers, *, metric: str = "euclidean",
     mesh: the device mesh (default: all devices); rows of `x` are split over it.
     block: tile edge; no more than `block x block` distances exist at once;
       "auto" (default): `layout.auto_tiling`'s for the backend and memory.
+    impl: "xla" or "pallas" (see `min_distance_sharded`).
 
   Returns:
     `(N,)` float32 numpy, +inf everywhere if `centers` is empty. Cost:
@@ -313,7 +339,7 @@ def min_distance(x, centers, *, metric: str = "euclidean",
   pool = layout_lib.shard_rows(x, mesh, block=block, normalize=cosine)
   centers = host_operand(centers, pool, block=block, name="centers",
                          pool_has="the pool has", normalize=cosine)
-  return to_host(min_distance_sharded(pool, centers, metric=metric),
+  return to_host(min_distance_sharded(pool, centers, metric=metric, impl=impl),
                  pool.layout)
 
 
