@@ -94,7 +94,7 @@ def test_accelerator_check_quick(gcs_bucket, capsys):
   from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
   out = f"{gcs_bucket}/check"
   accelerator_check.main([
-      f"--out={out}", "--quick", "--parts=kernels,round,train",
+      f"--out={out}", "--quick", "--parts=kernels,round,train", "--pallas=yes",
       "--kernel_n=256", "--dim=16", "--dot_n=64", "--greedy_n=2048",
       "--round_sizes=1500",
       "--train_flags=--variant=mu/8 --text_variant=mu --res=16 "
@@ -114,11 +114,14 @@ def test_accelerator_check_quick(gcs_bucket, capsys):
           fs.read_text(f"{out}/compare.jsonl").splitlines()]
   assert {r["benchmark"] for r in rows} == {
       "accelerator_check/top2_margin", "accelerator_check/min_distance",
-      "accelerator_check/jnp.dot", "accelerator_check/greedy_one_pass_per_pick",
+      "accelerator_check/jnp.dot", "accelerator_check/top2_margin_pallas",
+      "accelerator_check/min_distance_pallas",
+      "accelerator_check/greedy_one_pass_per_pick",
       "accelerator_check/greedy_default_per_pick",
       "accelerator_check/mmal_round_rebuild", "train_step"}
   verdicts = [t["verdict"] for t in results["targets"]]
-  assert len(verdicts) == 7 and set(verdicts) <= {"PASS", "MISS", "SKIP"}
+  assert not results["kernels"]["pallas_errors"]
+  assert len(verdicts) == 9 and set(verdicts) <= {"PASS", "MISS", "SKIP"}
   assert printed.count("[PASS]") + printed.count("[MISS]") >= 2 * (
       verdicts.count("PASS") + verdicts.count("MISS"))
 

@@ -161,29 +161,46 @@ def run_tests(expression: str) -> dict:
 
 
 def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
-                 repeats: int) -> dict:
-  """Part 2: kernel rates and greedy picks against jnp.dot and a read pass."""
+                 repeats: int, pallas: bool = False) -> dict:
+  """Part 2: kernel rates and greedy picks against jnp.dot and a read pass;
+  with `pallas`, the kernels' Pallas forms too (`impl="pallas"`; one that
+  fails to compile is reported with its error, not timed)."""
   keys = random_pool(n, dim, dtype, mesh, 0)
   query_pool = random_pool(n, dim, jnp.float32, mesh, 1)
   queries = kernels.gather_rows(query_pool, np.arange(n))
   del query_pool
   valid = layout_lib.shard_mask(np.ones(n, np.bool_), keys.layout)
   a = jnp.ones((dot_n, dim), dtype)
-  flops = {"top2_margin": 2. * n * n * dim, "min_distance": 2. * n * n * dim,
-           "jnp.dot": 2. * dot_n * dot_n * dim}
+  contenders = {
+      "top2_margin": lambda: kernels.top2_margin_sharded(queries, keys, valid),
+      "min_distance": lambda: kernels.min_distance_sharded(keys, queries)}
+  pallas_errors = {}
+  if pallas:
+    for name, fn in (
+        ("top2_margin_pallas", lambda: kernels.top2_margin_sharded(
+            queries, keys, valid, impl="pallas")),
+        ("min_distance_pallas", lambda: kernels.min_distance_sharded(
+            keys, queries, impl="pallas"))):
+      try:
+        jax.block_until_ready(fn())
+        contenders[name] = fn
+      except Exception as e:  # pylint: disable=broad-except
+        pallas_errors[name] = f"{type(e).__name__}: {str(e)[:500]}"
+        _progress(f"{name} failed: {pallas_errors[name][:200]}")
+  kernel_names = list(contenders)
+  flops = {name: 2. * n * n * dim for name in kernel_names}
+  flops["jnp.dot"] = 2. * dot_n * dot_n * dim
   _progress(f"kernels: Q = N = {n:,}, D = {dim}, {jnp.dtype(dtype).name}, "
             f"jnp.dot {dot_n}^2 x {dim}")
   times = timing.interleaved({
-      "top2_margin": lambda: kernels.top2_margin_sharded(queries, keys, valid),
-      "min_distance": lambda: kernels.min_distance_sharded(keys, queries),
-      "jnp.dot": lambda: _dot(a, a),
+      **contenders, "jnp.dot": lambda: _dot(a, a),
       "read_pass": lambda: _read_pass(keys.rows)}, repeats)
   tflops = {name: timing.stats(
       [flops[name] / t / 1e12 for t in times[name]]) for name in flops}
   vs_dot = {name: timing.ratios(
       times["jnp.dot"], [t * flops["jnp.dot"] / flops[name]
                          for t in times[name]])
-            for name in ("top2_margin", "min_distance")}
+            for name in kernel_names}
   pool_bytes = keys.rows.size * keys.rows.dtype.itemsize
   read_gb_s = timing.stats(
       [pool_bytes / t / 1e9 for t in times["read_pass"]])
@@ -218,6 +235,7 @@ def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
       "n": n, "dim": dim, "dtype": jnp.dtype(dtype).name, "dot_n": dot_n,
       "block": kernels.pool_block(layout_lib.DEFAULT_BLOCK, pool),
       "tflops": tflops, "rate_vs_dot": vs_dot, "read_gb_s": read_gb_s,
+      "pallas_errors": pallas_errors,
       "greedy": {
           "n": greedy_n, "picks_per_pass": per_pass,
           "one_pass_per_pick_s": stats(one), "default_per_pick_s":
@@ -291,7 +309,7 @@ def compare_rows(results: dict, machine: dict) -> list[dict]:
   rates = results.get("kernels")
   if rates:
     peak = compare._total_peak(machine, "peak_tflops")  # pylint: disable=protected-access
-    for name in ("top2_margin", "min_distance", "jnp.dot"):
+    for name in rates["tflops"]:
       tflops = rates["tflops"][name]["median"]
       n = rates["dot_n"] if name == "jnp.dot" else rates["n"]
       rows.append(compare._row(  # pylint: disable=protected-access
@@ -330,6 +348,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       choices=["float32", "bfloat16"],
                       help="pool and train dtype (default: bfloat16 on "
                       "accelerators, float32 on CPU)")
+  parser.add_argument("--pallas", default=None, choices=["yes", "no"],
+                      help="also time the Pallas kernels (default: yes on "
+                      "accelerators; CPU runs them interpreted)")
   parser.add_argument("--tests_k", default=DEVICE_TESTS,
                       help="pytest -k expression of the device tests")
   for name in ("kernel_n", "dim", "dot_n", "greedy_n"):
@@ -380,10 +401,12 @@ def main(argv=None):
             tests["passed"])
     _write(args.out, results)
   if "kernels" in parts:
+    pallas = (device.platform != "cpu" if args.pallas is None
+              else args.pallas == "yes")
     rates = kernel_rates(args.kernel_n or mode["kernel_n"], dim,
                          args.dot_n or mode["dot_n"],
                          args.greedy_n or mode["greedy_n"], dtype, mesh,
-                         args.repeats)
+                         args.repeats, pallas)
     results["kernels"] = rates
     dot_tflops = rates["tflops"]["jnp.dot"]["median"]
     fmt = timing.fmt
@@ -396,7 +419,7 @@ def main(argv=None):
           f"({greedy['picks_per_pass']} per pass) "
           f"{fmt(greedy['default_per_pick_s'], 1e3, 3)} ms, read floor "
           f"{fmt(greedy['read_floor_s'], 1e3, 3)} ms")
-    for name in ("top2_margin", "min_distance"):
+    for name in rates["rate_vs_dot"]:
       ratio = rates["rate_vs_dot"][name]["median"]
       _target(results, f"{name} rate / jnp.dot rate >= {TARGET_RATE_VS_DOT}",
               ratio, ratio >= TARGET_RATE_VS_DOT)
