@@ -1,7 +1,10 @@
 """Kernels vs plain numpy references, on whatever devices this run has."""
+import re
+
 import hypothesis
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +15,14 @@ from mmal_jax.acquisition import covering_radius
 from mmal_jax.acquisition import kcenter_greedy
 from mmal_jax.acquisition import min_distance
 from mmal_jax.acquisition import top2_margin
+from mmal_jax import sharding
+from mmal_jax.acquisition import badge as badge_lib
+from mmal_jax.acquisition import cold_start
+from mmal_jax.acquisition import kernels
+from mmal_jax.acquisition import kmeans as kmeans_lib
+from mmal_jax.acquisition import layout as layout_lib
+from mmal_jax.acquisition import pallas_kernels
+from mmal_jax.acquisition import strategies
 
 # Small tiles so that small pools still span many blocks and center chunks.
 BLOCK = 16
@@ -46,11 +57,19 @@ def test_min_distance_duplicates_are_exactly_zero():
   assert (np.delete(got, [3, 17, 49]) > 0).all()
 
 
+def _assert_equal_to_numpy(got, want, ulps=1):
+  """Bit equality with numpy where it holds (CPU: XLA's sqrt is correctly
+  rounded, as numpy's); within `ulps` elsewhere (GPU sqrt is not)."""
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(got, want)
+  else:
+    np.testing.assert_array_max_ulp(got, want, maxulp=ulps)
+
+
 def test_min_distance_exact_on_integer_points():
   x, centers = _integers(90, 5, 4), _integers(30, 5, 5)
   got = np.asarray(min_distance(x, centers, block=BLOCK))
-  np.testing.assert_array_equal(
-      got, ref.min_distance(x, centers).astype(np.float32))
+  _assert_equal_to_numpy(got, ref.min_distance(x, centers).astype(np.float32))
 
 
 def test_cosine_is_sklearns_cosine_distances_on_unnormalised_input():
@@ -281,3 +300,224 @@ def test_shape_dtype_and_argument_errors():
     min_distance(x, x, block=4)
   with pytest.raises(ValueError, match="picks_per_pass must be a positive"):
     kcenter_greedy(x, 2, picks_per_pass=0)
+
+
+# --------------------------------------------------------------------------
+# Precision: float32 products must not run at TF32 (NVIDIA GPUs) or one
+# bf16 pass (TPUs). Only a GPU/TPU shows wrong picks; the lowered program
+# shows the request on any backend.
+
+_DOT_GENERAL = re.compile(r"stablehlo\.dot_general.*")
+
+
+def _low_precision_f32_products(hlo_text):
+  """The dot_general lines of `hlo_text` with float32 operands that do not
+  ask for full precision on both operands."""
+  bad = []
+  for line in _DOT_GENERAL.findall(hlo_text):
+    operands = re.search(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)", line)
+    assert operands, f"cannot read the operand types of: {line}"
+    if not all(t.endswith("xf32>") or t == "tensor<f32>"
+               for t in operands.groups()):
+      continue
+    if "precision = [HIGHEST, HIGHEST]" not in line:
+      bad.append(line.strip())
+  return bad
+
+
+def test_low_precision_f32_products_are_found():
+  x = jnp.ones((4, 3), jnp.float32)
+  default = jax.jit(lambda a: a @ a.T).lower(x).as_text()
+  highest = jax.jit(lambda a: jnp.dot(
+      a, a.T, precision=jax.lax.Precision.HIGHEST)).lower(x).as_text()
+  bf16 = jax.jit(lambda a: a @ a.T).lower(x.astype(jnp.bfloat16)).as_text()
+  assert len(_low_precision_f32_products(default)) == 1
+  assert not _low_precision_f32_products(highest)
+  assert not _low_precision_f32_products(bf16)
+
+
+# Jitted acquisition functions without products (copies, masks, elementwise).
+_NO_PRODUCTS = {
+    "kernels._gather", "kernels._replicate", "kernels._masked",
+    "kernels._margins", "layout._write_chunk", "layout._zeros",
+    "layout._relayout", "layout._row_stats", "strategies._masked_max",
+    "strategies._minimum", "strategies._add"}
+
+
+def _lowered(fn, *args, **kwargs):
+  """The StableHLO text of jitted `fn` on these arguments (not compiled)."""
+  return fn.lower(*args, **kwargs).as_text()
+
+
+def _lowered_kernels():
+  """{name: lowered text} of each kernel with products, on a float32 pool."""
+  pool = layout_lib.shard_rows(_gaussian(40, 6, 0), block=BLOCK)
+  shape, mesh = pool.layout.shape, pool.layout.mesh
+  put = lambda v: sharding.put_global(v, sharding.replicated(mesh))
+  blocked = np.ones(shape.num_blocks * shape.rows_per_block).reshape(
+      shape.num_blocks, -1)
+  mask = sharding.put_global(blocked.astype(bool),
+                             sharding.row_sharding(mesh))
+  dist = sharding.put_global(blocked.astype(np.float32),
+                             sharding.row_sharding(mesh))
+  small = kernels.host_operand(_gaussian(5, 6, 1), pool, block=BLOCK,
+                               name="c", pool_has="", normalize=False)
+  rows = (pool.rows, pool.scale, pool.sq_norms, pool.num_rows)
+  key = jax.random.PRNGKey(0)
+  lower = {
+      "kernels._min_distance_kernel": lambda m: _lowered(kernels._min_distance_kernel,
+          pool.rows, pool.scale, pool.num_rows, small.values, small.count,
+          shape=shape, metric=m, center_chunk=small.chunk),
+      "kernels._greedy_kernel": lambda m: [_lowered(kernels._greedy_kernel,
+          *rows, dist, put(np.int32(4)), shape=shape, metric=m, capacity=4,
+          first_replaces=first, batch=batch)
+          for first, batch in ((True, 1), (False, 4))],
+      "kernels._distance_to_mean_kernel":
+          lambda m: _lowered(kernels._distance_to_mean_kernel,
+              pool.rows, pool.scale, pool.sq_norms, mask, shape=shape,
+              metric=m),
+      "kernels._top2_kernel": lambda m: _lowered(kernels._top2_kernel,
+          small.values, small.count, pool.rows, pool.scale, mask,
+          pool.num_rows, shape=shape, query_chunk=small.chunk),
+      "kmeans._plusplus_kernel": lambda m: _lowered(kmeans_lib._plusplus_kernel,
+          *rows, mask, key, shape=shape, k=3),
+      "kmeans._lloyd_kernel": lambda m: _lowered(kmeans_lib._lloyd_kernel,
+          *rows, mask, small.values[:3], put(np.float32(0)), shape=shape,
+          max_iters=2),
+      "badge._badge_kernel": lambda m: _lowered(badge_lib._badge_kernel,
+          *rows, mask, small.values, small.count, put(np.float32(10)), key,
+          shape=shape, class_chunk=small.chunk, k=3),
+      "badge._distance_kernel": lambda m: _lowered(badge_lib._distance_kernel,
+          *rows, small.values, small.count, put(np.float32(10)),
+          put(np.int32(2)), shape=shape, class_chunk=small.chunk),
+      "cold_start._top_k_kernel": lambda m: _lowered(cold_start._top_k_kernel,
+          pool.rows, pool.scale, pool.num_rows, mask, small.values,
+          shape=shape, k=2),
+      "pallas_kernels.top2": lambda m: _lowered(
+          pallas_kernels.top2, small.values, small.values, dist[0, :8],
+          mask[0, :8], block_rows=8, block_cols=8, interpret=True),
+      "pallas_kernels.nearest": lambda m: _lowered(
+          pallas_kernels.nearest, small.values, dist[0, :8], small.values,
+          dist[0, :8], block_rows=8, block_cols=8, interpret=True),
+      "cold_start._optimize_kernel": lambda m: _lowered(cold_start._optimize_kernel,
+          pool.rows, pool.scale, pool.num_rows, mask,
+          put(np.ones((4, 2, 3), np.float32)), key, shape=shape, budget=4,
+          iterations=2, chunk=4, keep_prob=1., lr=1e-3, tau=0.07,
+          lambda_div=1., lambda_align=1.),
+  }
+  out = {}
+  for name, kernel in lower.items():
+    texts = [kernel(metric) for metric in kernels.METRICS]
+    out[name] = "\n".join(t if isinstance(t, str) else "\n".join(t)
+                          for t in texts)
+  return out
+
+
+def test_float32_products_ask_for_full_precision():
+  """Each acquisition kernel with products, lowered for a float32 pool, asks
+  for HIGHEST precision in every float32 product (bf16 pools: one bf16 pass
+  accumulated in float32, which needs no request)."""
+  modules = (kernels, layout_lib, kmeans_lib, badge_lib, strategies,
+             cold_start, pallas_kernels)
+  jitted = {f"{module.__name__.rsplit('.', 1)[1]}.{name}"
+            for module in modules for name, fn in vars(module).items()
+            if callable(fn) and hasattr(fn, "lower") and hasattr(fn, "trace")}
+  lowered = _lowered_kernels()
+  assert jitted == set(lowered) | _NO_PRODUCTS, (
+      "a jitted acquisition function is neither lowered here nor listed as "
+      "product-free")
+  bad = {name: _low_precision_f32_products(text)
+         for name, text in lowered.items()}
+  assert not {name: lines for name, lines in bad.items() if lines}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_laying_out_allocates_nothing_pool_sized(dtype):
+  """The programs that lay a pool out (row statistics, re-layout, host
+  pieces) need temporaries far below the pool's bytes: no second copy."""
+  if dtype == "bfloat16" and jax.default_backend() == "cpu":
+    pytest.skip("XLA's CPU backend computes bfloat16 in float32: any pass "
+                "over a bfloat16 array gets a float32 copy there.")
+  mesh = sharding.make_mesh()
+  n, dim = 1 << 15, 128
+  pool = layout_lib.pool_layout(n, mesh, 1024)
+  rows = jax.ShapeDtypeStruct((pool.padded_rows, dim), dtype,
+                              sharding=sharding.row_sharding(mesh))
+  count = jax.ShapeDtypeStruct((), jnp.int32,
+                               sharding=sharding.replicated(mesh))
+  pool_bytes = rows.size * jnp.dtype(dtype).itemsize // mesh.size
+  piece = jax.ShapeDtypeStruct((1024, dim), dtype,
+                               sharding=sharding.replicated(mesh))
+  programs = {
+      "_row_stats": layout_lib._row_stats.lower(
+          rows, count, shape=pool.shape, normalize=True),
+      "_relayout": layout_lib._relayout.lower(
+          jax.ShapeDtypeStruct((n, dim), jnp.float32), count,
+          shape=pool.shape, dtype=jnp.dtype(dtype)),
+      "_write_chunk": layout_lib._write_chunk.lower(
+          rows, piece, count, shape=pool.shape, dtype=jnp.dtype(dtype))}
+  for name, lowered in programs.items():
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    # Per-row vectors (scale, norms, indices: 16 bytes a row) are expected.
+    assert temp < pool_bytes / 4, (name, temp, pool_bytes)
+
+
+def test_auto_tiling_per_backend_and_memory():
+  gib = 1 << 30
+  # CPU: today's tuned values, whatever the pool or memory.
+  for n in (10, 10**6, 10**8):
+    assert layout_lib.auto_tiling("cpu", None, n, 768, "float32") == (
+        layout_lib.CPU_TILING)
+  assert layout_lib.CPU_TILING == layout_lib.Tiling(1024, 16)
+  # Accelerators with room: 8192-wide tiles, 64 picks per pass.
+  for backend, memory in (("gpu", 80 * gib), ("tpu", 16 * gib),
+                          ("gpu", None)):
+    assert layout_lib.auto_tiling(backend, memory, 12_800_000, 768,
+                                  "bfloat16") == layout_lib.Tiling(8192, 64)
+  # A tile's working set (3 float32 tiles + 2 row blocks) within 1/16 of
+  # the memory: 8192 needs ~0.8 GB, 4096 ~0.2 GB; never below 1024.
+  tiling = lambda memory: layout_lib.auto_tiling(
+      "gpu", memory, 10**7, 768, "float32").block
+  assert tiling(16 * gib) == 8192
+  assert tiling(8 * gib) == 4096
+  assert tiling(gib // 8) == 1024
+  # A pool smaller than a tile: the tile shrinks to it.
+  assert layout_lib.auto_tiling("gpu", 80 * gib, 3000, 768,
+                                "bfloat16").block == 4096
+
+
+def test_auto_block_on_this_backend():
+  x = _gaussian(300, 8, 0)
+  pool = layout_lib.shard_rows(x)
+  want = layout_lib.device_tiling(pool.layout.mesh, 300, 8, np.float32)
+  assert kernels.pool_block("auto", pool) == want.block
+  assert kernels.resolve_picks_per_pass("auto", pool) == want.picks_per_pass
+  assert kernels.pool_block(64, pool) == 64
+  with pytest.raises(ValueError, match="block must be"):
+    layout_lib.check_block("big")
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(
+        kcenter_greedy(x, 20), kcenter_greedy(x, 20, block=1024,
+                                              picks_per_pass=16))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_greedy_pass_copies_no_pool(batch):
+  """A greedy pass reads the pool where it lies: its runs of blocks are not
+  copied out as operands of the branches that skip padding (XLA:CPU may
+  still materialise the largest run, half the pool, for its product)."""
+  mesh = sharding.make_mesh()
+  pool = layout_lib.pool_layout(1 << 14, mesh, 1024)
+  row_spec = sharding.row_sharding(mesh)
+  blocked = lambda dtype: jax.ShapeDtypeStruct(
+      (pool.num_blocks, pool.rows_per_block), dtype, sharding=row_spec)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32,
+                                sharding=sharding.replicated(mesh))
+  rows = jax.ShapeDtypeStruct((pool.padded_rows, 64), jnp.float32,
+                              sharding=row_spec)
+  compiled = kernels._greedy_kernel.lower(
+      rows, blocked(jnp.float32), blocked(jnp.float32), scalar,
+      blocked(jnp.float32), scalar, shape=pool.shape, metric="euclidean",
+      capacity=64, first_replaces=False, batch=batch).compile()
+  pool_bytes = rows.size * 4 // mesh.size
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.75 * pool_bytes

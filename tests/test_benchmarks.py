@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import pytest
+
+from mmal_jax import fs
+
 
 def _run(module, *args):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -11,18 +16,20 @@ def _run(module, *args):
                         check=True, capture_output=True, text=True).stdout
 
 
-def test_acquisition_benchmark(tmp_path):
+def test_acquisition_benchmark(gcs_bucket):
   # Pool sizes in one shape bucket (one compile); part 4's subprocesses are
-  # tested on their own below.
+  # tested on their own below. Outputs go through mmal_jax.fs: a gs:// folder.
+  out_dir = f"{gcs_bucket}/bench"
   out = _run("mmal_jax.benchmarks.acquisition", "--quick", "--rate_sizes=256",
              "--sizes=600,1000", "--dim=16", "--budget=8",
              "--coreset_size=32", "--step_n=2100", "--step_dim=16",
-             "--parts=rates,rounds,greedy,compiles", f"--out={tmp_path}")
+             "--parts=rates,rounds,greedy,compiles", f"--out={out_dir}")
   for line in ("Kernel rates", "slope", "numpy float32 step",
                "sklearn pairwise_distances", "bandwidth floor",
                "Compiles per mmal call", "Targets:"):
     assert line in out, line
-  results = json.loads((tmp_path / "results.json").read_text())
+  assert not os.path.exists("gs:")  # No local folder named after the URL.
+  results = json.loads(fs.read_text(f"{out_dir}/results.json"))
   assert results["repeats"] >= 5 and results["machine"]["loadavg_after"]
   for name in ("mmal", "mmal_with_rebuild", "coreset", "uncertainty",
                "badge", "cache_rebuild"):
@@ -37,7 +44,7 @@ def test_acquisition_benchmark(tmp_path):
   assert results["compile_counts"]["after_first"] == 0
   verdicts = [t["verdict"] for t in results["targets"]]
   assert set(verdicts) <= {"PASS", "MISS", "SKIP"} and len(verdicts) == 5
-  assert (tmp_path / "acquisition_scaling.png").stat().st_size > 0
+  assert fs.read_bytes(f"{out_dir}/acquisition_scaling.png")[:4] == b"\x89PNG"
 
 
 def test_acquisition_benchmark_memory_probe():
@@ -98,3 +105,51 @@ def test_input_pipeline_benchmark(gcs_bucket):
     assert result["buffer_runs_over_per_image"][where]["median"] > 0
   assert "gcs: runs / per-image" in out
   assert result["machine"]["cpu_count"] > 0 and result["load_after"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(jax.device_count() > 1, reason="1-device pass only (one "
+                    "run of every part; the kernels' meshes are tested "
+                    "elsewhere)")
+def test_accelerator_check_quick(gcs_bucket, capsys):
+  from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
+  out = f"{gcs_bucket}/check"
+  accelerator_check.main([
+      f"--out={out}", "--quick", "--parts=kernels,round,train", "--pallas=yes",
+      "--kernel_n=256", "--dim=16", "--dot_n=64", "--greedy_n=2048",
+      "--round_sizes=1500",
+      "--train_flags=--variant=mu/8 --text_variant=mu --res=16 "
+      "--batch={batch} --text_len=8 --steps=1 --warmup=1"])
+  printed = capsys.readouterr().out
+  for line in ("kernels: Q = N = 256", "greedy k-center: N = 2,048",
+               "mmal round with cache rebuild: N = 1,500", "train step:",
+               "Targets:"):
+    assert line in printed, line
+  results = json.loads(fs.read_text(f"{out}/accelerator_check.json"))
+  assert results["device_kind"] == jax.devices()[0].device_kind
+  assert results["kernels"]["tflops"]["jnp.dot"]["median"] > 0
+  assert results["kernels"]["greedy"]["picks_per_pass"] >= 1
+  assert results["round"]["1500"]["matmul_s_at_dot_rate"] > 0
+  assert results["train"]["step_ms"] > 0
+  rows = [json.loads(line) for line in
+          fs.read_text(f"{out}/compare.jsonl").splitlines()]
+  assert {r["benchmark"] for r in rows} == {
+      "accelerator_check/top2_margin", "accelerator_check/min_distance",
+      "accelerator_check/jnp.dot", "accelerator_check/top2_margin_pallas",
+      "accelerator_check/min_distance_pallas",
+      "accelerator_check/greedy_one_pass_per_pick",
+      "accelerator_check/greedy_default_per_pick",
+      "accelerator_check/mmal_round_rebuild", "train_step"}
+  verdicts = [t["verdict"] for t in results["targets"]]
+  assert not results["kernels"]["pallas_errors"]
+  assert len(verdicts) == 9 and set(verdicts) <= {"PASS", "MISS", "SKIP"}
+  assert printed.count("[PASS]") + printed.count("[MISS]") >= 2 * (
+      verdicts.count("PASS") + verdicts.count("MISS"))
+
+
+def test_accelerator_check_refuses_bad_flags(capsys):
+  from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    accelerator_check.parse_args(["--out=x", "--parts=kernels,gpu"])
+  assert exit_info.value.code == 2
+  assert "unknown --parts ['gpu']" in capsys.readouterr().err

@@ -79,6 +79,27 @@ def test_rows_against_peaks_of_every_device():
   assert train["fraction_of_peak"] == pytest.approx(0.08 / 0.4)
 
 
+@pytest.mark.skipif(jax.device_count() > 1, reason="1-device pass only: "
+                    "the flag sets are built from machine dicts, not from "
+                    "this process' devices")
+def test_every_flag_set_compare_builds_parses():
+  machines = [_machine(), _machine(device_count=1),
+              _machine(platform="cpu", device_kind="cpu", device_count=1,
+                       dtype="float32")]
+  argvs = [compare.benchmark_flags(machine, quick)
+           for machine in machines for quick in (False, True)]
+  compare.check_flags(compare.TRAIN_STEP,
+                      [train + ["--out=x"] for _, train in argvs])
+  # The acquisition flag sets, and one it must refuse, in one subprocess.
+  bad = ["--quick", "--rebuild_cap=30"]
+  with pytest.raises(compare.FlagsNotAccepted) as refused:
+    compare.check_flags(compare.ACQUISITION, [
+        acquisition + ["--out=x"] for acquisition, _ in argvs] + [bad])
+  message = str(refused.value)
+  assert message.count("Unknown command line flag 'rebuild_cap'") == 1
+  assert "--sizes" not in message
+
+
 def test_append_rows_to_gcs(gcs_bucket):
   path = f"{gcs_bucket}/compare/{compare.ROWS_FILE}"
   compare.append_rows(path, [{"a": 1}])
@@ -99,9 +120,15 @@ def _other_machine(rows):
 def test_quick_run_then_plot_beside_another_machine(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
   out = tmp_path / "cpu"
-  subprocess.run([sys.executable, "-m", "mmal_jax.benchmarks.compare",
-                  "--quick", f"--out={out}"], check=True, env=env,
-                 capture_output=True, text=True)
+  printed = subprocess.run(
+      [sys.executable, "-m", "mmal_jax.benchmarks.compare", "--quick",
+       f"--out={out}"], check=True, env=env, capture_output=True,
+      text=True).stdout
+  # Progress as it goes: compare's own lines and the benchmarks' output.
+  for line in ("[compare", "probing the devices",
+               "mmal_jax.benchmarks.acquisition --quick", "Targets:",
+               "mmal_jax.benchmarks.train_step", "examples_per_s"):
+    assert line in printed, line
   rows = compare.read_rows([str(out / compare.ROWS_FILE)])
   benchmarks = {r["benchmark"] for r in rows}
   assert {"acquisition/mmal", "acquisition/uncertainty", "kcenter_step",

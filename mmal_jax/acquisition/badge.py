@@ -68,8 +68,8 @@ def _logsumexp_over_classes(queries, classes: kernels.Operand, scale):
   def one_chunk(j, carry):
     lse, best, best_idx = carry
     index = j * classes.chunk + jnp.arange(classes.chunk, dtype=jnp.int32)
-    logits = jnp.where(index[None, :] < classes.count, scale * jnp.einsum(
-        "qd,cd->qc", queries, chunks[j], preferred_element_type=jnp.float32),
+    logits = jnp.where(index[None, :] < classes.count, scale * kernels.dot(
+        "qd,cd->qc", queries, chunks[j]),
                        -jnp.inf)
     idx = jnp.argmax(logits, axis=1)
     top = jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]
@@ -107,11 +107,12 @@ def _sq_distances(x, x_sq, lse, yhat, spread, z_hat, center,
   (z_c, c_sq), (lse_c, yhat_c, spread_c, z_hat_c) = center
   del z_hat_c
   pair_lse, _, _ = _logsumexp_over_classes(x + z_c[None, :], classes, scale)
-  p_i_at_c = jnp.exp(scale * (x @ classes.values[yhat_c]) - lse)
-  p_c_at_i = jnp.exp(scale * (z_hat @ z_c) - lse_c)
+  p_i_at_c = jnp.exp(
+      scale * kernels.dot("rd,d->r", x, classes.values[yhat_c]) - lse)
+  p_c_at_i = jnp.exp(scale * kernels.dot("rd,d->r", z_hat, z_c) - lse_c)
   class_inner = (jnp.exp(pair_lse - lse - lse_c) - p_i_at_c - p_c_at_i +
                  (yhat == yhat_c).astype(jnp.float32))
-  inner = (x @ z_c) * class_inner
+  inner = kernels.dot("rd,d->r", x, z_c) * class_inner
   return jnp.maximum(spread * x_sq + spread_c * c_sq - 2. * inner, 0.)
 
 

@@ -132,7 +132,7 @@ def _top_k_kernel(rows, scale, num_rows, open_rows, queries, *,
     blocks = layout_lib.local_blocks(rows, rows_per_block)
 
     def one_block(j, carry):
-      sims = jnp.einsum("qd,rd->qr", queries, blocks[j].astype(jnp.float32))
+      sims = kernels.dot("qd,rd->qr", queries, blocks[j].astype(jnp.float32))
       sims = jnp.where(open_rows[j][None, :], sims * scale[j][None, :],
                        -jnp.inf)
       values, index = jax.lax.top_k(sims, k_block)
@@ -249,7 +249,8 @@ def _spread_terms(theta, first_row, *, chunk, budget, tau, lambda_div,
   col_ok = (k < budget)[None, :]
   value = 0.
   if lambda_div and budget > 1:
-    intra = jnp.einsum("jmd,kmd->jk", rows, tn) * (1. / (num_modalities * tau))
+    intra = kernels.dot("jmd,kmd->jk", rows, tn) * (
+        1. / (num_modalities * tau))
     intra = jnp.where(col_ok & (j[:, None] != k[None, :]), intra, -jnp.inf)
     lse = jax.nn.logsumexp(intra, axis=1)
     value += (lambda_div / budget) * jnp.sum(jnp.where(row_ok, lse, 0.))
@@ -257,7 +258,7 @@ def _spread_terms(theta, first_row, *, chunk, budget, tau, lambda_div,
   if lambda_align and pairs:
     align = 0.
     for a, b in pairs:
-      cross = jnp.einsum("jd,kd->jk", rows[:, a], tn[:, b]) * (1. / tau)
+      cross = kernels.dot("jd,kd->jk", rows[:, a], tn[:, b]) * (1. / tau)
       align += jax.nn.logsumexp(jnp.where(col_ok, cross, -jnp.inf), axis=1)
     value -= (lambda_align / (budget * len(pairs))) * jnp.sum(
         jnp.where(row_ok, align, 0.))
@@ -285,13 +286,15 @@ def _statistics(*, shape: PoolLayout, budget, padded_budget, chunk,
 
     def block_stats(j):
       x = blocks[j].astype(jnp.float32) * scale[j][:, None]
-      sims = jnp.where(theta_ok[None, :], x @ tn.T, -jnp.inf)
+      sims = jnp.where(theta_ok[None, :], kernels.dot("rd,bd->rb", x, tn),
+                       -jnp.inf)
       wins = jnp.argmax(sims, axis=1)
       best = jnp.max(sims, axis=1)
       ok = valid[j]
       one_hot = ((wins[:, None] == jnp.arange(padded_budget)[None, :]) &
                  ok[:, None]).astype(jnp.float32)
-      return (one_hot.T @ x, jnp.sum(ok.astype(jnp.float32)),
+      return (kernels.dot("rb,rd->bd", one_hot, x),
+              jnp.sum(ok.astype(jnp.float32)),
               jnp.sum(jnp.where(ok, best, 0.)))
 
     def sampled_block_stats(j):

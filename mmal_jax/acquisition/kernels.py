@@ -20,7 +20,9 @@ Distances (`metric`):
     then recomputed exactly for the nearest center;
   cosine: 1 - <x, c> / (||x|| ||c||), sklearn's `cosine_distances`.
 Features may be stored in float32, bfloat16 or float16 (the products' operand
-dtype); products accumulate in float32.
+dtype); products accumulate in float32 (see `dot`). Float32 pools compute at
+float32 accuracy on every backend, so their picks are the same on CPU, GPU and
+TPU; bfloat16/float16 pools are their own, faster mode.
 
 The public functions here take plain `(N, D)` arrays and return numpy arrays;
 the `*_sharded` forms take already laid-out `ShardedRows` so that strategies
@@ -51,6 +53,29 @@ def check_metric(metric: str) -> str:
   if metric not in METRICS:
     raise ValueError(f"Unknown metric {metric!r}; expected one of {METRICS}.")
   return metric
+
+
+def product_precision(dtype) -> jax.lax.Precision:
+  """The matrix-unit precision of a product whose operands are `dtype`.
+
+  float32: HIGHEST, i.e. float32 accuracy on every backend (XLA's default
+  runs float32 products as TF32 on NVIDIA GPUs and as one bfloat16 pass on
+  TPUs, which moves distances by ~1e-3 relative and changes picks).
+  bfloat16 / float16: DEFAULT, one pass over the operands as stored,
+  accumulated in float32: the documented low-precision mode of a pool stored
+  in that dtype.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return jax.lax.Precision.DEFAULT
+
+
+def dot(subscripts: str, a, b) -> jax.Array:
+  """`jnp.einsum(subscripts, a, b)` for the acquisition kernels: float32
+  result, precision from the operands' dtype (`product_precision`). Same
+  shapes and flops as the einsum."""
+  return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32,
+                    precision=product_precision(jnp.result_type(a, b)))
 
 
 def _distances(dots, x_sq, c_sq, metric):
@@ -108,7 +133,7 @@ class Operand:
   chunk: int
 
 
-def host_operand(x, pool: ShardedRows, *, block: int, name: str,
+def host_operand(x, pool: ShardedRows, *, block: int | str, name: str,
                  pool_has: str, normalize: bool) -> Operand:
   """A user's `(n, D)` array as an `Operand` for kernels over `pool`.
 
@@ -120,6 +145,7 @@ def host_operand(x, pool: ShardedRows, *, block: int, name: str,
     raise ValueError(f"{name} have dimension {x.shape[1]}, {pool_has} "
                      f"{pool.dim}.")
   x = np.asarray(x, np.float32)
+  block = pool_block(block, pool)
   bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
   if bad.size:
     raise ValueError(f"{name} has NaN or inf values in {bad.size} row(s), "
@@ -136,11 +162,20 @@ def host_operand(x, pool: ShardedRows, *, block: int, name: str,
                  sharding.put_global(np.int32(n), replicated), n, chunk)
 
 
-def gather_rows(pool: ShardedRows, indices, *, block: int = DEFAULT_BLOCK
-                ) -> Operand:
+def pool_block(block, pool: ShardedRows) -> int:
+  """The tile edge for operands of `pool`: `block`, or for "auto" the one
+  `layout.device_tiling` chose for the pool."""
+  return layout_lib.resolve_block(block, pool.layout.mesh,
+                                  pool.layout.num_rows, pool.dim,
+                                  pool.rows.dtype)
+
+
+def gather_rows(pool: ShardedRows, indices, *,
+                block: int | str = DEFAULT_BLOCK) -> Operand:
   """Rows `indices` of a laid-out pool (scaled), as an `Operand`."""
   indices = np.asarray(indices, np.int64).reshape(-1)
   n = indices.size
+  block = pool_block(block, pool)
   chunk, num_chunks = layout_lib.pow2_capacity(n, block)
   padded = np.zeros(chunk * num_chunks, np.int32)
   padded[:n] = indices
@@ -177,13 +212,13 @@ def _replicate(blocked, *, shape: PoolLayout):
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("shape", "metric", "center_chunk"))
+                   static_argnames=("shape", "metric", "center_chunk", "impl"))
 def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
-                         shape, metric, center_chunk):
+                         shape, metric, center_chunk, impl="xla"):
   """(blocks, rb) distance of every row to its nearest center (+inf if none)."""
   dim = rows.shape[-1]
   dtype = rows.dtype
-  c_sq = jnp.einsum("cd,cd->c", centers, centers)
+  c_sq = dot("cd,cd->c", centers, centers)
   valid = jnp.arange(centers.shape[0]) < num_centers
   # The tile's score is a * <x, c> - bias, largest for the nearest center:
   # 2<x^, c> - ||c||^2 (euclidean) or <x, c> (cosine); -inf when invalid.
@@ -191,6 +226,33 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
   num_chunks = (num_centers + center_chunk - 1) // center_chunk
   chunks = (centers.astype(dtype).reshape(-1, center_chunk, dim),
             bias.reshape(-1, center_chunk))
+
+  def finish(centers, x, x_scale, best, best_idx):
+    """A block's distances from its best scores and their centers."""
+    if metric == "euclidean":
+      # ||x||^2 + ||c||^2 - 2<x,c> cancels badly for close pairs: recompute
+      # the distance to the chosen center directly (exact 0 for duplicates).
+      diff = x.astype(jnp.float32) * x_scale[:, None] - centers[best_idx]
+      dist = jnp.sqrt(jnp.sum(diff * diff, axis=1))
+    else:
+      dist = 1. - x_scale * best
+    return jnp.where(best > -jnp.inf, dist, jnp.inf)
+
+  def local_pallas(rows, scale, num_rows, centers, chunks):
+    # Imported here: pallas_kernels builds on this module.
+    from mmal_jax.acquisition import pallas_kernels  # pylint: disable=g-import-not-at-top
+    factor = (2. * scale if metric == "euclidean" else jnp.ones_like(scale))
+    best, best_idx = pallas_kernels.nearest(
+        rows, factor.reshape(-1), chunks[0].reshape(-1, dim),
+        chunks[1].reshape(-1), block_rows=shape.rows_per_block,
+        block_cols=center_chunk,
+        interpret=shape.mesh.devices.flat[0].platform == "cpu")
+    blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
+    return over_real_blocks(functools.partial(finish, centers),
+                            num_local_blocks(num_rows, shape),
+                            jnp.inf, blocks, scale,
+                            best.reshape(scale.shape),
+                            best_idx.reshape(scale.shape))
 
   def local(rows, scale, num_rows, centers, chunks):
     def one_block(x, x_scale):
@@ -201,8 +263,7 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
         best, best_idx = carry
         c, c_bias = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
                      for a in chunks)
-        dots = jnp.einsum("rd,cd->rc", x, c,
-                          preferred_element_type=jnp.float32)
+        dots = dot("rd,cd->rc", x, c)
         score = factor * dots - c_bias[None, :]
         top = jnp.max(score, axis=1)
         idx = jnp.min(jnp.where(score == top[:, None],
@@ -216,26 +277,20 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
           0, num_chunks, one_chunk,
           (jnp.full(x.shape[:1], -jnp.inf, jnp.float32),
            jnp.zeros(x.shape[:1], jnp.int32)))
-      if metric == "euclidean":
-        # ||x||^2 + ||c||^2 - 2<x,c> cancels badly for close pairs: recompute
-        # the distance to the chosen center directly (exact 0 for duplicates).
-        diff = x.astype(jnp.float32) * x_scale[:, None] - centers[best_idx]
-        dist = jnp.sqrt(jnp.sum(diff * diff, axis=1))
-      else:
-        dist = 1. - x_scale * best
-      return jnp.where(best > -jnp.inf, dist, jnp.inf)
+      return finish(centers, x, x_scale, best, best_idx)
 
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
     return over_real_blocks(one_block, num_local_blocks(num_rows, shape),
                              jnp.inf, blocks, scale)
 
-  return _shard_map(local, shape.mesh,
+  return _shard_map(local if impl == "xla" else local_pallas, shape.mesh,
                     (_ROWS, _ROWS, _REPLICATED, _REPLICATED, _REPLICATED),
                     _ROWS)(rows, scale, num_rows, centers, chunks)
 
 
 def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
-                         metric: str = "euclidean") -> jax.Array:
+                         metric: str = "euclidean", impl: str = "xla"
+                         ) -> jax.Array:
   """Distance of each pool row to its nearest center, in the pool's layout.
 
   Args:
@@ -243,6 +298,9 @@ def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
     centers: the centers (`host_operand` / `gather_rows`), C may be 0; scaled
       like the pool (normalised for a normalised pool).
     metric: "euclidean" or "cosine".
+    impl: "xla" (every backend), or "pallas": `pallas_kernels.nearest`, the
+      reduction fused into the product's epilogue (interpreted on CPU; not
+      yet compiled on a GPU/TPU), over every local block, padding included.
 
   Returns:
     `(num_blocks, rows_per_block)` float32, sharded like the pool; +inf where
@@ -253,12 +311,13 @@ def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
   return _min_distance_kernel(
       pool.rows, pool.scale, pool.num_rows, centers.values, centers.count,
       shape=pool.layout.shape, metric=metric,
-      center_chunk=centers.chunk)
+      center_chunk=centers.chunk, impl=check_impl(impl))
 
 
 def min_distance(x, centers, *, metric: str = "euclidean",
                  mesh: Mesh | None = None,
-                 block: int = DEFAULT_BLOCK) -> np.ndarray:
+                 block: int | str = DEFAULT_BLOCK,
+                 impl: str = "xla") -> np.ndarray:
   """Distance of each row of `x` to its nearest row of `centers`.
 
   Args:
@@ -267,7 +326,9 @@ def min_distance(x, centers, *, metric: str = "euclidean",
     metric: "euclidean" (||x - c||) or "cosine" (sklearn's
       `cosine_distances`: rows are normalised first).
     mesh: the device mesh (default: all devices); rows of `x` are split over it.
-    block: tile edge; no more than `block x block` distances exist at once.
+    block: tile edge; no more than `block x block` distances exist at once;
+      "auto" (default): `layout.auto_tiling`'s for the backend and memory.
+    impl: "xla" or "pallas" (see `min_distance_sharded`).
 
   Returns:
     `(N,)` float32 numpy, +inf everywhere if `centers` is empty. Cost:
@@ -278,13 +339,13 @@ def min_distance(x, centers, *, metric: str = "euclidean",
   pool = layout_lib.shard_rows(x, mesh, block=block, normalize=cosine)
   centers = host_operand(centers, pool, block=block, name="centers",
                          pool_has="the pool has", normalize=cosine)
-  return to_host(min_distance_sharded(pool, centers, metric=metric),
+  return to_host(min_distance_sharded(pool, centers, metric=metric, impl=impl),
                  pool.layout)
 
 
 def covering_radius(x, centers, *, metric: str = "euclidean",
                     mesh: Mesh | None = None,
-                    block: int = DEFAULT_BLOCK) -> float:
+                    block: int | str = DEFAULT_BLOCK) -> float:
   """max_i min_c d(x_i, c): how far the worst-covered row is from `centers`.
 
   Same arguments and cost as `min_distance`; +inf if `centers` is empty,
@@ -376,17 +437,20 @@ def _pool_distances(blocks, scale, sq_norms, num_real, vecs, vec_sq, valid,
   vecs = vecs.astype(blocks.dtype)
 
   def run(x, x_scale, x_sq):
-    dots = jnp.einsum("brd,pd->brp", x, vecs,
-                      preferred_element_type=jnp.float32) * x_scale[..., None]
+    dots = dot("brd,pd->brp", x, vecs) * x_scale[..., None]
     dist = _distances(dots, x_sq[..., None], vec_sq, metric)
     return jnp.min(jnp.where(valid, dist, jnp.inf), axis=-1)
 
   out = []
   for start, stop in _segments(blocks.shape[0]):
-    piece = tuple(a[start:stop] for a in (blocks, scale, sq_norms))
+    # The whole arrays go into the branch and are sliced there: slices
+    # passed as operands would each be copied out of the pool first.
     out.append(jax.lax.cond(
-        num_real > start, lambda p: run(*p),
-        lambda p: jnp.full(p[1].shape, jnp.inf, jnp.float32), piece))
+        num_real > start,
+        lambda a, start=start, stop=stop: run(*(x[start:stop] for x in a)),
+        lambda a, start=start, stop=stop: jnp.full(
+            (stop - start,) + a[1].shape[1:], jnp.inf, jnp.float32),
+        (blocks, scale, sq_norms)))
   return jnp.concatenate(out)
 
 
@@ -455,7 +519,7 @@ def _greedy_kernel(rows, scale, sq_norms, num_rows, dist, k, *, shape, metric,
         beats = (top > bound_val) | ((top == bound_val) & (idx[b] < bound_idx))
         accept = (going & (top > -jnp.inf) & (count + j < k) &
                   ((j == 0) | beats))
-        to_b = _distances(jnp.einsum("cd,d->c", vecs, vecs[b]), vec_sq,
+        to_b = _distances(dot("cd,d->c", vecs, vecs[b]), vec_sq,
                           vec_sq[b], metric)
         current = jnp.where(accept, jnp.minimum(current, to_b).at[b].set(
             -jnp.inf), current)
@@ -503,7 +567,7 @@ def _distance_to_mean_kernel(rows, scale, sq_norms, eligible, *, shape,
                               jnp.zeros(rows.shape[-1], jnp.float32))
     count = jax.lax.psum(eligible.sum(), _AXIS)
     mean = total / jnp.maximum(count, 1).astype(jnp.float32)
-    dots = jnp.einsum("brd,d->br", blocks.astype(jnp.float32), mean) * scale
+    dots = dot("brd,d->br", blocks.astype(jnp.float32), mean) * scale
     dist = _distances(dots, sq_norms, jnp.sum(mean * mean), metric)
     return jnp.where(eligible, dist, -jnp.inf)
 
@@ -511,17 +575,30 @@ def _distance_to_mean_kernel(rows, scale, sq_norms, eligible, *, shape,
       rows, scale, sq_norms, eligible)
 
 
-DEFAULT_PICKS_PER_PASS = 16
+# "auto": `layout.auto_tiling`'s choice for the backend (16 on CPU).
+DEFAULT_PICKS_PER_PASS = layout_lib.AUTO
 
 
-def check_picks_per_pass(picks_per_pass) -> int:
+def check_picks_per_pass(picks_per_pass) -> int | str:
+  """A positive whole number, or "auto"."""
+  if isinstance(picks_per_pass, str) and picks_per_pass == layout_lib.AUTO:
+    return picks_per_pass
   return layout_lib.check_count(picks_per_pass, "picks_per_pass", 1)
+
+
+def resolve_picks_per_pass(picks_per_pass, pool: ShardedRows) -> int:
+  """`picks_per_pass`, or for "auto" `layout.device_tiling`'s choice."""
+  picks_per_pass = check_picks_per_pass(picks_per_pass)
+  if picks_per_pass == layout_lib.AUTO:
+    return layout_lib.device_tiling(pool.layout.mesh, pool.layout.num_rows,
+                                    pool.dim, pool.rows.dtype).picks_per_pass
+  return picks_per_pass
 
 
 def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
                            init_dist: jax.Array | None,
                            metric: str = "euclidean",
-                           picks_per_pass: int = DEFAULT_PICKS_PER_PASS
+                           picks_per_pass: int | str = DEFAULT_PICKS_PER_PASS
                            ) -> np.ndarray:
   """Greedy k-center (Algorithm 2) on a laid-out pool.
 
@@ -536,7 +613,7 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
     metric: "euclidean" or "cosine".
     picks_per_pass: most picks made per pass over the pool (see
       `_greedy_kernel`: each is the pick plain greedy would make); 1 = one
-      pass per pick.
+      pass per pick; "auto": `layout.auto_tiling`'s for the backend.
 
   Returns:
     `(k,)` int32 numpy global row indices in pick order (ties: smallest
@@ -550,7 +627,7 @@ def kcenter_greedy_sharded(pool: ShardedRows, k: int, *, eligible: jax.Array,
       than k rows could be picked.
   """
   check_metric(metric)
-  picks_per_pass = check_picks_per_pass(picks_per_pass)
+  picks_per_pass = resolve_picks_per_pass(picks_per_pass, pool)
   if k == 0:
     return np.zeros((0,), np.int32)
   capacity = layout_lib.next_pow2(k)
@@ -587,8 +664,8 @@ def check_mask(mask, n: int, name: str) -> np.ndarray:
 
 
 def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
-                   mesh: Mesh | None = None, block: int = DEFAULT_BLOCK,
-                   picks_per_pass: int = DEFAULT_PICKS_PER_PASS
+                   mesh: Mesh | None = None, block: int | str = DEFAULT_BLOCK,
+                   picks_per_pass: int | str = DEFAULT_PICKS_PER_PASS
                    ) -> np.ndarray:
   """Greedy k-center (Sener & Savarese 2018), Algorithm 2 of the spec.
 
@@ -638,7 +715,7 @@ def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
 # Top-2 similarity margins.
 
 
-def _top2_update(t1, t2, sims):
+def top2_update(t1, t2, sims):
   """Folds a `(q, r)` tile into the running top-2 `(q,)` of each row.
 
   Three reductions XLA fuses with the product (no argmax): the tile's best,
@@ -654,13 +731,44 @@ def _top2_update(t1, t2, sims):
           jnp.maximum(jnp.minimum(t1, best), jnp.maximum(t2, second)))
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "query_chunk"))
+IMPLS = ("xla", "pallas")
+
+
+def check_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown impl {impl!r}; expected one of {IMPLS}.")
+  return impl
+
+
+def _merge_top2(top1, top2):
+  """Merges each device's top-2 over the mesh with max/min only (inside
+  `shard_map`): the global second best is the global best again if two
+  devices hold it, else the best of the others' bests and the holder's own
+  second best."""
+  best = jax.lax.pmax(top1, _AXIS)
+  holders = jax.lax.psum((top1 == best).astype(jnp.int32), _AXIS)
+  runner_up = jax.lax.pmax(jnp.where(top1 == best, top2, top1), _AXIS)
+  return best, jnp.where(holders >= 2, best, runner_up)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "query_chunk", "impl"))
 def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
-                 shape, query_chunk):
+                 shape, query_chunk, impl="xla"):
   """(Qp,) top-1 and top-2 inner products of each query over the valid keys."""
   dim = queries.shape[-1]
   chunks = queries.astype(rows.dtype).reshape(-1, query_chunk, dim)
   num_chunks = (num_queries + query_chunk - 1) // query_chunk
+
+  def local_pallas(chunks, rows, scale, key_valid, num_rows):
+    # Imported here: pallas_kernels builds on this module.
+    from mmal_jax.acquisition import pallas_kernels  # pylint: disable=g-import-not-at-top
+    del num_rows  # Padding keys are invalid: they add -inf only.
+    top1, top2 = pallas_kernels.top2(
+        chunks.reshape(-1, dim), rows, scale.reshape(-1),
+        key_valid.reshape(-1), block_rows=query_chunk,
+        block_cols=shape.rows_per_block,
+        interpret=shape.mesh.devices.flat[0].platform == "cpu")
+    return _merge_top2(top1, top2)
 
   def local(chunks, rows, scale, key_valid, num_rows):
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
@@ -673,10 +781,9 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
         k, k_scale, k_valid = (jax.lax.dynamic_index_in_dim(a, b,
                                                             keepdims=False)
                                for a in (blocks, scale, key_valid))
-        sims = jnp.einsum("qd,rd->qr", q, k,
-                          preferred_element_type=jnp.float32)
+        sims = dot("qd,rd->qr", q, k)
         sims = jnp.where(k_valid[None, :], sims * k_scale[None, :], -jnp.inf)
-        return _top2_update(*carry, sims)
+        return top2_update(*carry, sims)
 
       init = jnp.full((2, query_chunk), -jnp.inf, jnp.float32)
       top = jax.lax.fori_loop(0, num_real, one_key_block, (init[0], init[1]))
@@ -684,29 +791,26 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
 
     out = jnp.full((2, chunks.shape[0], query_chunk), -jnp.inf, jnp.float32)
     top1, top2 = jax.lax.fori_loop(0, num_chunks, one_query_chunk, out)
-    top1, top2 = top1.reshape(-1), top2.reshape(-1)
-    # Merge over devices with max/min only: the global second best is the
-    # global best again if two devices hold it, else the best of the others'
-    # bests and the holder's own second best.
-    best = jax.lax.pmax(top1, _AXIS)
-    holders = jax.lax.psum((top1 == best).astype(jnp.int32), _AXIS)
-    runner_up = jax.lax.pmax(jnp.where(top1 == best, top2, top1), _AXIS)
-    return best, jnp.where(holders >= 2, best, runner_up)
+    return _merge_top2(top1.reshape(-1), top2.reshape(-1))
 
-  return _shard_map(local, shape.mesh,
+  return _shard_map(local if impl == "xla" else local_pallas, shape.mesh,
                     (_REPLICATED, _ROWS, _ROWS, _ROWS, _REPLICATED),
                     (_REPLICATED, _REPLICATED))(
                         chunks, rows, scale, key_valid, num_rows)
 
 
 def top2_margin_sharded(queries: Operand, keys: ShardedRows,
-                        key_valid: jax.Array) -> jax.Array:
+                        key_valid: jax.Array, *, impl: str = "xla"
+                        ) -> jax.Array:
   """Top-1 minus top-2 inner product of each query over the valid keys.
 
   Args:
     queries: the queries (`host_operand` / `gather_rows`), scaled like keys.
     keys: the laid-out keys, `N` rows.
     key_valid: `(num_blocks, rows_per_block)` bool, keys that count.
+    impl: "xla" (every backend), or "pallas": `pallas_kernels.top2`, the
+      reduction fused into the product's epilogue (interpreted on CPU; not
+      yet compiled on a GPU/TPU), over every local block, padding included.
 
   Returns:
     `(Qp,)` float32 replicated, Qp >= Q the padded query count; margins >= 0
@@ -715,7 +819,8 @@ def top2_margin_sharded(queries: Operand, keys: ShardedRows,
   """
   top1, top2 = _top2_kernel(
       queries.values, queries.count, keys.rows, keys.scale, key_valid,
-      keys.num_rows, shape=keys.layout.shape, query_chunk=queries.chunk)
+      keys.num_rows, shape=keys.layout.shape, query_chunk=queries.chunk,
+      impl=check_impl(impl))
   return _margins(top1, top2)
 
 
@@ -725,7 +830,8 @@ def _margins(top1, top2):
 
 
 def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
-                block: int = DEFAULT_BLOCK) -> np.ndarray:
+                block: int | str = DEFAULT_BLOCK, impl: str = "xla"
+                ) -> np.ndarray:
   """For each query, top-1 minus top-2 of its inner products with the keys.
 
   Args:
@@ -733,6 +839,7 @@ def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
     keys: `(N, D)` floating array; rows are split over the mesh.
     key_mask: optional `(N,)` bool; False keys are ignored.
     mesh, block: as in `min_distance`.
+    impl: "xla" or "pallas" (see `top2_margin_sharded`).
 
   Returns:
     `(Q,)` float32 numpy margins (>= 0; 0 for tied best keys), +inf where
@@ -746,5 +853,5 @@ def top2_margin(queries, keys, *, key_mask=None, mesh: Mesh | None = None,
   queries = host_operand(queries, keys, block=block, name="queries",
                          pool_has="keys have", normalize=False)
   margins = top2_margin_sharded(
-      queries, keys, layout_lib.shard_mask(key_mask, keys.layout))
+      queries, keys, layout_lib.shard_mask(key_mask, keys.layout), impl=impl)
   return np.asarray(margins)[:queries.size]

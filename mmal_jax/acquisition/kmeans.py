@@ -237,8 +237,7 @@ def plusplus_local(k: int, key, eligible, offset, *,
 def _scaled_dots(x, x_scale, c):
   """<scaled row, c> for a block `(rpb, D)` (storage dtype) and c `(..., D)`
   float32; products in the storage dtype, accumulated in float32."""
-  dots = jnp.einsum("rd,...d->r...", x, c.astype(x.dtype),
-                    preferred_element_type=jnp.float32)
+  dots = kernels.dot("rd,...d->r...", x, c.astype(x.dtype))
   return dots * x_scale.reshape(x_scale.shape + (1,) * (dots.ndim - 1))
 
 
@@ -344,8 +343,8 @@ def _lloyd_kernel(rows, scale, sq_norms, num_rows, valid, centroids, tol, *,
       ok = valid[j]
       one_hot = ((labels[:, None] == jnp.arange(num_clusters)[None, :])
                  & ok[:, None]).astype(jnp.float32)
-      sums = jnp.einsum("rc,rd->cd", one_hot,
-                        x.astype(jnp.float32) * x_scale[:, None])
+      sums = kernels.dot("rc,rd->cd", one_hot,
+                         x.astype(jnp.float32) * x_scale[:, None])
       inertia = jnp.sum(jnp.where(ok, jnp.maximum(sq_norms[j] + score, 0.),
                                   0.))
       return sums, one_hot.sum(axis=0), inertia

@@ -38,7 +38,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mmal_jax import sharding
 
-DEFAULT_BLOCK = 1024
+AUTO = "auto"
+# `block="auto"`: chosen per backend and device memory by `auto_tiling`.
+DEFAULT_BLOCK = AUTO
 # Pools smaller than this many blocks use smaller blocks, so that small pools
 # are not padded to a whole large block per device.
 _MIN_BLOCKS = 64
@@ -64,9 +66,86 @@ def check_count(value, name: str, minimum: int = 0) -> int:
   return int(value)
 
 
-def check_block(block: int) -> int:
-  """Validates a tile edge length: a whole number >= 8."""
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Kernel defaults of a backend: tile edge and greedy picks per pass."""
+  block: int
+  picks_per_pass: int
+
+
+# Tuned on a 2-core CPU (README's acquisition benchmark): larger tiles
+# spill the caches; 16 exact picks per pass amortise a pool read there.
+CPU_TILING = Tiling(block=1024, picks_per_pass=16)
+# GPU/TPU: a min/top-2 reduction over a small tile costs a round trip of the
+# tile through HBM per product; 8192-wide tiles ran 3.6-4.4x faster than
+# 1024 on an H200 (issue 16's table). Larger gained nothing there.
+ACCELERATOR_MAX_BLOCK = 8192
+# GPU/TPU: a greedy pass is a read of the pool; 2 N D p flops per pass stay
+# under the read time while p is below the chip's flop:byte balance (~300 for
+# bf16 on H100/H200, ~250 on TPU v5e), so 64 picks per pass cost about one
+# read each 64 picks (4 x 64 candidates fit any block of >= 512 rows).
+ACCELERATOR_PICKS_PER_PASS = 64
+# At most this fraction of a device's memory for one tile's working set.
+_TILE_MEMORY_FRACTION = 1 / 16
+# Live float32 (block x block) arrays per tile: product, scores, mask.
+_LIVE_TILES = 3
+
+
+def auto_tiling(backend: str, device_memory_bytes: int | None,
+                num_rows: int, dim: int, dtype) -> Tiling:
+  """The default tile edge and greedy picks per pass for a pool.
+
+  Args:
+    backend: "cpu", "gpu", "tpu" (`jax.Device.platform`; others count as
+      accelerators).
+    device_memory_bytes: one device's memory (None: unknown, no bound).
+    num_rows, dim, dtype: the pool (N, D and storage dtype).
+
+  Returns:
+    CPU: `CPU_TILING` (today's tuned values). GPU/TPU: the largest power of
+    two <= `ACCELERATOR_MAX_BLOCK` (and <= the pool's next power of two,
+    >= 1024 unless the pool is smaller) whose working set, 3 float32
+    `block x block` tiles plus a `block x D` row block and operand chunk,
+    fits in 1/16 of the device's memory; `ACCELERATOR_PICKS_PER_PASS`
+    picks per pass. Pure: O(log block).
+  """
+  if backend == "cpu":
+    return CPU_TILING
+  itemsize = jnp.dtype(dtype).itemsize
+  budget = (math.inf if device_memory_bytes is None
+            else device_memory_bytes * _TILE_MEMORY_FRACTION)
+  block = min(ACCELERATOR_MAX_BLOCK,
+              max(_MIN_ROWS_PER_BLOCK, next_pow2(num_rows)))
+  working_set = lambda b: _LIVE_TILES * b * b * 4 + 2 * b * dim * itemsize
+  while block > CPU_TILING.block and working_set(block) > budget:
+    block //= 2
+  return Tiling(block, ACCELERATOR_PICKS_PER_PASS)
+
+
+def device_tiling(mesh: Mesh, num_rows: int, dim: int, dtype) -> Tiling:
+  """`auto_tiling` for the devices of `mesh` (the first device's platform
+  and memory limit, as the runtime reports it)."""
+  device = mesh.devices.flat[0]
+  try:
+    memory = (device.memory_stats() or {}).get("bytes_limit")
+  except (NotImplementedError, RuntimeError, AttributeError):
+    memory = None
+  return auto_tiling(device.platform, memory, num_rows, dim, dtype)
+
+
+def check_block(block) -> int | str:
+  """Validates a tile edge length: a whole number >= 8, or "auto"."""
+  if isinstance(block, str) and block == AUTO:
+    return block
   return check_count(block, "block", _MIN_ROWS_PER_BLOCK)
+
+
+def resolve_block(block, mesh: Mesh, num_rows: int, dim: int, dtype) -> int:
+  """`block` itself, or for "auto" `device_tiling(...).block`."""
+  block = check_block(block)
+  if block == AUTO:
+    return device_tiling(mesh, num_rows, dim, dtype).block
+  return block
 
 
 def pow2_capacity(n: int, block: int) -> tuple[int, int]:
@@ -101,11 +180,12 @@ class PoolLayout:
     return dataclasses.replace(self, num_rows=-1)
 
 
-def pool_layout(num_rows: int, mesh: Mesh, block: int = DEFAULT_BLOCK
-                ) -> PoolLayout:
+def pool_layout(num_rows: int, mesh: Mesh, block: int | str = DEFAULT_BLOCK,
+                dim: int = 0, dtype=jnp.float32) -> PoolLayout:
   """The block layout of `num_rows` rows: blocks of at most `block` rows,
-  a power of two of them on each device."""
-  block = check_block(block)
+  a power of two of them on each device ("auto": `resolve_block` for a
+  `(num_rows, dim)` pool of `dtype`)."""
+  block = resolve_block(block, mesh, num_rows, dim, dtype)
   rows_per_block = min(
       block, max(_MIN_ROWS_PER_BLOCK, next_pow2(-(-num_rows // _MIN_BLOCKS))))
   num_blocks = next_pow2(-(-max(num_rows, 1) // rows_per_block))
@@ -312,7 +392,8 @@ def _row_stats(rows, num_rows, *, shape: PoolLayout, normalize: bool):
                        check_vma=False)(rows, num_rows)
 
 
-def shard_rows(x, mesh: Mesh | None = None, *, block: int = DEFAULT_BLOCK,
+def shard_rows(x, mesh: Mesh | None = None, *,
+               block: int | str = DEFAULT_BLOCK,
                normalize: bool = False, dtype=None, name: str = "x",
                num_rows: int | None = None) -> ShardedRows:
   """Lays a `(N, D)` pool out on the mesh; optionally L2-normalised.
@@ -337,7 +418,7 @@ def shard_rows(x, mesh: Mesh | None = None, *, block: int = DEFAULT_BLOCK,
   Args:
     x: `(M, D)` floating features (numpy or jax). M may be 0.
     mesh: the device mesh; default: all devices.
-    block: largest rows per block (tile edge).
+    block: largest rows per block (tile edge), or "auto" (`auto_tiling`).
     normalize: scale each row by 1 / its L2 norm (zero rows stay zero).
     dtype: storage dtype (default: x's own; float64 is stored as float32).
     name: how errors refer to `x`.
@@ -363,7 +444,7 @@ def shard_rows(x, mesh: Mesh | None = None, *, block: int = DEFAULT_BLOCK,
   if num_rows > x.shape[0]:
     raise ValueError(f"num_rows={num_rows} exceeds the {x.shape[0]} rows of "
                      f"{name}.")
-  pool = pool_layout(num_rows, mesh, block)
+  pool = pool_layout(num_rows, mesh, block, x.shape[1], dtype)
   if not isinstance(x, jax.Array):
     rows = _put_host_rows(np.asarray(x), pool, dtype)
   elif (x.shape[0] == pool.padded_rows and x.dtype == dtype and

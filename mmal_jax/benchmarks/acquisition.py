@@ -42,14 +42,14 @@ Part 5, compile counts: programs lowered by `mmal` calls whose N, budget and
 annotated count change within a power-of-two bucket (target 0).
 
 Prints each target with its measured value and PASS / MISS, writes
-DIR/results.json and DIR/acquisition_scaling.png.
+DIR/results.json and DIR/acquisition_scaling.png (DIR may be gs://).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -60,11 +60,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmal_jax import fs
 from mmal_jax import sharding
 from mmal_jax.acquisition import badge as badge_lib
 from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
+from mmal_jax.benchmarks import timing
 
 _QUICK = flags.DEFINE_bool("quick", False, "Small sizes, for a fast check.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -98,33 +100,10 @@ TARGET_TIME_VS_FAISS = 1.25
 TARGET_MEMORY = 1.5
 
 
-def _interleaved(contenders: dict, repeats: int) -> dict[str, list[float]]:
-  """Seconds of each contender per repeat, run A B C A B C ... after one
-  untimed warm-up call each (compilation)."""
-  for fn in contenders.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in contenders}
-  for _ in range(repeats):
-    for name, fn in contenders.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return times
-
-
-def _stats(values) -> dict:
-  return {"median": statistics.median(values), "min": min(values),
-          "max": max(values)}
-
-
-def _ratios(a, b) -> dict:
-  """a / b within each repeat."""
-  return _stats([x / y for x, y in zip(a, b)])
-
-
-def _fmt(s: dict, scale=1.0, digits=1) -> str:
-  return (f"{s['median'] * scale:.{digits}f} "
-          f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]")
+_interleaved = timing.interleaved
+_stats = timing.stats
+_ratios = timing.ratios
+_fmt = timing.fmt
 
 
 def _faiss():
@@ -338,10 +317,12 @@ def greedy_step(n: int, dim: int, mesh, repeats: int) -> dict:
 
   # Pick counts in one power-of-two bucket: the same compiled programs.
   few, many, batch_few, batch_many = 33, 64, 1040, 2048
+  per_pass = kernels.resolve_picks_per_pass(kernels.DEFAULT_PICKS_PER_PASS,
+                                            pool)
   times = _interleaved({
       "one_pass_few": picks(few, 1), "one_pass_many": picks(many, 1),
-      "batched_few": picks(batch_few, kernels.DEFAULT_PICKS_PER_PASS),
-      "batched_many": picks(batch_many, kernels.DEFAULT_PICKS_PER_PASS),
+      "batched_few": picks(batch_few, per_pass),
+      "batched_many": picks(batch_many, per_pass),
       "numpy_f32_step": numpy_f32_step, "sklearn_step": sklearn_step,
       "read_pass_jax": lambda: _read_pass(pool.rows),
       "read_pass_numpy": lambda: np.max(x),
@@ -356,7 +337,7 @@ def greedy_step(n: int, dim: int, mesh, repeats: int) -> dict:
                                times["read_pass_blas"])]
   return {
       "n": n, "dim": dim, "bytes_per_pass": x.nbytes,
-      "picks_per_pass": kernels.DEFAULT_PICKS_PER_PASS,
+      "picks_per_pass": per_pass,
       "seconds": {"kernel_one_pass_per_pick": _stats(per_pick),
                   "kernel_batched_per_pick": _stats(batched),
                   "numpy_float32_step": _stats(times["numpy_f32_step"]),
@@ -483,8 +464,10 @@ def _plot(rows, slopes, path):
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
+  fs.write_bytes(path, buffer.getvalue())
 
 
 def _machine() -> dict:
@@ -496,11 +479,7 @@ def _machine() -> dict:
           "device_kind": jax.devices()[0].device_kind, "loadavg": load}
 
 
-def _target(name: str, value: float | None, ok: bool | None, unit=""):
-  verdict = "SKIP" if ok is None else "PASS" if ok else "MISS"
-  shown = "-" if value is None else f"{value:.3g}{unit}"
-  print(f"  [{verdict}] {name}: {shown}")
-  return {"target": name, "value": value, "verdict": verdict}
+_target = timing.target
 
 
 def _print_rates(rates, repeats):
@@ -606,7 +585,7 @@ def main(argv):
   unknown = set(_PARTS.value) - set(PARTS)
   if unknown:
     raise app.UsageError(f"Unknown --parts {sorted(unknown)}; know {PARTS}.")
-  os.makedirs(_OUT.value, exist_ok=True)
+  fs.makedirs(_OUT.value)
   mode = QUICK if _QUICK.value else FULL
   ints = lambda values: [int(v) for v in values]  # noqa: E731
   sizes = ints(_SIZES.value or mode["sizes"])
@@ -651,8 +630,8 @@ def main(argv):
     results["compile_counts"] = compiles
   results["targets"] = _targets(results)
   machine["loadavg_after"] = _machine()["loadavg"]
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  fs.write_text(os.path.join(_OUT.value, "results.json"),
+                json.dumps(results, indent=2))
   print(f"\nWrote {_OUT.value}/results.json")
   if rows is not None:
     _plot(rows, results["loglog_slope"],

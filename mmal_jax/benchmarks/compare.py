@@ -54,6 +54,8 @@ _TRAIN_STEP_FLAGS = flags.DEFINE_string(
     "train_step_flags", "", "More flags for the train-step benchmark.")
 
 ROWS_FILE = "compare.jsonl"
+ACQUISITION = "mmal_jax.benchmarks.acquisition"
+TRAIN_STEP = "mmal_jax.benchmarks.train_step"
 
 def measure_cpu_peaks(quick: bool, dtype: str) -> dict:
   """This host's best matmul TFLOP/s (an n x n `jnp.dot` in `dtype`) and copy
@@ -100,17 +102,24 @@ def probe(quick: bool, dtype: str | None) -> dict:
   return machine
 
 
-def _python(*args: str) -> str:
-  """Runs `python args` with this package importable; returns its stdout."""
+def _progress(message: str) -> None:
+  print(f"[compare {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _python(*args: str, stream: bool = False) -> str:
+  """Runs `python args` with this package importable; returns its stdout
+  (`stream`: lets its output through to this process' instead, as it
+  comes, and returns "")."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   result = subprocess.run([sys.executable, *args], env=env, text=True,
-                          capture_output=True)
+                          capture_output=not stream)
   if result.returncode:
-    raise RuntimeError(f"{' '.join(args[:3])} failed:\n{result.stderr[-3000:]}")
-  return result.stdout
+    raise RuntimeError(f"{' '.join(args[:3])} failed" + (
+        "" if stream else f":\n{result.stderr[-3000:]}"))
+  return result.stdout or ""
 
 
 def benchmark_flags(machine: dict, quick: bool) -> tuple[list, list]:
@@ -124,8 +133,7 @@ def benchmark_flags(machine: dict, quick: bool) -> tuple[list, list]:
              f"--batch={count * max(1, 8 // count)}", "--text_len=8",
              "--steps=2", "--warmup=1"]
   else:
-    acquisition = ["--sizes=10000,100000,1000000", "--uncertainty_cap=30",
-                   "--rebuild_cap=30"]
+    acquisition = ["--sizes=10000,100000,1000000", "--uncertainty_cap=30"]
     if machine["platform"] == "cpu":
       train = ["--steps=10"]
     else:  # README's accelerator row, 256 examples per device.
@@ -133,6 +141,69 @@ def benchmark_flags(machine: dict, quick: bool) -> tuple[list, list]:
                f"--batch={256 * count}", "--text_len=64", "--vocab_size=32000",
                "--steps=20"]
   return acquisition, train + [f"--dtype={machine['dtype']}"]
+
+
+# Run in a subprocess (each benchmark defines its own --out): imports a
+# benchmark module and parses each argv against its flags, running nothing.
+# absl modules: FLAGS(argv); argparse modules: main() up to parse_args.
+_PARSE_ONLY = r"""
+import argparse, importlib, json, sys
+from absl import flags
+name, argvs = sys.argv[1], json.loads(sys.argv[2])
+module = importlib.import_module(name)
+
+class Parsed(Exception):
+  pass
+
+def error(self, message):
+  raise ValueError(message)
+
+def parse_only(self, args=None, namespace=None):
+  _, extra = self.parse_known_args(args, namespace)
+  if extra:
+    raise ValueError("unrecognized arguments: " + " ".join(extra))
+  raise Parsed
+
+argparse.ArgumentParser.error = error
+argparse.ArgumentParser.parse_args = parse_only
+uses_absl = bool(flags.FLAGS.get_flags_for_module(name))
+problems = []
+for argv in argvs:
+  try:
+    if uses_absl:
+      try:
+        flags.FLAGS([name] + argv)
+      finally:
+        flags.FLAGS.unparse_flags()
+    else:
+      sys.argv = [name] + argv
+      module.main()
+      problems.append("main() ran past parse_args")
+  except Parsed:
+    pass
+  except (flags.Error, ValueError) as e:
+    problems.append(f"{' '.join(argv)}: {e}")
+print(json.dumps(problems))
+"""
+
+
+class FlagsNotAccepted(ValueError):
+  """A benchmark does not accept the flags compare would pass it."""
+
+
+def check_flags(module: str, argvs: list[list[str]]) -> None:
+  """Parses each of `argvs` against benchmark `module`'s command-line flags
+  (absl or argparse) without running it, in one subprocess (a few seconds:
+  the module's imports).
+
+  Raises:
+    FlagsNotAccepted: naming each argv that does not parse and why.
+  """
+  problems = json.loads(_python("-c", _PARSE_ONLY, module,
+                                json.dumps(argvs)).strip().splitlines()[-1])
+  if problems:
+    raise FlagsNotAccepted(f"{module} does not accept the flags: "
+                     + "; ".join(problems))
 
 
 def _fraction(achieved, peak):
@@ -202,22 +273,32 @@ def train_step_rows(result: dict, machine: dict) -> list[dict]:
 
 def run(quick: bool, dtype: str | None = None, acquisition_flags=(),
         train_step_flags=()) -> list[dict]:
-  """Probes the devices, runs both benchmarks; returns their rows."""
+  """Probes the devices, runs both benchmarks (their output streamed as it
+  comes); returns their rows."""
+  _progress("probing the devices" + ("" if quick else " and their peaks"))
   machine = json.loads(_python(
       "-c", "import json, sys; from mmal_jax.benchmarks import compare; "
       f"print(json.dumps(compare.probe({quick!r}, {dtype!r})))"))
   machine.update(quick=quick, date=datetime.datetime.now(
       datetime.timezone.utc).isoformat(timespec="seconds"))
   acquisition, train = benchmark_flags(machine, quick)
+  acquisition += list(acquisition_flags)
+  train += list(train_step_flags)
+  # Every flag checked before the first (long) benchmark starts.
+  _progress(f"{machine['device_count']} x {machine['device_kind']}; "
+            f"checking the benchmarks' flags")
+  check_flags(ACQUISITION, [acquisition + ["--out=x"]])
+  check_flags(TRAIN_STEP, [train + ["--out=x"]])
   with tempfile.TemporaryDirectory() as tmp:
-    _python("-m", "mmal_jax.benchmarks.acquisition", f"--out={tmp}",
-            *acquisition, *acquisition_flags)
-    with open(os.path.join(tmp, "results.json")) as f:
-      rows = acquisition_rows(json.load(f), machine)
-    _python("-m", "mmal_jax.benchmarks.train_step", f"--out={tmp}", *train,
-            *train_step_flags)
-    with open(os.path.join(tmp, "train_step.json")) as f:
-      rows += train_step_rows(json.load(f), machine)
+    _progress(f"{ACQUISITION} {' '.join(acquisition)}")
+    _python("-m", ACQUISITION, f"--out={tmp}", *acquisition, stream=True)
+    rows = acquisition_rows(
+        json.loads(fs.read_text(os.path.join(tmp, "results.json"))), machine)
+    _progress(f"{TRAIN_STEP} {' '.join(train)}")
+    _python("-m", TRAIN_STEP, f"--out={tmp}", *train, stream=True)
+    rows += train_step_rows(
+        json.loads(fs.read_text(os.path.join(tmp, "train_step.json"))),
+        machine)
   return rows
 
 
@@ -330,9 +411,14 @@ def main(argv):
     print(f"Plotted {len(rows)} rows of {len(paths)} file(s) into "
           f"{_OUT.value}/compare.png")
     return
-  rows = run(_QUICK.value, _DTYPE.value,
-             shlex.split(_ACQUISITION_FLAGS.value),
-             shlex.split(_TRAIN_STEP_FLAGS.value))
+  try:
+    rows = run(_QUICK.value, _DTYPE.value,
+               shlex.split(_ACQUISITION_FLAGS.value),
+               shlex.split(_TRAIN_STEP_FLAGS.value))
+  except FlagsNotAccepted as e:  # Before any benchmark has run.
+    print(f"compare: {e}. Fix --acquisition_flags / --train_step_flags.",
+          file=sys.stderr)
+    sys.exit(2)
   print(table(rows))
   append_rows(path, rows)
   print(f"\nAppended {len(rows)} rows to {path}")

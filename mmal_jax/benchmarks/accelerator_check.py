@@ -1,0 +1,478 @@
+r"""One command that checks issue 16's targets on the accelerator at hand.
+
+  python -m mmal_jax.benchmarks.accelerator_check --out DIR [--quick]
+
+Parts, in order, each printing progress as it goes and its targets with
+value and PASS / MISS, then rewriting DIR/accelerator_check.json (through
+`mmal_jax.fs`, so DIR may be gs://); at the end, rows in the schema of
+`benchmarks.compare` go to DIR/compare.jsonl (for `compare --plot`):
+
+1. tests: the kernel tests' device subset (`pytest -k --tests_k` over
+   tests/test_acquisition_kernels.py and tests/test_strategies.py), in a
+   subprocess; PASS when they all pass on this backend.
+2. kernels: top-2 margins and the min-distance kernel (the cache build) at
+   Q = N = `--kernel_n`, D = `--dim`, at the API's defaults, against a
+   `jnp.dot` of `--dot_n`^3 and a read-only `jnp.max` pass over the pool,
+   measured in the same repeats (interleaved). Greedy k-center at N =
+   `--greedy_n`: one pass per pick and the default picks per pass, per pick,
+   against that read floor.
+3. round: an `mmal` round with the min-distance cache rebuilt, two
+   modalities of N in `--round_sizes` each, 1% annotated, budget 256,
+   coreset 1024; against its matrix products' time at the `jnp.dot` rate.
+4. train: the train-step benchmark (`benchmarks.train_step.main`, called
+   in this process) at `--train_flags` (default: ViT-B/16 + text B, res
+   224, batch 256 per device, 64 tokens, bfloat16).
+
+Pools are generated on the devices in the kernels' layout (no host copy),
+in bfloat16 on accelerators and float32 on CPU (`--dtype`). Timed
+comparisons interleave their contenders, repeat `--repeats` (>= 5) times and
+report median [min, max]; ratios are taken within each repeat. `--quick`
+runs toy sizes in seconds (a check that everything runs, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from mmal_jax import fs
+from mmal_jax import sharding
+from mmal_jax.acquisition import kernels
+from mmal_jax.acquisition import layout as layout_lib
+from mmal_jax.acquisition import strategies
+from mmal_jax.benchmarks import compare
+from mmal_jax.benchmarks import timing
+from mmal_jax.benchmarks import train_step as train_step_bench
+
+PARTS = ("tests", "kernels", "round", "train")
+RESULTS_FILE = "accelerator_check.json"
+# The kernel tests that compare picks and distances with the references.
+DEVICE_TESTS = ("matches_numpy or exact or ties or products or same_picks "
+                "or mmal_matches or uncertainty")
+FULL = dict(kernel_n=131_072, dim=768, dot_n=8192, greedy_n=12_800_000,
+            round_sizes=(1_000_000, 4_000_000),
+            train_flags=("--variant=B/16 --text_variant=B --res=224 "
+                         "--batch={batch} --text_len=64 --vocab_size=32000 "
+                         "--steps=10 --warmup=2"))
+QUICK = dict(kernel_n=1024, dim=64, dot_n=512, greedy_n=20_000,
+             round_sizes=(2_000, 4_000),
+             train_flags=("--variant=mu/8 --text_variant=mu --res=16 "
+                          "--batch={batch} --text_len=8 --steps=2 "
+                          "--warmup=1"))
+ANNOTATED_FRACTION = 0.01
+BUDGET = 256
+CORESET_SIZE = 1024
+
+TARGET_RATE_VS_DOT = 0.9
+TARGET_ONE_PASS_VS_FLOOR = 1.1
+TARGET_DEFAULT_VS_FLOOR = 0.35
+TARGET_ROUND_VS_MATMUL = 1.5
+TARGET_MFU = 0.45
+TARGET_FIRST_STEP_S = 45.0
+
+
+def _progress(message: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _target(results: dict, name: str, value, ok) -> None:
+  results["targets"].append(timing.target(name, value, ok))
+
+
+def _write(out: str, results: dict) -> None:
+  fs.write_text(os.path.join(out, RESULTS_FILE), json.dumps(results, indent=2))
+
+
+# Rows generated per step of `random_pool`: its float32 temporaries stay
+# small next to a pool of millions of rows.
+_GENERATE_ROWS = 1 << 16
+
+
+def random_pool(n: int, dim: int, dtype, mesh, seed: int
+                ) -> layout_lib.ShardedRows:
+  """`n` unit-norm Gaussian rows generated on the devices, already in the
+  kernels' layout (padding rows zero), laid out without a copy. Each device
+  writes its own rows, `_GENERATE_ROWS` at a time. Cost: one write of the
+  pool."""
+  pool = layout_lib.pool_layout(n, mesh, layout_lib.DEFAULT_BLOCK, dim, dtype)
+  local_rows = pool.padded_rows // mesh.size
+  step = min(local_rows, _GENERATE_ROWS)  # Powers of two: step divides.
+  spec = sharding.row_spec()
+
+  def local(key):
+    first = layout_lib.first_global_row(local_rows)
+
+    def body(c, out):
+      x = jax.random.normal(jax.random.fold_in(key, first + c * step),
+                            (step, dim), jnp.float32)
+      x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True))
+      real = first + c * step + jnp.arange(step) < n
+      x = jnp.where(real[:, None], x, 0.).astype(dtype)
+      return jax.lax.dynamic_update_slice_in_dim(out, x, c * step, 0)
+
+    return jax.lax.fori_loop(0, local_rows // step, body,
+                             jnp.zeros((local_rows, dim), dtype))
+
+  generate = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(),
+                                   out_specs=spec, check_vma=False))
+  rows = generate(jax.random.PRNGKey(seed))
+  return layout_lib.shard_rows(rows, mesh, num_rows=n)
+
+
+@jax.jit
+def _read_pass(rows):
+  return jnp.max(rows)
+
+
+@jax.jit
+def _dot(a, b):
+  return jnp.dot(a, b.T, preferred_element_type=jnp.float32)
+
+
+def run_tests(expression: str) -> dict:
+  """Part 1: the device subset of the kernel tests, in a subprocess."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  files = [os.path.join(root, "tests", name) for name in
+           ("test_acquisition_kernels.py", "test_strategies.py")]
+  if not all(os.path.exists(f) for f in files):
+    return {"ran": False, "passed": None, "summary": "tests/ not found"}
+  start = time.perf_counter()
+  result = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+       expression, *files], cwd=root, text=True, capture_output=True,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+          [root] + [p for p in [os.environ.get("PYTHONPATH")] if p])))
+  lines = result.stdout.strip().splitlines()
+  return {"ran": True, "passed": result.returncode == 0,
+          "summary": lines[-1] if lines else result.stderr[-500:],
+          "seconds": time.perf_counter() - start}
+
+
+def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
+                 repeats: int, pallas: bool = False) -> dict:
+  """Part 2: kernel rates and greedy picks against jnp.dot and a read pass;
+  with `pallas`, the kernels' Pallas forms too (`impl="pallas"`; one that
+  fails to compile is reported with its error, not timed)."""
+  keys = random_pool(n, dim, dtype, mesh, 0)
+  query_pool = random_pool(n, dim, jnp.float32, mesh, 1)
+  queries = kernels.gather_rows(query_pool, np.arange(n))
+  del query_pool
+  valid = layout_lib.shard_mask(np.ones(n, np.bool_), keys.layout)
+  a = jnp.ones((dot_n, dim), dtype)
+  contenders = {
+      "top2_margin": lambda: kernels.top2_margin_sharded(queries, keys, valid),
+      "min_distance": lambda: kernels.min_distance_sharded(keys, queries)}
+  pallas_errors = {}
+  if pallas:
+    for name, fn in (
+        ("top2_margin_pallas", lambda: kernels.top2_margin_sharded(
+            queries, keys, valid, impl="pallas")),
+        ("min_distance_pallas", lambda: kernels.min_distance_sharded(
+            keys, queries, impl="pallas"))):
+      try:
+        jax.block_until_ready(fn())
+        contenders[name] = fn
+      except Exception as e:  # pylint: disable=broad-except
+        pallas_errors[name] = f"{type(e).__name__}: {str(e)[:500]}"
+        _progress(f"{name} failed: {pallas_errors[name][:200]}")
+  kernel_names = list(contenders)
+  flops = {name: 2. * n * n * dim for name in kernel_names}
+  flops["jnp.dot"] = 2. * dot_n * dot_n * dim
+  _progress(f"kernels: Q = N = {n:,}, D = {dim}, {jnp.dtype(dtype).name}, "
+            f"jnp.dot {dot_n}^2 x {dim}")
+  times = timing.interleaved({
+      **contenders, "jnp.dot": lambda: _dot(a, a),
+      "read_pass": lambda: _read_pass(keys.rows)}, repeats)
+  tflops = {name: timing.stats(
+      [flops[name] / t / 1e12 for t in times[name]]) for name in flops}
+  vs_dot = {name: timing.ratios(
+      times["jnp.dot"], [t * flops["jnp.dot"] / flops[name]
+                         for t in times[name]])
+            for name in kernel_names}
+  pool_bytes = keys.rows.size * keys.rows.dtype.itemsize
+  read_gb_s = timing.stats(
+      [pool_bytes / t / 1e9 for t in times["read_pass"]])
+  del keys, queries, valid, a
+
+  _progress(f"greedy k-center: N = {greedy_n:,}, D = {dim}")
+  pool = random_pool(greedy_n, dim, dtype, mesh, 2)
+  eligible = layout_lib.shard_mask(np.ones(greedy_n, np.bool_), pool.layout)
+  init = kernels.min_distance_sharded(pool, kernels.gather_rows(pool, [0]))
+  per_pass = kernels.resolve_picks_per_pass(kernels.DEFAULT_PICKS_PER_PASS,
+                                            pool)
+  # Pick counts in one power-of-two bucket: the same compiled programs.
+  few, many = 33, 64
+  batch_few, batch_many = 16 * per_pass + 1, 32 * per_pass
+
+  def picks(k, p):
+    return lambda: kernels.kcenter_greedy_sharded(
+        pool, k, eligible=eligible, init_dist=init, picks_per_pass=p)
+
+  times = timing.interleaved({
+      "one_few": picks(few, 1), "one_many": picks(many, 1),
+      "default_few": picks(batch_few, per_pass),
+      "default_many": picks(batch_many, per_pass),
+      "read_pass": lambda: _read_pass(pool.rows)}, repeats)
+  one = [(b - a) / (many - few)
+         for a, b in zip(times["one_few"], times["one_many"])]
+  default = [(b - a) / (batch_many - batch_few)
+             for a, b in zip(times["default_few"], times["default_many"])]
+  stats = timing.stats
+  ratios = timing.ratios
+  return {
+      "n": n, "dim": dim, "dtype": jnp.dtype(dtype).name, "dot_n": dot_n,
+      "block": kernels.pool_block(layout_lib.DEFAULT_BLOCK, pool),
+      "tflops": tflops, "rate_vs_dot": vs_dot, "read_gb_s": read_gb_s,
+      "pallas_errors": pallas_errors,
+      "greedy": {
+          "n": greedy_n, "picks_per_pass": per_pass,
+          "one_pass_per_pick_s": stats(one), "default_per_pick_s":
+          stats(default), "read_floor_s": stats(times["read_pass"]),
+          "one_pass_vs_floor": ratios(one, times["read_pass"]),
+          "default_vs_floor": ratios(default, times["read_pass"])}}
+
+
+def round_matmul_flops(n: int, dim: int) -> float:
+  """Matrix-product flops of one `mmal` round with the cache rebuilt, two
+  modalities of n: the rebuild (2 n |S| D each, |S| = 1% annotated), the
+  coreset's picks (2 n D each) and its margins against the other modality
+  (2 n D per coreset item)."""
+  annotated = max(1, round(ANNOTATED_FRACTION * n))
+  return 2. * dim * (2 * n * annotated + n * CORESET_SIZE + CORESET_SIZE * n)
+
+
+def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
+               dot_tflops: float | None) -> dict:
+  """Part 3: seconds per `mmal` round with the cache rebuilt."""
+  out = {}
+  for n in sizes:
+    _progress(f"mmal round with cache rebuild: N = {n:,} per modality")
+    rng = np.random.default_rng(n)
+    pools = {m: random_pool(n, dim, dtype, mesh, s)
+             for s, m in enumerate(("image", "text"))}
+    embeddings = {m: p.rows for m, p in pools.items()}
+    annotated = {}
+    for m in embeddings:
+      annotated[m] = np.zeros(n, np.bool_)
+      annotated[m][rng.choice(n, max(1, round(ANNOTATED_FRACTION * n)),
+                              replace=False)] = True
+    del pools
+
+    def one_round():
+      cache = strategies.build_min_distance_cache(
+          embeddings, annotated, feature_dtype=dtype)
+      return strategies.mmal(embeddings, annotated, budget=BUDGET, seed=0,
+                             min_dist=cache, coreset_size=CORESET_SIZE,
+                             feature_dtype=dtype)
+
+    seconds = timing.interleaved(
+        {"round": one_round}, repeats)["round"]
+    flops = round_matmul_flops(n, dim)
+    matmul_s = flops / (dot_tflops * 1e12) if dot_tflops else None
+    out[str(n)] = {
+        "seconds": timing.stats(seconds),
+        "matmul_flops": flops, "matmul_s_at_dot_rate": matmul_s,
+        "vs_matmul": (timing.stats(
+            [s / matmul_s for s in seconds]) if matmul_s else None)}
+    del embeddings
+  return out
+
+
+def train_step(flags: list[str]) -> dict:
+  """Part 4: `benchmarks.train_step.main` on `flags`, in this process."""
+  with tempfile.TemporaryDirectory() as tmp:
+    argv = sys.argv
+    sys.argv = ["train_step", *flags, "--memory_variants=", f"--out={tmp}"]
+    try:
+      train_step_bench.main()
+    finally:
+      sys.argv = argv
+    return json.loads(fs.read_text(os.path.join(tmp, "train_step.json")))
+
+
+def compare_rows(results: dict, machine: dict) -> list[dict]:
+  """`results` as rows of `benchmarks.compare` (its compare.jsonl schema),
+  against `machine`'s peaks (`compare.probe`)."""
+  rows = []
+  rates = results.get("kernels")
+  if rates:
+    peak = compare._total_peak(machine, "peak_tflops")  # pylint: disable=protected-access
+    for name in rates["tflops"]:
+      tflops = rates["tflops"][name]["median"]
+      n = rates["dot_n"] if name == "jnp.dot" else rates["n"]
+      rows.append(compare._row(  # pylint: disable=protected-access
+          machine, f"accelerator_check/{name}", n=n, d=rates["dim"],
+          dtype=rates["dtype"], seconds=2. * n * n * rates["dim"] / (
+              tflops * 1e12), achieved=tflops,
+          unit="TFLOP/s", peak=peak,
+          fraction_of_peak=tflops / peak if peak else None))
+    greedy = rates["greedy"]
+    for name in ("one_pass_per_pick_s", "default_per_pick_s"):
+      rows.append(compare._row(  # pylint: disable=protected-access
+          machine, f"accelerator_check/greedy_{name[:-2]}", n=greedy["n"],
+          d=rates["dim"], dtype=rates["dtype"],
+          seconds=greedy[name]["median"]))
+  for n, r in (results.get("round") or {}).items():
+    rows.append(compare._row(  # pylint: disable=protected-access
+        machine, "accelerator_check/mmal_round_rebuild", n=int(n),
+        d=results["dim"], dtype=results["dtype"],
+        seconds=r["seconds"]["median"]))
+  if results.get("train"):
+    rows += compare.train_step_rows(results["train"], machine)
+  return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True,
+                      help="folder of accelerator_check.json (local or gs://)")
+  parser.add_argument("--quick", action="store_true",
+                      help="toy sizes: checks that everything runs")
+  parser.add_argument("--parts", default=",".join(PARTS),
+                      help=f"comma-separated, of {PARTS}")
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="interleaved repeats (>= 5)")
+  parser.add_argument("--dtype", default=None,
+                      choices=["float32", "bfloat16"],
+                      help="pool and train dtype (default: bfloat16 on "
+                      "accelerators, float32 on CPU)")
+  parser.add_argument("--pallas", default=None, choices=["yes", "no"],
+                      help="also time the Pallas kernels (default: yes on "
+                      "accelerators; CPU runs them interpreted)")
+  parser.add_argument("--tests_k", default=DEVICE_TESTS,
+                      help="pytest -k expression of the device tests")
+  for name in ("kernel_n", "dim", "dot_n", "greedy_n"):
+    parser.add_argument(f"--{name}", type=int, default=None)
+  parser.add_argument("--round_sizes", default=None,
+                      help="comma-separated N per modality")
+  parser.add_argument("--train_flags", default=None,
+                      help="flags of benchmarks.train_step ({batch}: 256 "
+                      "per device; quick: 8)")
+  args = parser.parse_args(argv)
+  unknown = set(args.parts.split(",")) - set(PARTS)
+  if unknown:
+    parser.error(f"unknown --parts {sorted(unknown)}; know {PARTS}")
+  if args.repeats < 5:
+    parser.error("--repeats must be >= 5")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  mode = QUICK if args.quick else FULL
+  device = jax.devices()[0]
+  dtype = args.dtype or ("float32" if device.platform == "cpu"
+                         else "bfloat16")
+  dim = args.dim or mode["dim"]
+  parts = args.parts.split(",")
+  mesh = sharding.make_mesh()
+  fs.makedirs(args.out)
+  results = {
+      "device_kind": device.device_kind, "platform": device.platform,
+      "device_count": jax.device_count(), "jax": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "loadavg": os.getloadavg(), "quick": args.quick, "dtype": dtype,
+      "repeats": args.repeats, "dim": dim, "targets": []}
+  _progress(f"Accelerator check on {jax.device_count()} x "
+            f"{device.device_kind} ({device.platform}), jax {jax.__version__}"
+            f", {dtype}, load {results['loadavg']}")
+  if args.quick:
+    _progress("--quick: toy sizes; the verdicts below are not measurements")
+  dot_tflops = None
+  if "tests" in parts:
+    _progress(f"kernel tests, -k {args.tests_k!r}")
+    tests = run_tests(args.tests_k)
+    _progress(f"tests: {tests['summary']}")
+    results["tests"] = tests
+    _target(results, "kernel tests pass on this device", None,
+            tests["passed"])
+    _write(args.out, results)
+  if "kernels" in parts:
+    pallas = (device.platform != "cpu" if args.pallas is None
+              else args.pallas == "yes")
+    rates = kernel_rates(args.kernel_n or mode["kernel_n"], dim,
+                         args.dot_n or mode["dot_n"],
+                         args.greedy_n or mode["greedy_n"], dtype, mesh,
+                         args.repeats, pallas)
+    results["kernels"] = rates
+    dot_tflops = rates["tflops"]["jnp.dot"]["median"]
+    fmt = timing.fmt
+    for name, s in rates["tflops"].items():
+      print(f"  {name:14s} {fmt(s, digits=2)} TFLOP/s")
+    print(f"  read pass      {fmt(rates['read_gb_s'])} GB/s")
+    greedy = rates["greedy"]
+    print(f"  greedy per pick: one pass "
+          f"{fmt(greedy['one_pass_per_pick_s'], 1e3, 3)} ms, default "
+          f"({greedy['picks_per_pass']} per pass) "
+          f"{fmt(greedy['default_per_pick_s'], 1e3, 3)} ms, read floor "
+          f"{fmt(greedy['read_floor_s'], 1e3, 3)} ms")
+    for name in rates["rate_vs_dot"]:
+      ratio = rates["rate_vs_dot"][name]["median"]
+      _target(results, f"{name} rate / jnp.dot rate >= {TARGET_RATE_VS_DOT}",
+              ratio, ratio >= TARGET_RATE_VS_DOT)
+    one = greedy["one_pass_vs_floor"]["median"]
+    _target(results, f"greedy one pass per pick / read floor <= "
+            f"{TARGET_ONE_PASS_VS_FLOOR}", one,
+            one <= TARGET_ONE_PASS_VS_FLOOR)
+    default = greedy["default_vs_floor"]["median"]
+    _target(results, f"greedy default per pick / read floor <= "
+            f"{TARGET_DEFAULT_VS_FLOOR}", default,
+            default <= TARGET_DEFAULT_VS_FLOOR)
+    _write(args.out, results)
+  if "round" in parts:
+    sizes = ([int(s) for s in args.round_sizes.split(",")]
+             if args.round_sizes else mode["round_sizes"])
+    rounds = round_cost(sizes, dim, dtype, mesh, args.repeats, dot_tflops)
+    results["round"] = rounds
+    for n, r in rounds.items():
+      print(f"  N = {int(n):,}: "
+            f"{timing.fmt(r['seconds'], digits=3)} s per round")
+    largest = rounds[str(max(sizes))]["vs_matmul"]
+    _target(results, f"mmal round (cache rebuilt, N = {max(sizes):,}) / "
+            f"matmul time at the jnp.dot rate <= {TARGET_ROUND_VS_MATMUL}",
+            largest and largest["median"],
+            None if largest is None
+            else largest["median"] <= TARGET_ROUND_VS_MATMUL)
+    _write(args.out, results)
+  if "train" in parts:
+    batch = jax.device_count() * (8 if args.quick else 256)
+    flags = shlex.split((args.train_flags or mode["train_flags"]).format(
+        batch=batch)) + [f"--dtype={dtype}"]
+    _progress(f"train step: {' '.join(flags)}")
+    step = train_step(flags)
+    results["train"] = step
+    mfu = step.get("mfu", step.get("peak_fraction"))
+    _target(results, f"train step fraction of peak >= {TARGET_MFU}", mfu,
+            None if mfu is None else mfu >= TARGET_MFU)
+    _target(results, f"train step compile s <= {TARGET_FIRST_STEP_S}",
+            step["compile_s"], step["compile_s"] <= TARGET_FIRST_STEP_S)
+    _write(args.out, results)
+  machine = compare.probe(args.quick, dtype)
+  machine.update(quick=args.quick, date=results["date"])
+  rows = compare_rows(results, machine)
+  compare.append_rows(os.path.join(args.out, compare.ROWS_FILE), rows)
+  _progress(f"appended {len(rows)} rows to "
+            f"{os.path.join(args.out, compare.ROWS_FILE)} "
+            f"(python -m mmal_jax.benchmarks.compare --plot --out DIR)")
+  print("\nTargets:")
+  for t in results["targets"]:
+    shown = "-" if t["value"] is None else f"{t['value']:.3g}"
+    print(f"  [{t['verdict']}] {t['target']}: {shown}")
+  _progress(f"wrote {os.path.join(args.out, RESULTS_FILE)}")
+
+
+if __name__ == "__main__":
+  main()
