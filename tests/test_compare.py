@@ -52,7 +52,7 @@ ACQUISITION = {
                         "kernel_batched_per_pick": _spread(1e-5)}}}
 TRAIN_STEP = {"model": "ViT-B/16 + text B", "res": 224, "batch": 1024,
               "dtype": "bfloat16", "num_devices": 4, "step_ms": 500.0,
-              "gflop_per_step_per_device": 100_000.0}
+              "model_gflop_per_step": 400_000.0}
 
 
 def test_rows_against_peaks_of_every_device():
@@ -65,7 +65,7 @@ def test_rows_against_peaks_of_every_device():
   assert step["peak"] == 4 * 3350.0  # The pool is split over 4 chips.
   assert step["fraction_of_peak"] == pytest.approx(20.48 / 13400)
   [train] = compare.train_step_rows(TRAIN_STEP, _machine())
-  assert train["achieved"] == pytest.approx(800.0)  # 4 x 100 TFLOP / 0.5 s
+  assert train["achieved"] == pytest.approx(800.0)  # 400 TFLOP / 0.5 s
   assert train["fraction_of_peak"] == pytest.approx(800 / (4 * 989))
   assert train["mesh"] == {"data": 4, "fsdp": 1}
   # A float32 step has no bf16 peak; a CPU's measured peak is the host's.
@@ -75,7 +75,8 @@ def test_rows_against_peaks_of_every_device():
   cpu = _machine(platform="cpu", device_kind="cpu", device_count=8,
                  dtype="float32", peak_tflops=0.4, peak_gb_s=20.0)
   [train] = compare.train_step_rows({**TRAIN_STEP, "dtype": "float32",
-                                     "num_devices": 8, "step_ms": 1e7}, cpu)
+                                     "num_devices": 8, "step_ms": 1e7,
+                                     "model_gflop_per_step": 800_000.0}, cpu)
   assert train["fraction_of_peak"] == pytest.approx(0.08 / 0.4)
 
 
