@@ -54,6 +54,7 @@ from mmal_jax import progress as progress_lib
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import sharding
+from mmal_jax import strict_json
 from mmal_jax import summaries
 from mmal_jax import train
 from mmal_jax.acquisition import cold_start
@@ -74,7 +75,8 @@ class ConfigMismatchError(config_lib.ConfigError):
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
+  return strict_json.finite_or_none(
+      json.loads(config.to_json_best_effort(sort_keys=True)))
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
@@ -103,7 +105,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   if not write:
     return
   if sharding.is_main_process() and not exists:
-    fs.write_text(path, json.dumps(current, indent=2, sort_keys=True))
+    fs.write_text(path, strict_json.dumps(current, indent=2, sort_keys=True))
   # Every process, also one that already sees process 0's file.
   sharding.barrier("config.json")
 
@@ -286,7 +288,7 @@ class Experiment:
       rows = sorted(self.rows.values(), key=lambda r: (
           r["strategy"], r["seed"], r["round"]))
       fs.write_text(self.metrics_path,
-                    "".join(json.dumps(r) + "\n" for r in rows))
+                    "".join(strict_json.dumps(r) + "\n" for r in rows))
 
   def embed_all(self, params, pool, modality: str) -> np.ndarray:
     """`(N_m, D)` embeddings of every `modality` item of `pool`."""
@@ -644,11 +646,14 @@ class Run:
       if answer.round_index == t:
         counts[answer.modality] += 1
     state = self.state.up_to_round(t)
-    return {"strategy": self.strategy, "seed": self.seed, "round": t,
-            "queries": state.cost, "modality_counts": counts,
-            "pairs": int(len(state.pairs("image", "text"))),
-            "percent": 100.0 * state.cost / self.x.num_units,
-            **timing, **metrics}
+    # Non-finite metrics as None: the row is then the same in memory, in the
+    # checkpoint and in metrics.jsonl (strict JSON, null).
+    return strict_json.finite_or_none({
+        "strategy": self.strategy, "seed": self.seed, "round": t,
+        "queries": state.cost, "modality_counts": counts,
+        "pairs": int(len(state.pairs("image", "text"))),
+        "percent": 100.0 * state.cost / self.x.num_units,
+        **timing, **metrics})
 
   def close(self) -> None:
     self.checkpoints.close()

@@ -68,6 +68,7 @@ from mmal_jax import plots
 from mmal_jax import progress
 from mmal_jax import report
 from mmal_jax import sharding
+from mmal_jax import strict_json
 from mmal_jax import summaries
 from mmal_jax import tokenizers
 from mmal_jax.acquisition import cold_start
@@ -676,7 +677,7 @@ class ColdStartExperiment:
     if sharding.is_main_process():
       old = (fs.read_text(self.metrics_path)
              if fs.exists(self.metrics_path) else "")
-      fs.write_text(self.metrics_path, old + json.dumps(row) + "\n")
+      fs.write_text(self.metrics_path, old + strict_json.dumps(row) + "\n")
 
   def run_dir(self, strategy: str, seed: int) -> str:
     return os.path.join(self.workdir, "runs", strategy, f"seed_{seed}")
@@ -697,14 +698,15 @@ class ColdStartExperiment:
       picks = self.select(strategy, budget, seed)
       timing["acquire_s"] = time.perf_counter() - start
       if sharding.is_main_process():
-        fs.write_text(path, json.dumps({"budget": budget,
+        fs.write_text(path, strict_json.dumps({"budget": budget,
                                         "picks": picks.tolist()}))
     start = time.perf_counter()
     metrics = self.train_and_evaluate(strategy, picks, seed)
     timing["train_s"] = time.perf_counter() - start
-    row = {"strategy": strategy, "seed": seed, "round": round_index,
-           "queries": budget, "pairs": budget,
-           "percent": 100. * budget / self.data.size, **timing, **metrics}
+    row = strict_json.finite_or_none({
+        "strategy": strategy, "seed": seed, "round": round_index,
+        "queries": budget, "pairs": budget,
+        "percent": 100. * budget / self.data.size, **timing, **metrics})
     self.log_row(row)
     if (strategy, seed) not in self.summaries:
       self.summaries[strategy, seed] = summaries.SummaryWriter(

@@ -73,7 +73,7 @@ def curves(rows: Sequence[dict], metric: str) -> dict[str, dict]:
   """
   by_point = collections.defaultdict(list)
   for r in rows:
-    if metric in r:
+    if r.get(metric) is not None:  # None: undefined (NaN) at that point.
       by_point[(r["strategy"], r["round"])].append((r["percent"], r[metric]))
   out = collections.defaultdict(lambda: collections.defaultdict(list))
   for (strategy, _), points in sorted(by_point.items(),

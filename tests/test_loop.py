@@ -13,6 +13,7 @@ from mmal_jax import config_lib
 from mmal_jax import loop
 from mmal_jax import report
 from mmal_jax import run_state
+from mmal_jax import strict_json
 from mmal_jax.data import AnnotationState
 from mmal_jax.data import AwaitingAnnotations
 
@@ -73,6 +74,12 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
   real_plot = loop.plots.embedding_plot
   monkeypatch.setattr(loop.plots, "embedding_plot", lambda z, picked, *a, **k:
                       drawn.append((z, picked)) or real_plot(z, picked, *a, **k))
+  real_evaluate = loop.Experiment.evaluate
+  # Undefined (NaN) and infinite metrics, as margin/correct is before any
+  # pseudo-label is correct.
+  monkeypatch.setattr(loop.Experiment, "evaluate", lambda self, *a: {
+      **real_evaluate(self, *a), "undefined": float("nan"),
+      "unbounded": np.float32("inf")})
   text = loop.run_experiment(tiny_config(**{"report.embedding_plot": True}),
                              workdir)
   rows = _rows(workdir)
@@ -120,6 +127,24 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
   for strategy in ("random", "mmal"):
     np.testing.assert_array_equal(picked[strategy], np.flatnonzero(
         _state(workdir, strategy).annotated["image"]))
+  # Every JSON file the run wrote is strict JSON (no bare NaN/Infinity);
+  # undefined metrics are null and read back as None, the rows in the
+  # checkpoints' meta equal those of metrics.jsonl.
+  written = [p for p in pathlib.Path(workdir).rglob("*.json*")
+             if p.suffix in (".json", ".jsonl")]
+  assert len(written) >= 6, written
+  for path in written:
+    for line in (path.read_text().splitlines() if path.suffix == ".jsonl"
+                 else [path.read_text()]):
+      strict_json.loads(line)
+  assert all(r["undefined"] is None and r["unbounded"] is None for r in rows)
+  for strategy in ("random", "mmal"):
+    checkpoints = run_state.RunCheckpoints(os.path.join(
+        workdir, "runs", strategy, "seed_0", "ckpt"))
+    meta = checkpoints.restore_meta(checkpoints.steps()[-1])
+    checkpoints.close()
+    assert meta["rows"] == sorted((r for r in rows if r["strategy"] == strategy),
+                                  key=lambda r: r["round"])
 
 
 def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
