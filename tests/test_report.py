@@ -1,9 +1,11 @@
-"""results.md and al_curves.png: timing table, figure layout, gs:// workdirs."""
+"""results.md and al_curves.png: timing table, paired statistics, figure
+layout, TensorBoard text, gs:// workdirs."""
 import os
 import stat
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import fs
 from mmal_jax import report
@@ -80,6 +82,14 @@ def test_write_local_files_are_0644(tmp_path):
   assert (tmp_path / "al_curves.png").read_bytes()[:4] == b"\x89PNG"
   for name in ("results.md", "al_curves.png"):
     assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+  # The same Markdown, paired statistics included, as TensorBoard text.
+  assert "## Paired differences vs random" in text
+  [path] = (tmp_path / "tensorboard" / "report").glob("events.out.*")
+  [value] = [v for e in event_file_loader.LegacyEventFileLoader(
+      str(path)).Load() for v in e.summary.value]
+  assert value.tag == "results"
+  assert value.metadata.plugin_data.plugin_name == "text"
+  assert value.tensor.string_val[0].decode() == text
 
 
 def test_write_to_gcs(gcs_bucket):
@@ -110,3 +120,81 @@ def test_a_strategy_keeps_its_colour_across_panels():
   colours = [{line.get_label(): line.get_color() for line in ax.lines}
              for ax in fig.axes if ax.axison]
   assert colours[1] == {s: colours[0][s] for s in ("mmal", "random")}
+
+
+def _noisy_rows():
+  """3 seeds of random, mmal (+1/round) and coreset (+2/round) with seeded
+  noise; mmal's seed 2 has no value at round 2 (a NaN written as null)."""
+  rng = np.random.default_rng(0)
+  rows = _rows(strategies=("random", "mmal", "coreset"), seeds=(0, 1, 2))
+  for r in rows:
+    r[METRICS[0]] += float(rng.normal(0, 1.5))
+    if (r["strategy"], r["seed"], r["round"]) == ("mmal", 2, 2):
+      r[METRICS[0]] = None
+  return rows
+
+
+def test_paired_statistics_equal_numpy():
+  rows = _noisy_rows()
+  value = {(r["strategy"], r["seed"], r["round"]): r[METRICS[0]] for r in rows}
+  paired = report.paired_differences(rows, METRICS[0])
+  areas = report.area_differences(rows, METRICS[0])
+  assert set(paired) == set(areas) == {"mmal", "coreset"}
+  for strategy in ("mmal", "coreset"):
+    per_seed_area = []
+    for seed in range(3):
+      rounds = [t for t in range(4) if value[strategy, seed, t] is not None]
+      gap = np.array([value[strategy, seed, t] - value["random", seed, t]
+                      for t in rounds])
+      x = 5.0 * np.array(rounds)
+      per_seed_area.append(np.sum((gap[1:] + gap[:-1]) / 2 * np.diff(x))
+                           / (x[-1] - x[0]))
+    np.testing.assert_allclose(areas[strategy]["mean"], np.mean(per_seed_area))
+    np.testing.assert_allclose(areas[strategy]["se"], np.std(
+        per_seed_area, ddof=1) / np.sqrt(3))
+    assert areas[strategy]["positive"] == np.sum(np.array(per_seed_area) > 0)
+    for t in range(4):
+      d = np.array([value[strategy, s, t] - value["random", s, t]
+                    for s in range(3) if value[strategy, s, t] is not None])
+      np.testing.assert_allclose(paired[strategy]["mean"][t], d.mean())
+      np.testing.assert_allclose(paired[strategy]["se"][t],
+                                 d.std(ddof=1) / np.sqrt(len(d)))
+      assert paired[strategy]["positive"][t] == np.sum(d > 0)
+      assert paired[strategy]["seeds"][t] == len(d)
+      assert paired[strategy]["percent"][t] == 5.0 * t
+  assert paired["mmal"]["seeds"][2] == 2
+  text = report.markdown(rows, METRICS, METRICS[0])
+  d = paired["coreset"]
+  assert (f"| coreset | {d['mean'][0]:+.2f} ± {d['se'][0]:.2f} "
+          f"({d['positive'][0]}/3) |") in text
+
+
+def test_saving_needs_the_lower_confidence_bound():
+  from scipy import stats
+  rows = _noisy_rows()
+  value = {(r["strategy"], r["seed"], r["round"]): r[METRICS[0]] for r in rows}
+  target = np.mean([value["random", s, 3] for s in range(3)])
+  saved = report.savings(rows, METRICS[0])
+  expected = {}
+  for strategy in ("random", "mmal", "coreset"):
+    expected[strategy] = None
+    for t in range(4):
+      v = np.array([value[strategy, s, t] for s in range(3)
+                    if value[strategy, s, t] is not None])
+      bound = v.mean() - stats.t.ppf(0.975, len(v) - 1) * v.std(
+          ddof=1) / np.sqrt(len(v))
+      if bound >= target:
+        expected[strategy] = 5.0 * t
+        break
+    assert saved[strategy]["percent"] == expected[strategy], strategy
+    assert saved[strategy]["target"] == pytest.approx(target)
+  # Built so that one strategy's bound reaches the target and one's does not
+  # although its mean does.
+  assert expected["coreset"] is not None and expected["mmal"] is None
+  assert np.mean([value["mmal", s, 3] for s in range(3)]) > target
+  assert saved["coreset"]["saving"] == pytest.approx(
+      1 - expected["coreset"] / 15.0)
+  # One seed gives no bound: never reached.
+  one_seed = [r for r in rows if r["seed"] == 0]
+  assert report.savings(one_seed, METRICS[0])["coreset"]["percent"] is None
+
