@@ -5,6 +5,13 @@ and the annotation page's records (`WORKDIR/annotate/`, see
 `annotate.store`), and writes `WORKDIR/results.md` and
 `WORKDIR/al_curves.png` (through
 `mmal_jax.fs`, so the workdir may be on gs://).
+
+As a command it compares several workdirs of a sweep (`mmal_jax.sweep`):
+
+  python -m mmal_jax.report --workdirs A,B,... --out DIR [--metric NAME]
+
+writes DIR/sweep.md and DIR/sweep.png. Exit status 2 with one line on
+stderr for a workdir or output folder that cannot be used.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import collections
 import io
 import json
 import os
+import sys
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -223,7 +231,8 @@ def _pm(mean: float, std: float) -> str:
   return f"{mean:.1f} ± {std:.1f}"
 
 
-def _paired_cell(mean: float, se: float, positive: int, seeds: int) -> str:
+def paired_cell(mean: float, se: float, positive: int, seeds: int) -> str:
+  """A paired difference as "+1.23 ± 0.45 (k/n)" (no ± for one seed)."""
   spread = "" if np.isnan(se) else f" ± {se:.2f}"
   return f"{mean:+.2f}{spread} ({positive}/{seeds})"
 
@@ -250,13 +259,13 @@ def paired_markdown(rows: Sequence[dict], metric: str,
               "| strategy | " + " | ".join(f"{p:g}%" for p in percents)
               + " | over the curve |", "|---|" + "---|" * (len(percents) + 1)]
     for strategy, d in sorted(paired.items()):
-      cells = {round(float(p), 1): _paired_cell(m, e, k, n) for p, m, e, k, n
+      cells = {round(float(p), 1): paired_cell(m, e, k, n) for p, m, e, k, n
                in zip(d["percent"], d["mean"], d["se"], d["positive"],
                       d["seeds"])}
       area = areas.get(strategy)
       lines.append(f"| {strategy} | " + " | ".join(
           cells.get(p, "-") for p in percents) + " | " + (
-              _paired_cell(area["mean"], area["se"], area["positive"],
+              paired_cell(area["mean"], area["se"], area["positive"],
                            area["seeds"]) if area else "-") + " |")
     lines.append("")
   saved = savings(rows, metric, baseline)
@@ -414,3 +423,28 @@ def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
                                               "report")) as writer:
       writer.text(0, "results", text)
   return text
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m mmal_jax.report --workdirs A,B --out DIR`: the sweep report."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from mmal_jax import sweep  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    print(f"mmal_jax.report: error: unexpected arguments {argv[1:]}.",
+          file=sys.stderr)
+    sys.exit(sweep.EXIT_USAGE)
+  f = flags.FLAGS
+  sys.exit(sweep.cli(f.workdirs or [], f.out, f.metric))
+
+
+if __name__ == "__main__":
+  # Defined here only: the module is also imported as mmal_jax.report.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_list("workdirs", None, "Workdirs to compare (local or gs://).",
+                    required=True)
+  flags.DEFINE_string("out", None, "Folder for sweep.md and sweep.png.",
+                      required=True)
+  flags.DEFINE_string("metric", "", "Metric to compare; default: the "
+                      "workdirs' report.main_metric.")
+  app.run(main)

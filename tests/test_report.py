@@ -1,7 +1,10 @@
 """results.md and al_curves.png: timing table, paired statistics, figure
 layout, TensorBoard text, gs:// workdirs."""
+import json
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import fs
 from mmal_jax import report
+from mmal_jax import sweep
 
 METRICS = ("retrieval/i2t_r@1", "colorswap/group")
 # Acquisition seconds of rounds 1..3 of each seed: compile, then steady state.
@@ -198,3 +202,80 @@ def test_saving_needs_the_lower_confidence_bound():
   one_seed = [r for r in rows if r["seed"] == 0]
   assert report.savings(one_seed, METRICS[0])["coreset"]["percent"] is None
 
+
+
+def _workdir(path, coreset_size, rows):
+  """A hand-made workdir: config.json and metrics.jsonl only."""
+  os.makedirs(path)
+  config = {"data": {"source": "shapes"}, "seeds": [0, 1, 2],
+            "report": {"main_metric": METRICS[0], "metrics": []},
+            "strategy_hparams": {"mmal": {"coreset_size": coreset_size}}}
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(path)
+
+
+def _sweep_workdirs(tmp_path):
+  small = _noisy_rows()
+  large = [dict(r) for r in small]
+  for r in large:
+    if r["strategy"] == "mmal" and r[METRICS[0]] is not None:
+      r[METRICS[0]] += 3.0 * r["round"]
+  return [_workdir(tmp_path / "small", 16, small),
+          _workdir(tmp_path / "large", 32, large)], [small, large]
+
+
+def test_sweep_compares_workdirs_differing_in_one_key(tmp_path):
+  paths, rows = _sweep_workdirs(tmp_path)
+  workdirs = [sweep.load(p) for p in paths]
+  key = "strategy_hparams.mmal.coreset_size"
+  assert sweep.swept_keys([w.config for w in workdirs]) == [key]
+  assert sweep.labels(workdirs) == [f"{key}=16", f"{key}=32"]
+  text = sweep.markdown(workdirs, METRICS[0])
+  assert f"| {key} | strategy |" in text
+  for size, workdir_rows in zip((16, 32), rows):
+    d = report.paired_differences(workdir_rows, METRICS[0])["mmal"]
+    area = report.area_differences(workdir_rows, METRICS[0])["mmal"]
+    final = report.curves(workdir_rows, METRICS[0])["mmal"]
+    assert (f"| {size} | mmal | 15 | {final['mean'][-1]:.2f} ± "
+            f"{final['std'][-1]:.2f} (3) | "
+            + report.paired_cell(d["mean"][-1], d["se"][-1], d["positive"][-1],
+                                 d["seeds"][-1]) + " | "
+            + report.paired_cell(area["mean"], area["se"], area["positive"],
+                                 area["seeds"]) + " |") in text
+  fig = sweep.figure(workdirs, METRICS[0])
+  panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+  assert sorted(panels) == ["coreset", "mmal", "random"]
+  for line, workdir_rows in zip(panels["mmal"].lines, rows):
+    c = report.curves(workdir_rows, METRICS[0])["mmal"]
+    np.testing.assert_allclose(line.get_xdata(), c["percent"])
+    np.testing.assert_allclose(line.get_ydata(), c["mean"])
+  [legend] = fig.legends
+  assert legend.get_title().get_text() == key
+  assert [t.get_text() for t in legend.get_texts()] == sweep.labels(workdirs)
+
+
+def test_sweep_command_writes_table_and_figure(tmp_path):
+  paths, _ = _sweep_workdirs(tmp_path)
+  out = tmp_path / "out"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  subprocess.run([sys.executable, "-m", "mmal_jax.report", "--workdirs",
+                  ",".join(paths), "--out", str(out)], check=True, env=env)
+  assert (out / "sweep.md").read_text() == sweep.markdown(
+      [sweep.load(p) for p in paths], METRICS[0])
+  assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_bad_workdir_is_one_line_and_exit_2(tmp_path, capsys):
+  paths, _ = _sweep_workdirs(tmp_path)
+  out = tmp_path / "out"
+  missing = str(tmp_path / "nowhere")
+  assert sweep.cli([*paths, missing], str(out)) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and missing in err[0] and "config.json" in err[0]
+  assert not out.exists()
+  assert sweep.cli(paths, str(out), "not/a_metric") == 2
+  assert "not/a_metric" in capsys.readouterr().err
+  assert sweep.cli(paths, str(out)) == 0
