@@ -16,7 +16,6 @@ stderr for a workdir or output folder that cannot be used.
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import sys
@@ -26,8 +25,10 @@ from absl import logging
 import numpy as np
 
 from mmal_jax import fs
+from mmal_jax import plots
 from mmal_jax import summaries
 from mmal_jax.annotate import store as annotation_store
+from mmal_jax.evaluators import colorswap
 
 # Columns of a metrics row that time the run (they differ between reruns).
 TIMING_KEYS = ("embed_s", "acquire_s", "train_s", "eval_s", "device_hours")
@@ -349,8 +350,9 @@ def acquisition_seconds(rows: Sequence[dict]) -> list[str]:
 def figure(rows: Sequence[dict], metrics: Sequence[str]):
   """The AL curves as a matplotlib Figure: a panel per metric (y: the metric,
   x: % of the pool annotated), a line per strategy with its mean over seeds
-  and a +- std band, one legend below the panels, and a title saying how many
-  seeds the band is over."""
+  and a +- std band, a dashed chance line on ColorSwap panels
+  (`evaluators.colorswap.CHANCE`), one legend below the panels, and a title
+  saying how many seeds the band is over."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -373,6 +375,11 @@ def figure(rows: Sequence[dict], metrics: Sequence[str]):
                       color=colors[strategy], alpha=0.2)
       handles.setdefault(strategy, line)
       seeds.update(int(n) for n in c["seeds"])
+    kind = metric.removeprefix("colorswap/")
+    if metric.startswith("colorswap/") and kind in colorswap.CHANCE:
+      chance = ax.axhline(colorswap.CHANCE[kind], ls="--", lw=1, color="0.4",
+                          label="chance")
+      handles.setdefault("chance", chance)
     ax.set_ylabel(metric)
     ax.set_xlabel("% of pool annotated")
     ax.grid(alpha=0.3)
@@ -391,20 +398,16 @@ def figure(rows: Sequence[dict], metrics: Sequence[str]):
 
 def plot(rows: Sequence[dict], metrics: Sequence[str], path: str) -> None:
   """Writes `figure(rows, metrics)` as a PNG to `path` (local or gs://)."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig = figure(rows, metrics)
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=110)
-  plt.close(fig)
-  fs.write_bytes(path, buffer.getvalue())
+  plots.save_png(figure(rows, metrics), path)
 
 
 def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
           title: str = "Results", save: bool = True,
           rows: Sequence[dict] | None = None) -> str:
-  """Writes WORKDIR/results.md and WORKDIR/al_curves.png (local or gs://,
-  each atomically) and the Markdown as a TensorBoard text summary in
+  """Writes WORKDIR/results.md, WORKDIR/al_curves.png (`figure`),
+  modality_queries.png (`plots.modality_figure`, where rows have
+  modality_counts), seconds_per_round.png (`plots.seconds_figure`, where
+  rows are timed) (local or gs://, each atomically) and the Markdown as a TensorBoard text summary in
   WORKDIR/tensorboard/report/ (tag "results"), unless `save` is False;
   returns the Markdown (with the annotation page's table when
   WORKDIR/annotate/ holds its records).
@@ -419,6 +422,12 @@ def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
   if save:
     fs.write_text(os.path.join(workdir, "results.md"), text)
     plot(rows, metrics, os.path.join(workdir, "al_curves.png"))
+    if plots.modality_queries(rows):
+      plots.save_png(plots.modality_figure(rows),
+                     os.path.join(workdir, "modality_queries.png"))
+    if any(plots.seconds_per_round(rows, k) for k in plots.SECONDS_KEYS):
+      plots.save_png(plots.seconds_figure(rows),
+                     os.path.join(workdir, "seconds_per_round.png"))
     with summaries.SummaryWriter(os.path.join(workdir, "tensorboard",
                                               "report")) as writer:
       writer.text(0, "results", text)

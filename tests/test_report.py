@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import fs
+from mmal_jax import plots
 from mmal_jax import report
 from mmal_jax import sweep
 
@@ -65,7 +66,12 @@ def test_figure_labels_legend_and_caption():
   assert [ax.get_ylabel() for ax in axes] == list(METRICS)
   assert all(ax.get_legend() is None for ax in axes)
   [legend] = fig.legends
-  assert [t.get_text() for t in legend.get_texts()] == ["mmal", "random"]
+  assert [t.get_text() for t in legend.get_texts()] == ["mmal", "random",
+                                                        "chance"]
+  # The chance line of the ColorSwap group panel, none on retrieval's.
+  [chance] = [line for line in axes[1].lines if line.get_label() == "chance"]
+  np.testing.assert_allclose(chance.get_ydata(), [100 / 6] * 2)
+  assert not [line for line in axes[0].lines if line.get_label() == "chance"]
   box = legend.get_window_extent(renderer)
   for ax in axes:
     assert not box.overlaps(ax.get_tightbbox(renderer))
@@ -84,7 +90,8 @@ def test_write_local_files_are_0644(tmp_path):
   text = report.write(str(tmp_path), METRICS[0], rows=_rows())
   assert (tmp_path / "results.md").read_text() == text
   assert (tmp_path / "al_curves.png").read_bytes()[:4] == b"\x89PNG"
-  for name in ("results.md", "al_curves.png"):
+  for name in ("results.md", "al_curves.png", "modality_queries.png",
+               "seconds_per_round.png"):
     assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
   # The same Markdown, paired statistics included, as TensorBoard text.
   assert "## Paired differences vs random" in text
@@ -121,7 +128,8 @@ def test_a_strategy_keeps_its_colour_across_panels():
     if r["strategy"] == "coreset":
       del r[METRICS[1]]  # No colorswap/group for coreset.
   fig = report.figure(rows, METRICS)
-  colours = [{line.get_label(): line.get_color() for line in ax.lines}
+  colours = [{line.get_label(): line.get_color() for line in ax.lines
+              if line.get_label() != "chance"}
              for ax in fig.axes if ax.axison]
   assert colours[1] == {s: colours[0][s] for s in ("mmal", "random")}
 
@@ -279,3 +287,54 @@ def test_sweep_bad_workdir_is_one_line_and_exit_2(tmp_path, capsys):
   assert sweep.cli(paths, str(out), "not/a_metric") == 2
   assert "not/a_metric" in capsys.readouterr().err
   assert sweep.cli(paths, str(out)) == 0
+
+
+def test_modality_bars_are_the_mean_queries_per_round():
+  rows = _rows(seeds=(0, 1))
+  for r in rows:  # mmal: seed s buys r + s texts per round, random 5 / 5.
+    if r["strategy"] == "mmal":
+      r["modality_counts"] = {"image": 10 - r["round"] - r["seed"],
+                              "text": r["round"] + r["seed"]}
+  fig = plots.modality_figure(rows)
+  panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+  assert sorted(panels) == ["mmal", "random"]
+  image, text = panels["mmal"].containers  # Stacked: image below text.
+  rounds = np.arange(1, 4)
+  np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in image],
+                             rounds)
+  np.testing.assert_allclose([b.get_height() for b in image],
+                             10 - rounds - 0.5)
+  np.testing.assert_allclose([b.get_height() for b in text], rounds + 0.5)
+  np.testing.assert_allclose([b.get_y() for b in text], 10 - rounds - 0.5)
+  assert [b.get_height() for b in panels["random"].containers[1]] == [5] * 3
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == ["image",
+                                                                "text"]
+
+
+def test_seconds_per_round_lines():
+  rows = _rows()
+  for r in rows:
+    if r["round"]:
+      r["train_s"] = 2.0 * r["round"] + r["seed"]
+  fig = plots.seconds_figure(rows)
+  acquire, train = fig.axes
+  for ax, key in ((acquire, "acquire_s"), (train, "train_s")):
+    for line in ax.lines:
+      strategy = line.get_label()
+      np.testing.assert_allclose(line.get_xdata(), [1, 2, 3])
+      np.testing.assert_allclose(line.get_ydata(), [np.mean(
+          [r[key] for r in rows if (r["strategy"], r["round"]) ==
+           (strategy, t)]) for t in (1, 2, 3)])
+    assert sorted(l.get_label() for l in ax.lines) == ["mmal", "random"]
+
+
+def test_stage1_loss_lines():
+  losses = {"with_prototypes seed 0": np.array([3.0, 2.5, 2.0]),
+            "without_prototypes seed 0": np.array([3.1, 2.9])}
+  [ax] = plots.stage1_loss_figure(losses).axes
+  drawn = {line.get_label(): line for line in ax.lines}
+  assert set(drawn) == set(losses)
+  for label, loss in losses.items():
+    np.testing.assert_allclose(drawn[label].get_ydata(), loss)
+    np.testing.assert_allclose(drawn[label].get_xdata(),
+                               np.arange(1, len(loss) + 1))
