@@ -38,8 +38,10 @@ Workdir (as the unaligned loop's): config.json, metrics.jsonl (a row per
 strategy, seed and budget: `round` = budget index, `queries` = B, `percent`,
 accuracy, acquire / train seconds), results.md (accuracy per strategy and
 budget, mean ± std over seeds, and the modality-gap table of eq. 10 with and
-without prototypes), al_curves.png, stage1/<variant>_seed_<s>.npz (the
-Stage-1 representations), runs/<strategy>/seed_<s>/round_<r>.json (the
+without prototypes), al_curves.png, seconds_per_round.png, stage1_loss.png
+(the Stage-1 loss of every training step, per variant and seed),
+stage1/<variant>_seed_<s>.npz (the Stage-1 representations and losses),
+runs/<strategy>/seed_<s>/round_<r>.json (the
 bought pairs), embedding.png on request. Rerunning resumes.
 """
 from __future__ import annotations
@@ -325,15 +327,20 @@ def build_data(data: ml_collections.ConfigDict) -> PairedData:
 @dataclasses.dataclass
 class Stage1Result:
   """L2-normalised representations `{m: (N, D)}` of the pool and test
-  pairs, the loss at the end of each epoch, seconds."""
+  pairs, the loss at the end of each epoch, seconds, and the loss of every
+  training step `(epochs x steps per epoch,)` (empty in a cache written
+  before it was recorded)."""
   pool: dict[str, np.ndarray]
   test: dict[str, np.ndarray]
   losses: np.ndarray
   seconds: float
+  step_losses: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros(0, np.float32))
 
   def to_bytes(self) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, losses=self.losses, seconds=self.seconds,
+             step_losses=self.step_losses,
              **{f"pool/{m}": z for m, z in self.pool.items()},
              **{f"test/{m}": z for m, z in self.test.items()})
     return buffer.getvalue()
@@ -343,7 +350,8 @@ class Stage1Result:
     with np.load(io.BytesIO(data)) as f:
       return cls({m: f[f"pool/{m}"] for m in modalities},
                  {m: f[f"test/{m}"] for m in modalities}, f["losses"],
-                 float(f["seconds"]))
+                 float(f["seconds"]), f["step_losses"]
+                 if "step_losses" in f.files else np.zeros(0, np.float32))
 
 
 class _EosPadded:
@@ -488,7 +496,7 @@ class Stage1:
         num_epochs=self.config.epochs, mesh=self.mesh)
     m0, m1 = self.modalities
     unused = ((jnp.zeros(()),) * 2,) * 3  # The L_cross step ignores these.
-    current, epoch_losses = unused, []
+    current, step_losses = unused, []
     for step, batch in enumerate(batches):
       epoch = step // self.per_epoch
       active = prototypes and epoch >= self.config.warmup_epochs
@@ -499,16 +507,17 @@ class Stage1:
       state, loss = self._steps[active](
           state, batch[m0], batch[m1], batch[m0 + "_index"],
           batch[m1 + "_index"], *args)
-      if (step + 1) % self.per_epoch == 0:
-        epoch_losses.append(float(loss))
+      step_losses.append(loss)  # Fetched once at the end: no sync here.
+    step_losses = np.asarray(jax.device_get(step_losses), np.float32)
+    epoch_losses = step_losses[self.per_epoch - 1::self.per_epoch]
     logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,
                  VARIANTS[prototypes], self.config.epochs, epoch_losses[-1],
                  time.perf_counter() - start)
     params = state["params"]
     reps = {split: {m: self.embed(params, split, m) for m in self.modalities}
             for split in ("pool", "test")}
-    return Stage1Result(reps["pool"], reps["test"], np.asarray(epoch_losses),
-                        time.perf_counter() - start)
+    return Stage1Result(reps["pool"], reps["test"], epoch_losses,
+                        time.perf_counter() - start, step_losses)
 
 
 # --------------------------------------------------------------------------
@@ -718,6 +727,13 @@ class ColdStartExperiment:
                  strategy, seed, budget, row["percent"], metrics["accuracy"])
     return row
 
+  def stage1_losses(self) -> dict[str, np.ndarray]:
+    """"<variant> seed <s>" -> `(steps,)` Stage-1 loss per training step,
+    for every Stage-1 run loaded or trained (`plots.stage1_loss_figure`)."""
+    return {f"{VARIANTS[p]} seed {s}": r.step_losses
+            for (p, s), r in sorted(self._stage1.items())
+            if len(r.step_losses)}
+
   def modality_gap_markdown(self) -> str:
     """MMCSAL Table 3: eq. 10 on the Stage-1 pool representations, with and
     without prototypes, mean ± std over the Stage-1 seeds trained."""
@@ -797,6 +813,8 @@ def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
   text += "\n" + experiment.modality_gap_markdown()
   if main:
     fs.write_text(os.path.join(workdir, "results.md"), text)
+    plots.save_png(plots.stage1_loss_figure(experiment.stage1_losses()),
+                   os.path.join(workdir, "stage1_loss.png"))
     if config.report.embedding_plot and not fs.exists(
         os.path.join(workdir, "embedding.png")):
       experiment.embedding_plot()

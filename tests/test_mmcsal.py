@@ -225,6 +225,11 @@ def test_stage1_trains_both_variants_data_parallel():
   for prototypes in (False, True):
     result = stage1.fit(prototypes, seed=0)
     assert len(result.losses) == config.stage1.epochs
+    # Every step's loss; the epoch losses are each epoch's last step's.
+    assert len(result.step_losses) == config.stage1.epochs * stage1.per_epoch
+    np.testing.assert_array_equal(
+        result.losses, result.step_losses[stage1.per_epoch - 1::
+                                          stage1.per_epoch])
     assert np.isfinite(result.losses).all()
     for split, n in (("pool", data.size), ("test", len(data.test_labels))):
       for z in getattr(result, split).values():
@@ -234,6 +239,7 @@ def test_stage1_trains_both_variants_data_parallel():
   assert cross.losses[-1] < cross.losses[0]
   restored = mmcsal.Stage1Result.from_bytes(cross.to_bytes(), data.modalities)
   np.testing.assert_array_equal(restored.pool["left"], cross.pool["left"])
+  np.testing.assert_array_equal(restored.step_losses, cross.step_losses)
   init = stage1._init  # pylint: disable=protected-access
   params = init(jax.random.PRNGKey(0))
   protos, assignments, phis = stage1.prototypes(params, seed=0)
@@ -261,14 +267,25 @@ def test_classifier_learns_separable_classes():
 
 
 @pytest.mark.slow
-def test_run_writes_the_workdir_and_resumes(tmp_path, caplog):
+def test_run_writes_the_workdir_and_resumes(tmp_path, caplog, monkeypatch):
   caplog.set_level(logging.INFO)
   workdir = str(tmp_path / "run")
   config = mmcsal.validate(tiny_config())
   config.unlock()
   config.report.update(embedding_plot=True, embedding_plot_points=100)
   config.lock()
+  drawn = []
+  real_figure = mmcsal.plots.stage1_loss_figure
+  monkeypatch.setattr(mmcsal.plots, "stage1_loss_figure",
+                      lambda losses: drawn.append(losses) or real_figure(losses))
   text = mmcsal.run_cold_start(config, workdir)
+  # The Stage-1 loss curves drawn are the losses saved with each variant.
+  assert sorted(drawn[0]) == ["cross seed 0", "proto seed 0"]
+  for variant in ("cross", "proto"):
+    with np.load(os.path.join(workdir, "stage1", f"{variant}_seed_0.npz")) as f:
+      np.testing.assert_array_equal(drawn[0][f"{variant} seed 0"],
+                                    f["step_losses"])
+      assert len(f["step_losses"]) > config.stage1.epochs
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert len(rows) == 4 * 2
   by_key = {(r["strategy"], r["round"]): r for r in rows}
@@ -284,7 +301,7 @@ def test_run_writes_the_workdir_and_resumes(tmp_path, caplog):
     assert len(set(picks)) == budget
   for name in ("results.md", "al_curves.png", "embedding.png",
                "stage1/cross_seed_0.npz", "stage1/proto_seed_0.npz",
-               "config.json"):
+               "config.json", "stage1_loss.png", "seconds_per_round.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "## accuracy" in text and "Modality gap" in text and "| w/ |" in text
   assert "Progress: 8/8 selections, ETA 0:00:00" in caplog.text
