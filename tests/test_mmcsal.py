@@ -6,8 +6,10 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
@@ -263,6 +265,27 @@ def test_classifier_learns_separable_classes():
                         x_test, y_test, seed=0)
 
 
+def test_overlap_table_is_jaccard_with_random_beside_accuracy(tmp_path):
+  picks = {("random", 0): {1, 2, 3, 4}, ("random", 1): {5, 6, 7, 8},
+           ("mmcsal", 0): {1, 2, 3, 9}, ("mmcsal", 1): {10, 11, 12, 13}}
+  rows = [{"strategy": s, "seed": seed, "round": 1, "accuracy": acc}
+          for (s, seed), acc in zip(picks, (50., 60., 70., 90.))]
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  experiment = types.SimpleNamespace(
+      config=ml_collections.ConfigDict(dict(
+          strategies=("random", "mmcsal", "kmeans"), seeds=(0, 1),
+          budgets=(1.,))),
+      metrics_path=str(metrics),
+      picks=lambda strategy, seed, round_index: picks.get((strategy, seed)))
+  text = mmcsal.ColdStartExperiment.overlap_markdown(experiment)
+  jaccard = [3 / 5, 0.]  # {1,2,3} of {1,2,3,4,9}; nothing shared.
+  assert (f"| mmcsal | 80.0 ± 10.0 (J {np.mean(jaccard):.2f} ± "
+          f"{np.std(jaccard):.2f}) |") in text
+  assert "| random | 55.0 ± 5.0 (J 1.00 ± 0.00) |" in text
+  assert "kmeans" not in text  # No picks in the workdir.
+
+
 # ------------------------------------------------------------ end to end
 
 
@@ -304,6 +327,7 @@ def test_run_writes_the_workdir_and_resumes(tmp_path, caplog, monkeypatch):
                "config.json", "stage1_loss.png", "seconds_per_round.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "## accuracy" in text and "Modality gap" in text and "| w/ |" in text
+  assert "## Accuracy and overlap with random's picks" in text
   assert "Progress: 8/8 selections, ETA 0:00:00" in caplog.text
   for strategy in config.strategies:
     events, = (tmp_path / "run" / "tensorboard" / f"{strategy}_seed_0").glob(
