@@ -250,8 +250,9 @@ def paired_markdown(rows: Sequence[dict], metric: str,
     percents = sorted({round(float(p), 1) for v in paired.values()
                        for p in v["percent"]})
     lines += [f"## Paired differences vs {baseline} on {metric}", "",
-              f"Each strategy minus {baseline} on the same seed (same eval "
-              f"split and initial weights): mean ± standard error over "
+              f"Each strategy minus {baseline} on the same seed (a seed "
+              f"fixes the eval split and the initialisation, so the runs are "
+              f"paired): mean ± standard error over "
               f"seeds (std with ddof=1 / sqrt(n)), and (seeds where the "
               f"strategy is ahead / seeds). Over the curve: the paired "
               f"difference of the areas under the curves (trapezoid over % "
