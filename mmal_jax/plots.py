@@ -117,6 +117,7 @@ def modality_queries(rows: Sequence[dict]) -> dict[str, dict]:
 def modality_figure(rows: Sequence[dict]):
   """A panel per strategy: per round, a bar of the queries it bought,
   stacked by modality (mean over seeds, `modality_queries`)."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
   data = modality_queries(rows)
   cols = max(1, min(3, len(data)))
@@ -132,6 +133,7 @@ def modality_figure(rows: Sequence[dict]):
       bottom = bottom + d[m]
     ax.set_title(strategy)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel("queries (mean over seeds)")
   for ax in list(axes.flat)[len(data):]:
     ax.axis("off")
@@ -163,6 +165,7 @@ def seconds_per_round(rows: Sequence[dict], key: str) -> dict[str, dict]:
 def seconds_figure(rows: Sequence[dict]):
   """Two panels, acquisition and training seconds per round, a line per
   strategy (mean over seeds; a resumed round may be untimed)."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(SECONDS_KEYS), figsize=(9.2, 3.8),
                            layout="constrained")
@@ -173,6 +176,7 @@ def seconds_figure(rows: Sequence[dict]):
               label=strategy)
     ax.set_title(title + " per round")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel("seconds (mean over seeds)")
     ax.grid(alpha=0.3)
     if ax.lines:
