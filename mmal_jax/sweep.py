@@ -146,9 +146,9 @@ def markdown(workdirs: Sequence[Workdir], metric: str,
           area["mean"], area["se"], area["positive"], area["seeds"]))
       s = saved.get(strategy, {}).get("saving")
       saving = ("-" if s is None or strategy == baseline
-                else f"{100 * s:.0f}% (at {saved[strategy]['percent']:g}%)")
+                else f"{100 * s:.0f}% (at {saved[strategy]['percent']:.1f}%)")
       lines.append("| " + " | ".join([
-          *first, strategy, f"{curve['percent'][-1]:g}",
+          *first, strategy, f"{round(float(curve['percent'][-1]), 1):g}",
           f"{curve['mean'][-1]:.2f} ± {curve['std'][-1]:.2f} "
           f"({curve['seeds'][-1]})", last, over, saving]) + " |")
   return "\n".join(lines + [""])
@@ -165,7 +165,7 @@ def figure(workdirs: Sequence[Workdir], metric: str):
   cols = min(3, len(strategies))
   nrows = -(-len(strategies) // cols)
   fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows + 1.2),
-                           squeeze=False, layout="constrained")
+                           squeeze=False, sharey=True, layout="constrained")
   handles = {}
   for ax, strategy in zip(axes.flat, strategies):
     for k, (w, label) in enumerate(zip(workdirs, labels(workdirs))):
