@@ -41,6 +41,7 @@ budget, mean ± std over seeds, and the modality-gap table of eq. 10 with and
 without prototypes), al_curves.png, seconds_per_round.png, stage1_loss.png
 (the Stage-1 loss of every training step, per variant and seed),
 stage1/<variant>_seed_<s>.npz (the Stage-1 representations and losses),
+tensorboard/stage1_<variant>_seed_<s>/ (`stage1/loss` per step),
 runs/<strategy>/seed_<s>/round_<r>.json (the
 bought pairs), embedding.png on request. Rerunning resumes.
 """
@@ -646,6 +647,11 @@ class ColdStartExperiment:
         result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
         if sharding.is_main_process():
           fs.write_bytes(path, result.to_bytes())
+          with summaries.SummaryWriter(os.path.join(
+              self.workdir, "tensorboard",
+              f"stage1_{VARIANTS[prototypes]}_seed_{seed}")) as writer:
+            for step, loss in enumerate(result.step_losses, 1):
+              writer.scalars(step, {"stage1/loss": loss})
         sharding.barrier("stage1")
       self._stage1[key] = result
     return self._stage1[key]

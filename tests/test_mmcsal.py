@@ -309,6 +309,15 @@ def test_run_writes_the_workdir_and_resumes(tmp_path, caplog, monkeypatch):
       np.testing.assert_array_equal(drawn[0][f"{variant} seed 0"],
                                     f["step_losses"])
       assert len(f["step_losses"]) > config.stage1.epochs
+      # And in TensorBoard, step by step.
+      events, = (tmp_path / "run" / "tensorboard" /
+                 f"stage1_{variant}_seed_0").glob("events.out.*")
+      logged = {e.step: v.simple_value for e in event_file_loader.
+                LegacyEventFileLoader(str(events)).Load()
+                for v in e.summary.value if v.tag == "stage1/loss"}
+      np.testing.assert_allclose(
+          [logged[k] for k in sorted(logged)], f["step_losses"], rtol=1e-6)
+      assert sorted(logged) == list(range(1, len(f["step_losses"]) + 1))
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert len(rows) == 4 * 2
   by_key = {(r["strategy"], r["round"]): r for r in rows}
