@@ -870,11 +870,10 @@ def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
   main = sharding.is_main_process()
   text = report.write(workdir, config.report.main_metric,
                       config.report.metrics, title="Cold-start results",
-                      save=main)
-  text += "\n" + experiment.overlap_markdown()
-  text += "\n" + experiment.modality_gap_markdown()
+                      save=main, appendix="\n".join((
+                          "", experiment.overlap_markdown(),
+                          experiment.modality_gap_markdown())))
   if main:
-    fs.write_text(os.path.join(workdir, "results.md"), text)
     plots.save_png(plots.stage1_loss_figure(experiment.stage1_losses()),
                    os.path.join(workdir, "stage1_loss.png"))
     if config.report.embedding_plot and not fs.exists(

@@ -404,14 +404,15 @@ def plot(rows: Sequence[dict], metrics: Sequence[str], path: str) -> None:
 
 def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
           title: str = "Results", save: bool = True,
-          rows: Sequence[dict] | None = None) -> str:
+          rows: Sequence[dict] | None = None, appendix: str = "") -> str:
   """Writes WORKDIR/results.md, WORKDIR/al_curves.png (`figure`),
   modality_queries.png (`plots.modality_figure`, where rows have
   modality_counts), seconds_per_round.png (`plots.seconds_figure`, where
-  rows are timed) (local or gs://, each atomically) and the Markdown as a TensorBoard text summary in
-  WORKDIR/tensorboard/report/ (tag "results"), unless `save` is False;
-  returns the Markdown (with the annotation page's table when
-  WORKDIR/annotate/ holds its records).
+  rows are timed) (local or gs://, each atomically) and the Markdown as a
+  TensorBoard text summary in WORKDIR/tensorboard/report/ (tag "results"),
+  unless `save` is False; returns the Markdown (with the annotation page's
+  table when WORKDIR/annotate/ holds its records, then `appendix`: an
+  experiment's own tables).
 
   `rows` default to those of WORKDIR/metrics.jsonl.
   """
@@ -420,6 +421,7 @@ def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
   metrics = list(metrics) if metrics else metric_names(rows)
   text = markdown(rows, metrics, main_metric, title)
   text += "\n".join(annotation_store.markdown(workdir))
+  text += appendix
   if save:
     fs.write_text(os.path.join(workdir, "results.md"), text)
     plot(rows, metrics, os.path.join(workdir, "al_curves.png"))
