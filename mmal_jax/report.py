@@ -127,8 +127,8 @@ def paired_differences(rows: Sequence[dict], metric: str,
   `(R,)` over the rounds where at least one seed has both values: the mean
   over seeds of d_s = strategy_s - baseline_s, its standard error
   (std(d, ddof=1) / sqrt(n), NaN for one seed), how many d_s > 0 and n.
-  `percent` is the strategy's mean % annotated at that round. Seeds share
-  the eval split and initial weights, so pairing removes their variance.
+  `percent` is the strategy's mean % annotated at that round. A seed fixes
+  the eval split and the initialisation, so pairing removes their variance.
   Cost: O(rows).
   """
   values = _values(rows, metric)

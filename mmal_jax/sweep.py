@@ -24,7 +24,6 @@ import sys
 from typing import Any, Sequence
 
 import ml_collections
-import numpy as np
 
 from mmal_jax import fs
 from mmal_jax import report
