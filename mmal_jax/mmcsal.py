@@ -502,7 +502,7 @@ class Stage1:
         num_epochs=self.config.epochs, mesh=self.mesh)
     m0, m1 = self.modalities
     unused = ((jnp.zeros(()),) * 2,) * 3  # The L_cross step ignores these.
-    current, step_losses = unused, []
+    current, epoch_losses, step_losses = unused, [], []
     for step, batch in enumerate(batches):
       epoch = step // self.per_epoch
       active = prototypes and epoch >= self.config.warmup_epochs
@@ -513,17 +513,18 @@ class Stage1:
       state, loss = self._steps[active](
           state, batch[m0], batch[m1], batch[m0 + "_index"],
           batch[m1 + "_index"], *args)
-      step_losses.append(loss)  # Fetched once at the end: no sync here.
-    step_losses = np.asarray(jax.device_get(step_losses), np.float32)
-    epoch_losses = step_losses[self.per_epoch - 1::self.per_epoch]
+      if (step + 1) % self.per_epoch == 0:
+        epoch_losses.append(float(loss))
+      step_losses.append(loss)  # Fetched once at the end.
     logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,
                  VARIANTS[prototypes], self.config.epochs, epoch_losses[-1],
                  time.perf_counter() - start)
     params = state["params"]
     reps = {split: {m: self.embed(params, split, m) for m in self.modalities}
             for split in ("pool", "test")}
-    return Stage1Result(reps["pool"], reps["test"], epoch_losses,
-                        time.perf_counter() - start, step_losses)
+    return Stage1Result(reps["pool"], reps["test"], np.asarray(epoch_losses),
+                        time.perf_counter() - start,
+                        np.asarray(jax.device_get(step_losses), np.float32))
 
 
 # --------------------------------------------------------------------------
