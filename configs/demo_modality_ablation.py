@@ -7,8 +7,13 @@ r"""Paper 1, Table 2: the modality-selection ablation, at the demo's CPU scale.
 
 `configs/demo.py` with mmal only, its Step 1 replaced by `modality`: "auto"
 (Algorithm 1's least-covered modality), "random", "text" or "image" (the
-argument after ":" in --config; default "auto"). One workdir each; compare
-their results.md.
+argument after ":" in --config; default "auto"). One workdir each, then one
+table and figure over the four (`mmal_jax.sweep`):
+
+  python -m mmal_jax.report --out /tmp/ablation \
+      --workdirs /tmp/ablation_auto,/tmp/ablation_random,/tmp/ablation_text,/tmp/ablation_image
+
+Each workdir's modality_queries.png shows which modality was bought per round.
 """
 import os
 

@@ -61,6 +61,7 @@ from mmal_jax import progress as progress_lib
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import sharding
+from mmal_jax import strict_json
 from mmal_jax import summaries
 from mmal_jax import train
 from mmal_jax import workdir_lock
@@ -83,7 +84,8 @@ class ConfigMismatchError(config_lib.ConfigError):
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
+  return strict_json.finite_or_none(
+      json.loads(config.to_json_best_effort(sort_keys=True)))
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
@@ -117,7 +119,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
     # Before the first write: a second process on this workdir stops here.
     workdir_lock.take(workdir)
     if not exists:
-      fs.write_text(path, json.dumps(current, indent=2, sort_keys=True))
+      fs.write_text(path, strict_json.dumps(current, indent=2, sort_keys=True))
   # Every process, also one that already sees process 0's file.
   sharding.barrier("config.json")
 
@@ -173,7 +175,7 @@ def write_rows(path: str, rows: list[dict]) -> None:
   this is how both experiment kinds add a row: never appended onto torn
   text. Cost: one write of the file."""
   by_key = {_row_key(r): r for r in rows}
-  fs.write_text(path, "".join(json.dumps(by_key[k]) + "\n"
+  fs.write_text(path, "".join(strict_json.dumps(by_key[k]) + "\n"
                               for k in sorted(by_key)))
 
 
@@ -783,12 +785,15 @@ class Run:
       if answer.round_index == t:
         counts[answer.modality] += 1
     state = self.state.up_to_round(t)
-    return {"strategy": self.strategy, "seed": self.seed, "round": t,
-            "queries": state.cost, "modality_counts": counts,
-            "pairs": int(len(state.pairs("image", "text"))),
-            "percent": 100.0 * state.cost / self.x.num_units,
-            "skipped_items": self.x.data.skipped_items,
-            **timing, **metrics}
+    # Non-finite metrics as None: the row is then the same in memory, in the
+    # checkpoint and in metrics.jsonl (strict JSON, null).
+    return strict_json.finite_or_none({
+        "strategy": self.strategy, "seed": self.seed, "round": t,
+        "queries": state.cost, "modality_counts": counts,
+        "pairs": int(len(state.pairs("image", "text"))),
+        "percent": 100.0 * state.cost / self.x.num_units,
+        "skipped_items": self.x.data.skipped_items,
+        **timing, **metrics})
 
   def close(self) -> None:
     self.checkpoints.close()

@@ -38,8 +38,11 @@ Workdir (as the unaligned loop's): config.json, metrics.jsonl (a row per
 strategy, seed and budget: `round` = budget index, `queries` = B, `percent`,
 accuracy, acquire / train seconds), results.md (accuracy per strategy and
 budget, mean ± std over seeds, and the modality-gap table of eq. 10 with and
-without prototypes), al_curves.png, stage1/<variant>_seed_<s>.npz (the
-Stage-1 representations), runs/<strategy>/seed_<s>/round_<r>.json (the
+without prototypes), al_curves.png, seconds_per_round.png, stage1_loss.png
+(the Stage-1 loss of every training step, per variant and seed),
+stage1/<variant>_seed_<s>.npz (the Stage-1 representations and losses),
+tensorboard/stage1_<variant>_seed_<s>/ (`stage1/loss` per step),
+runs/<strategy>/seed_<s>/round_<r>.json (the
 bought pairs), embedding.png on request. Rerunning resumes.
 """
 from __future__ import annotations
@@ -69,6 +72,7 @@ from mmal_jax import plots
 from mmal_jax import progress
 from mmal_jax import report
 from mmal_jax import sharding
+from mmal_jax import strict_json
 from mmal_jax import summaries
 from mmal_jax import tokenizers
 from mmal_jax import workdir_lock
@@ -104,7 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
       mmcsal_proto=dict(selector="activeft", prototypes=True, **optimisation),
       mmcsal_align=dict(selector="mmcsal", prototypes=False, lambda_align=1.,
                         **optimisation),
-      mmcsal=dict(lambda_align=1., **optimisation)))
+      mmcsal=dict(lambda_align=1., **optimisation),
+      # MMCSAL with lr scaled to the pool (`cold_start` docstring): its
+      # selection leaves random's picks also on small pools. Not in the
+      # default strategies (the paper's setting is `mmcsal`).
+      mmcsal_travel=dict(selector="mmcsal", prototypes=True, lambda_align=1.,
+                         travel=2., **optimisation)))
   c.budgets = (1., 2., 5., 10.)  # % of the pool, one selection each.
   c.acquisition = ml_collections.ConfigDict(dict(block=1024))
   c.data = ml_collections.ConfigDict(dict(
@@ -328,15 +337,20 @@ def build_data(data: ml_collections.ConfigDict) -> PairedData:
 @dataclasses.dataclass
 class Stage1Result:
   """L2-normalised representations `{m: (N, D)}` of the pool and test
-  pairs, the loss at the end of each epoch, seconds."""
+  pairs, the loss at the end of each epoch, seconds, and the loss of every
+  training step `(epochs x steps per epoch,)` (empty in a cache written
+  before it was recorded)."""
   pool: dict[str, np.ndarray]
   test: dict[str, np.ndarray]
   losses: np.ndarray
   seconds: float
+  step_losses: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros(0, np.float32))
 
   def to_bytes(self) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, losses=self.losses, seconds=self.seconds,
+             step_losses=self.step_losses,
              **{f"pool/{m}": z for m, z in self.pool.items()},
              **{f"test/{m}": z for m, z in self.test.items()})
     return buffer.getvalue()
@@ -346,7 +360,8 @@ class Stage1Result:
     with np.load(io.BytesIO(data)) as f:
       return cls({m: f[f"pool/{m}"] for m in modalities},
                  {m: f[f"test/{m}"] for m in modalities}, f["losses"],
-                 float(f["seconds"]))
+                 float(f["seconds"]), f["step_losses"]
+                 if "step_losses" in f.files else np.zeros(0, np.float32))
 
 
 class _EosPadded:
@@ -488,7 +503,7 @@ class Stage1:
         num_epochs=self.config.epochs, mesh=self.mesh)
     m0, m1 = self.modalities
     unused = ((jnp.zeros(()),) * 2,) * 3  # The L_cross step ignores these.
-    current, epoch_losses = unused, []
+    current, epoch_losses, step_losses = unused, [], []
     for step, batch in enumerate(batches):
       epoch = step // self.per_epoch
       active = prototypes and epoch >= self.config.warmup_epochs
@@ -501,6 +516,7 @@ class Stage1:
           batch[m1 + "_index"], *args, batch.get("valid"))
       if (step + 1) % self.per_epoch == 0:
         epoch_losses.append(float(loss))
+      step_losses.append(loss)  # Fetched once at the end.
     logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,
                  VARIANTS[prototypes], self.config.epochs, epoch_losses[-1],
                  time.perf_counter() - start)
@@ -508,7 +524,8 @@ class Stage1:
     reps = {split: {m: self.embed(params, split, m) for m in self.modalities}
             for split in ("pool", "test")}
     return Stage1Result(reps["pool"], reps["test"], np.asarray(epoch_losses),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start,
+                        np.asarray(jax.device_get(step_losses), np.float32))
 
 
 # --------------------------------------------------------------------------
@@ -643,6 +660,11 @@ class ColdStartExperiment:
         result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
         if sharding.is_main_process():
           fs.write_bytes(path, result.to_bytes())
+          with summaries.SummaryWriter(os.path.join(
+              self.workdir, "tensorboard",
+              f"stage1_{VARIANTS[prototypes]}_seed_{seed}")) as writer:
+            for step, loss in enumerate(result.step_losses, 1):
+              writer.scalars(step, {"stage1/loss": loss})
         sharding.barrier("stage1")
       self._stage1[key] = result
     return self._stage1[key]
@@ -711,14 +733,15 @@ class ColdStartExperiment:
       picks = self.select(strategy, budget, seed)
       timing["acquire_s"] = time.perf_counter() - start
       if sharding.is_main_process():
-        fs.write_text(path, json.dumps({"budget": budget,
+        fs.write_text(path, strict_json.dumps({"budget": budget,
                                         "picks": picks.tolist()}))
     start = time.perf_counter()
     metrics = self.train_and_evaluate(strategy, picks, seed)
     timing["train_s"] = time.perf_counter() - start
-    row = {"strategy": strategy, "seed": seed, "round": round_index,
-           "queries": budget, "pairs": budget,
-           "percent": 100. * budget / self.data.size, **timing, **metrics}
+    row = strict_json.finite_or_none({
+        "strategy": strategy, "seed": seed, "round": round_index,
+        "queries": budget, "pairs": budget,
+        "percent": 100. * budget / self.data.size, **timing, **metrics})
     self.log_row(row)
     if (strategy, seed) not in self.summaries:
       self.summaries[strategy, seed] = summaries.SummaryWriter(
@@ -729,6 +752,63 @@ class ColdStartExperiment:
     logging.info("[%s seed %d] %d labels (%.1f%%): accuracy %.1f%%",
                  strategy, seed, budget, row["percent"], metrics["accuracy"])
     return row
+
+  def picks(self, strategy: str, seed: int, round_index: int):
+    """The pairs `strategy` bought at budget `round_index` for `seed` (a
+    set), or None if that selection is not in the workdir."""
+    path = os.path.join(self.run_dir(strategy, seed),
+                        f"round_{round_index}.json")
+    if not fs.exists(path):
+      return None
+    return set(json.loads(fs.read_text(path))["picks"])
+
+  def overlap_markdown(self, baseline: str = "random") -> str:
+    """Each selector's accuracy beside the overlap of its picks with
+    `baseline`'s on the same seed and budget (which share the selection
+    seed): Jaccard |A & B| / |A | B|, mean ± std over seeds. A selector
+    near 1 picks what random picks. Empty without the baseline's picks."""
+    rows = report.read_rows(self.metrics_path)
+    accuracy = {(r["strategy"], r["seed"], r["round"]): r.get("accuracy")
+                for r in rows}
+    lines = []
+    for strategy in self.config.strategies:
+      cells = []
+      for round_index, percent in enumerate(self.config.budgets, 1):
+        scores, overlaps = [], []
+        for seed in self.config.seeds:
+          mine = self.picks(strategy, seed, round_index)
+          theirs = self.picks(baseline, seed, round_index)
+          if mine is None or theirs is None:
+            continue
+          overlaps.append(len(mine & theirs) / len(mine | theirs))
+          if accuracy.get((strategy, seed, round_index)) is not None:
+            scores.append(accuracy[strategy, seed, round_index])
+        cells.append("-" if not overlaps else (
+            (f"{np.mean(scores):.1f} ± {np.std(scores):.1f}" if scores
+             else "-") + f" (J {np.mean(overlaps):.2f} ± "
+            f"{np.std(overlaps):.2f})"))
+      if any(c != "-" for c in cells):
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    if not lines:
+      return ""
+    head = " | ".join(f"{p:g}%" for p in self.config.budgets)
+    return "\n".join([
+        f"## Accuracy and overlap with {baseline}'s picks", "",
+        f"Per budget: accuracy mean ± std over seeds, and (J: the Jaccard "
+        f"overlap |A & B| / |A | B| of the strategy's picks A with "
+        f"{baseline}'s picks B on the same seed and budget, mean ± std over "
+        f"seeds). The optimising selectors start from {baseline}'s picks: "
+        f"J near 1 means the selection did not move (`travel`, "
+        f"acquisition.cold_start).", "",
+        f"| strategy | {head} |", "|---|" + "---|" * len(self.config.budgets),
+        *lines, ""])
+
+  def stage1_losses(self) -> dict[str, np.ndarray]:
+    """"<variant> seed <s>" -> `(steps,)` Stage-1 loss per training step,
+    for every Stage-1 run loaded or trained (`plots.stage1_loss_figure`)."""
+    return {f"{VARIANTS[p]} seed {s}": r.step_losses
+            for (p, s), r in sorted(self._stage1.items())
+            if len(r.step_losses)}
 
   def modality_gap_markdown(self) -> str:
     """MMCSAL Table 3: eq. 10 on the Stage-1 pool representations, with and
@@ -812,10 +892,12 @@ def _run_cold_start(config, workdir, mesh) -> str:
   main = sharding.is_main_process()
   text = report.write(workdir, config.report.main_metric,
                       config.report.metrics, title="Cold-start results",
-                      save=main)
-  text += "\n" + experiment.modality_gap_markdown()
+                      save=main, appendix="\n".join((
+                          "", experiment.overlap_markdown(),
+                          experiment.modality_gap_markdown())))
   if main:
-    fs.write_text(os.path.join(workdir, "results.md"), text)
+    plots.save_png(plots.stage1_loss_figure(experiment.stage1_losses()),
+                   os.path.join(workdir, "stage1_loss.png"))
     if config.report.embedding_plot and not fs.exists(
         os.path.join(workdir, "embedding.png")):
       experiment.embedding_plot()

@@ -1,4 +1,4 @@
-"""TensorBoard scalar summaries, buffered, through `mmal_jax.fs` (gs:// too).
+"""TensorBoard scalar and text summaries, buffered, through `mmal_jax.fs` (gs:// too).
 
 Event protos are framed by tensorboard's own `RecordWriter` (TFRecord length,
 payload and masked CRC-32C), without importing TensorFlow, whose start-up
@@ -27,6 +27,10 @@ import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import tensor_pb2
+from tensorboard.compat.proto import tensor_shape_pb2
+from tensorboard.compat.proto import types_pb2
+from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer import record_writer
 
 from mmal_jax import fs
@@ -112,6 +116,24 @@ class SummaryWriter:
                                 tag=tag, simple_value=float(values[tag]))
                             for tag in order]))  # device_get sorts dicts.
         for (wall_time, step, order), values in zip(pending, fetched)]))
+
+  def text(self, step: int, tag: str, markdown: str) -> None:
+    """Writes `markdown` as a text summary (TensorBoard's Text tab renders
+    it) at `step`, after flushing what is queued. Cost: one write."""
+    if not self.enabled:
+      return
+    if self._closed:
+      raise ValueError(f"SummaryWriter for {self.directory} is closed.")
+    self.flush()
+    value = summary_pb2.Summary.Value(
+        tag=tag, metadata=text_metadata.create_summary_metadata(
+            display_name=tag, description=""),
+        tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[markdown.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto()))
+    self._write(_frame([event_pb2.Event(
+        wall_time=time.time(), step=int(step),
+        summary=summary_pb2.Summary(value=[value]))]))
 
   def close(self) -> None:
     """Flushes; later `scalars` calls raise. Closing twice is fine."""

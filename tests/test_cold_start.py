@@ -211,9 +211,47 @@ def test_errors_name_the_problem():
                            budget=2, seed=0)
   with pytest.raises(ValueError, match="iterations must be a positive"):
     cs.SELECTORS["activeft"](reps, budget=2, seed=0, iterations=0)
+  with pytest.raises(ValueError, match="travel must be > 0"):
+    cs.SELECTORS["mmcsal"](reps, budget=2, seed=0, travel=0.)
   with pytest.raises(ValueError, match="split must be one of"):
     cs.cold_start_queries(reps, budget=2, selector="random", seed=0,
                           split="half")
+
+
+def clustered(k=8, per=40, dim=8, seed=0):
+  """Two modalities of `k` tight clusters (`per` pairs each), and labels."""
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(k), per)
+  reps = {}
+  for m in ("image", "text"):
+    x = rng.standard_normal((k, dim))[labels] + 0.15 * rng.standard_normal(
+        (k * per, dim))
+    reps[m] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  return reps, labels
+
+
+def test_travel_moves_the_selection_off_its_initialisation():
+  # The centroids start at `random`'s picks of the same seed. With the
+  # paper's lr the selection stays there; `travel` lets it leave them and
+  # cover the clusters.
+  reps, labels = clustered()
+  init = set(cs.SELECTORS["random"](reps, budget=8, seed=0).tolist())
+  fixed = cs.SELECTORS["mmcsal"](reps, budget=8, seed=0, iterations=100)
+  moving = cs.SELECTORS["mmcsal"](reps, budget=8, seed=0, iterations=100,
+                                  travel=2.)
+  assert len(init & set(fixed.tolist())) >= 6
+  assert len(init & set(moving.tolist())) <= 3
+  assert len(set(labels[moving])) > len(set(labels[list(init)]))
+
+
+def test_travel_lr_is_scaled_to_the_pool():
+  reps, _ = clustered()
+  x = cs.concat_normalized(reps)
+  distances = np.linalg.norm(x[:, None] - x[None], axis=-1)
+  median = np.median(distances[~np.eye(len(x), dtype=bool)])
+  assert cs.pool_scale(x, seed=0) == pytest.approx(median, rel=0.05)
+  assert cs.travel_lr(x, 2., 100, seed=0) == pytest.approx(
+      2 * 2. * cs.pool_scale(x, seed=0) / (4. * 100))
 
 
 # ------------------------------------------- the unaligned loop's cold start

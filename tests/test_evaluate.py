@@ -267,3 +267,16 @@ def test_metric_errors(call, match):
   z = unit_rows(np.random.default_rng(0), 6, 4)
   with pytest.raises(ValueError, match=match):
     call(z)
+
+
+def test_colorswap_chance_levels_of_random_embeddings():
+  # The chance lines drawn on ColorSwap panels (report.figure).
+  from mmal_jax.evaluators import colorswap
+  rng = np.random.default_rng(0)
+  unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(
+      np.float32)
+  scores = evaluate.colorswap_scores(unit(rng.normal(size=(40000, 8))),
+                                     unit(rng.normal(size=(40000, 8))))
+  for k, chance in colorswap.CHANCE.items():  # 4 standard errors.
+    assert abs(scores[k] - chance) < 4 * np.sqrt(chance * (100 - chance)
+                                                 / 20000), (k, scores[k])

@@ -14,6 +14,7 @@ from mmal_jax import config_lib
 from mmal_jax import loop
 from mmal_jax import report
 from mmal_jax import run_state
+from mmal_jax import strict_json
 from mmal_jax.data import AnnotationState
 from mmal_jax.data import AwaitingAnnotations
 
@@ -74,6 +75,12 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
   real_plot = loop.plots.embedding_plot
   monkeypatch.setattr(loop.plots, "embedding_plot", lambda z, picked, *a, **k:
                       drawn.append((z, picked)) or real_plot(z, picked, *a, **k))
+  real_evaluate = loop.Experiment.evaluate
+  # Undefined (NaN) and infinite metrics, as margin/correct is before any
+  # pseudo-label is correct.
+  monkeypatch.setattr(loop.Experiment, "evaluate", lambda self, *a: {
+      **real_evaluate(self, *a), "undefined": float("nan"),
+      "unbounded": np.float32("inf")})
   text = loop.run_experiment(tiny_config(**{"report.embedding_plot": True}),
                              workdir)
   rows = _rows(workdir)
@@ -90,6 +97,7 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
       assert row["train_steps"] == 2 * (row["pairs"] // 8)
       assert sum(row["modality_counts"].values()) == 8
   for name in ("config.json", "results.md", "al_curves.png",
+               "modality_queries.png", "seconds_per_round.png",
                "pretrained/params.npz", "embedding.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "colorswap/group" in text and "savings" in text
@@ -99,7 +107,8 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
     snapshot = os.path.join(workdir, "runs", strategy, "seed_0", "annotated",
                             "round_1.json")
     assert AnnotationState.from_json(open(snapshot).read()).cost == 8
-  events = list((tmp_path / "pool" / "tensorboard").rglob("events.out.*"))
+  events = [p for p in (tmp_path / "pool" / "tensorboard").rglob(
+      "events.out.*") if p.parent.name != "report"]  # report: results.md.
   assert len(events) == 2
   for path in events:
     tags = {v.tag for e in event_file_loader.LegacyEventFileLoader(
@@ -122,6 +131,24 @@ def test_pool_run_writes_every_output(tmp_path, monkeypatch, caplog):
   for strategy in ("random", "mmal"):
     np.testing.assert_array_equal(picked[strategy], np.flatnonzero(
         _state(workdir, strategy).annotated["image"]))
+  # Every JSON file the run wrote is strict JSON (no bare NaN/Infinity);
+  # undefined metrics are null and read back as None, the rows in the
+  # checkpoints' meta equal those of metrics.jsonl.
+  written = [p for p in pathlib.Path(workdir).rglob("*.json*")
+             if p.suffix in (".json", ".jsonl")]
+  assert len(written) >= 6, written
+  for path in written:
+    for line in (path.read_text().splitlines() if path.suffix == ".jsonl"
+                 else [path.read_text()]):
+      strict_json.loads(line)
+  assert all(r["undefined"] is None and r["unbounded"] is None for r in rows)
+  for strategy in ("random", "mmal"):
+    checkpoints = run_state.RunCheckpoints(os.path.join(
+        workdir, "runs", strategy, "seed_0", "ckpt"))
+    meta = checkpoints.restore_meta(checkpoints.steps()[-1])
+    checkpoints.close()
+    assert meta["rows"] == sorted((r for r in rows if r["strategy"] == strategy),
+                                  key=lambda r: r["round"])
 
 
 def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):

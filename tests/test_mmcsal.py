@@ -6,8 +6,10 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
@@ -230,6 +232,11 @@ def test_stage1_trains_both_variants_data_parallel():
   for prototypes in (False, True):
     result = stage1.fit(prototypes, seed=0)
     assert len(result.losses) == config.stage1.epochs
+    # Every step's loss; the epoch losses are each epoch's last step's.
+    assert len(result.step_losses) == config.stage1.epochs * stage1.per_epoch
+    np.testing.assert_array_equal(
+        result.losses, result.step_losses[stage1.per_epoch - 1::
+                                          stage1.per_epoch])
     assert np.isfinite(result.losses).all()
     for split, n in (("pool", data.size), ("test", len(data.test_labels))):
       for z in getattr(result, split).values():
@@ -239,6 +246,7 @@ def test_stage1_trains_both_variants_data_parallel():
   assert cross.losses[-1] < cross.losses[0]
   restored = mmcsal.Stage1Result.from_bytes(cross.to_bytes(), data.modalities)
   np.testing.assert_array_equal(restored.pool["left"], cross.pool["left"])
+  np.testing.assert_array_equal(restored.step_losses, cross.step_losses)
   init = stage1._init  # pylint: disable=protected-access
   params = init(jax.random.PRNGKey(0))
   protos, assignments, phis = stage1.prototypes(params, seed=0)
@@ -262,18 +270,59 @@ def test_classifier_learns_separable_classes():
                         x_test, y_test, seed=0)
 
 
+def test_overlap_table_is_jaccard_with_random_beside_accuracy(tmp_path):
+  picks = {("random", 0): {1, 2, 3, 4}, ("random", 1): {5, 6, 7, 8},
+           ("mmcsal", 0): {1, 2, 3, 9}, ("mmcsal", 1): {10, 11, 12, 13}}
+  rows = [{"strategy": s, "seed": seed, "round": 1, "accuracy": acc}
+          for (s, seed), acc in zip(picks, (50., 60., 70., 90.))]
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  experiment = types.SimpleNamespace(
+      config=ml_collections.ConfigDict(dict(
+          strategies=("random", "mmcsal", "kmeans"), seeds=(0, 1),
+          budgets=(1.,))),
+      metrics_path=str(metrics),
+      picks=lambda strategy, seed, round_index: picks.get((strategy, seed)))
+  text = mmcsal.ColdStartExperiment.overlap_markdown(experiment)
+  jaccard = [3 / 5, 0.]  # {1,2,3} of {1,2,3,4,9}; nothing shared.
+  assert (f"| mmcsal | 80.0 ± 10.0 (J {np.mean(jaccard):.2f} ± "
+          f"{np.std(jaccard):.2f}) |") in text
+  assert "| random | 55.0 ± 5.0 (J 1.00 ± 0.00) |" in text
+  assert "kmeans" not in text  # No picks in the workdir.
+
+
 # ------------------------------------------------------------ end to end
 
 
 @pytest.mark.slow
-def test_run_writes_the_workdir_and_resumes(tmp_path, caplog):
+def test_run_writes_the_workdir_and_resumes(tmp_path, caplog, monkeypatch):
   caplog.set_level(logging.INFO)
   workdir = str(tmp_path / "run")
   config = mmcsal.validate(tiny_config())
   config.unlock()
   config.report.update(embedding_plot=True, embedding_plot_points=100)
   config.lock()
+  drawn = []
+  real_figure = mmcsal.plots.stage1_loss_figure
+  monkeypatch.setattr(mmcsal.plots, "stage1_loss_figure",
+                      lambda losses: drawn.append(losses) or real_figure(losses))
   text = mmcsal.run_cold_start(config, workdir)
+  # The Stage-1 loss curves drawn are the losses saved with each variant.
+  assert sorted(drawn[0]) == ["cross seed 0", "proto seed 0"]
+  for variant in ("cross", "proto"):
+    with np.load(os.path.join(workdir, "stage1", f"{variant}_seed_0.npz")) as f:
+      np.testing.assert_array_equal(drawn[0][f"{variant} seed 0"],
+                                    f["step_losses"])
+      assert len(f["step_losses"]) > config.stage1.epochs
+      # And in TensorBoard, step by step.
+      events, = (tmp_path / "run" / "tensorboard" /
+                 f"stage1_{variant}_seed_0").glob("events.out.*")
+      logged = {e.step: v.simple_value for e in event_file_loader.
+                LegacyEventFileLoader(str(events)).Load()
+                for v in e.summary.value if v.tag == "stage1/loss"}
+      np.testing.assert_allclose(
+          [logged[k] for k in sorted(logged)], f["step_losses"], rtol=1e-6)
+      assert sorted(logged) == list(range(1, len(f["step_losses"]) + 1))
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert len(rows) == 4 * 2
   by_key = {(r["strategy"], r["round"]): r for r in rows}
@@ -289,9 +338,10 @@ def test_run_writes_the_workdir_and_resumes(tmp_path, caplog):
     assert len(set(picks)) == budget
   for name in ("results.md", "al_curves.png", "embedding.png",
                "stage1/cross_seed_0.npz", "stage1/proto_seed_0.npz",
-               "config.json"):
+               "config.json", "stage1_loss.png", "seconds_per_round.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert "## accuracy" in text and "Modality gap" in text and "| w/ |" in text
+  assert "## Accuracy and overlap with random's picks" in text
   assert "Progress: 8/8 selections, ETA 0:00:00" in caplog.text
   for strategy in config.strategies:
     events, = (tmp_path / "run" / "tensorboard" / f"{strategy}_seed_0").glob(

@@ -20,7 +20,8 @@ Representations are L2-normalised per modality and concatenated,
            theta^1_j ⊕ ... ⊕ theta^M_j, initialised from random samples,
            minimising D(R, Theta) - lambda_div R(Theta) with Adam (lr 1e-3,
            cosine decay, 300 iterations), tau = 0.07; then each centroid in
-           turn takes its most similar unused sample.
+           turn takes its most similar unused sample. `travel` (below)
+           replaces the fixed lr by one scaled to the pool.
   mmcsal   ActiveFT plus the alignment term: minimise
            D - lambda_div R - lambda_align A (eqs. 5-9; eq. 9 prints
            `+ lambda_align R`, a typo: the text maximises alignment A).
@@ -37,6 +38,24 @@ The objective, with cos^m_ij = cos(r^m_i, theta^m_j) and M modalities:
 equations, as ALGORITHMS.md specifies; ActiveFT's released code combines D
 and R per sample instead. "Most similar" is sum_m cos^m (the paper's
 smallest uni-modal distances).
+
+Why the default selection barely moves, and `travel`. The centroids start
+at B random pairs drawn by `np.random.default_rng(seed)`, the very pairs
+`random` picks with that seed, and each ends by taking its most similar
+unused pair, at first itself. Adam moves a coordinate by about lr per step
+whatever the gradient's size, so 300 steps of lr 1e-3 under cosine decay
+move a coordinate by at most ~0.15 (lr x iterations / 2) and a unit vector
+by a few tenths; where pairs are farther apart than that (a small or sparse
+pool) every centroid's nearest pair stays its initial one and the selection
+is `random`'s. These are the paper's / ActiveFT's settings (ActiveFT's
+pools are ImageNet-sized, where neighbours are close), so they stay the
+default. `travel=T` instead sets lr = 2 T d / (sqrt(sum D_m) iterations),
+d the median distance between two random pairs of the pool (the pool's
+scale, estimated on up to 4096 sampled pairs): a centroid moving steadily
+along one direction (Adam: ~lr per coordinate per step, sum D_m
+coordinates, the cosine schedule averaging lr / 2) can cover about T times
+that distance, so centroids can leave their initial pair and reach the
+dense, diverse, aligned regions the objective asks for, on any pool.
 
 Sharding: the pool rows are laid out over the mesh by `layout.shard_rows`.
 D's gradient needs, per centroid, the sum of the rows it wins: one pass over
@@ -358,17 +377,41 @@ def _optimize_kernel(rows, scale, num_rows, valid, theta0, key, *, shape,
   return theta, losses
 
 
-def _check_hparams(iterations, lr, tau, batch_rows, theta_chunk):
+def _check_hparams(iterations, lr, tau, batch_rows, theta_chunk, travel=None):
   for name, value in (("iterations", iterations), ("theta_chunk", theta_chunk)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   for name, value in (("lr", lr), ("tau", tau)):
     if not value > 0:
       raise ValueError(f"{name} must be > 0, got {value!r}.")
+  if travel is not None and not travel > 0:
+    raise ValueError(f"travel must be > 0 or None, got {travel!r}.")
   if batch_rows is not None and (not isinstance(batch_rows, (int, np.integer))
                                  or batch_rows < 1):
     raise ValueError(f"batch_rows must be a positive integer or None, got "
                      f"{batch_rows!r}.")
+
+
+def pool_scale(x: np.ndarray, seed: int, samples: int = 4096) -> float:
+  """The median Euclidean distance between two different random rows of `x`
+  `(N, D)`, estimated on `min(samples, N (N - 1))` sampled pairs (seeded).
+  Cost: `O(samples D)`."""
+  n = len(x)
+  if n < 2:
+    return 0.
+  rng = np.random.default_rng([seed, 1])
+  i = rng.integers(0, n, samples)
+  j = (i + rng.integers(1, n, samples)) % n  # Never i itself.
+  return float(np.median(np.linalg.norm(x[i] - x[j], axis=1)))
+
+
+def travel_lr(x: np.ndarray, travel: float, iterations: int,
+              seed: int) -> float:
+  """The Adam lr under which a centroid can cover about `travel` times the
+  pool's scale (`pool_scale`) over `iterations` cosine-decayed steps:
+  2 travel d / (sqrt(D) iterations) (module docstring)."""
+  return (2. * travel * pool_scale(x, seed)
+          / (np.sqrt(x.shape[1]) * iterations))
 
 
 def optimize_centroids(reps, *, budget: int, seed: int,
@@ -376,7 +419,7 @@ def optimize_centroids(reps, *, budget: int, seed: int,
                        lambda_div: float = 1., lambda_align: float = 1.,
                        tau: float = 0.07, iterations: int = 300,
                        lr: float = 1e-3, batch_rows: int | None = 100_000,
-                       theta_chunk: int = 256):
+                       theta_chunk: int = 256, travel: float | None = None):
   """ActiveFT / MMCSAL Stage 2 optimisation (see the module docstring).
 
   Args:
@@ -384,6 +427,9 @@ def optimize_centroids(reps, *, budget: int, seed: int,
       (uniform without replacement), row sampling and shuffling.
     lambda_div, lambda_align, tau: the objective's weights and temperature.
     iterations, lr: Adam steps, with a cosine decay of lr to 0.
+    travel: None (default: `lr` as given, the paper's setting), or T > 0:
+      lr = `travel_lr(x, T, iterations, seed)` instead, scaled to the pool so
+      that the selection moves also on small pools (module docstring).
     batch_rows: about this many rows per iteration (whole blocks of the
       shuffled pool drawn at random, as ActiveFT's ImageNet sampling); None or
       >= N: every row, every iteration.
@@ -402,7 +448,9 @@ def optimize_centroids(reps, *, budget: int, seed: int,
   x = concat_normalized(reps)
   n = x.shape[0]
   budget = check_budget(budget, n)
-  _check_hparams(iterations, lr, tau, batch_rows, theta_chunk)
+  _check_hparams(iterations, lr, tau, batch_rows, theta_chunk, travel)
+  if travel is not None:
+    lr = travel_lr(x, travel, iterations, seed)
   dims = {r.shape[1] for r in reps.values()}
   if len(dims) != 1:
     raise ValueError(f"The centroid objective compares modalities: every "
@@ -479,15 +527,16 @@ def mmcsal(reps, *, budget: int, seed: int, mesh: Mesh | None = None,
            lambda_align: float = 1., tau: float = 0.07,
            iterations: int = 300, lr: float = 1e-3,
            batch_rows: int | None = 100_000,
-           theta_chunk: int = 256) -> np.ndarray:
+           theta_chunk: int = 256, travel: float | None = None) -> np.ndarray:
   """MMCSAL Stage 2: optimise B centroids (`optimize_centroids`), then
   centroid j in turn takes its most similar unused pair. `lambda_align=0`
-  is ActiveFT. Cost: `iterations` x (`4 N B sum D_m` + `O(B^2 D)`) flops."""
+  is ActiveFT; `travel` scales lr to the pool (module docstring). Cost:
+  `iterations` x (`4 N B sum D_m` + `O(B^2 D)`) flops."""
   pool, order, theta, _ = optimize_centroids(
       reps, budget=budget, seed=seed, mesh=mesh, block=block,
       lambda_div=lambda_div, lambda_align=lambda_align, tau=tau,
       iterations=iterations, lr=lr, batch_rows=batch_rows,
-      theta_chunk=theta_chunk)
+      theta_chunk=theta_chunk, travel=travel)
   picks = nearest_unused(pool, theta.reshape(theta.shape[0], -1))
   return picks if order is None else order[picks].astype(np.int64)
 

@@ -46,6 +46,7 @@ import uuid
 import numpy as np
 
 from mmal_jax import fs
+from mmal_jax import strict_json
 from mmal_jax.data.annotation import Answer, check_answer
 
 VIAS = ("ranking", "more", "search", "similar", "none")
@@ -135,7 +136,7 @@ class RoundStore:
 
   def _save(self) -> None:
     self.version += 1
-    fs.write_text(self.path, json.dumps({
+    fs.write_text(self.path, strict_json.dumps({
         "round": self.round_index, "queries": [list(q) for q in self.queries],
         "answers": {str(k): v for k, v in sorted(self.answers.items())},
         "undone": self.undone, "submitted_at": self.submitted_at}))
@@ -217,7 +218,7 @@ class RoundStore:
         raise Conflict(f"{len(missing)} of {len(self.queries)} queries are "
                        f"not answered (first: {missing[0]}).")
       fs.write_text(self.answers_path, "".join(
-          json.dumps({"round": self.round_index, "modality": m, "index": i,
+          strict_json.dumps({"round": self.round_index, "modality": m, "index": i,
                       "partners": self.answers[k]["partners"]}) + "\n"
           for k, (m, i) in enumerate(self.queries)))
       self.submitted_at = time.time()

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from mmal_jax import fs
+from mmal_jax import strict_json
 from mmal_jax.data.pool import ItemRef, UnalignedPool, check_int, check_modality, check_ref
 
 _JSON_VERSION = 1
@@ -194,7 +195,7 @@ class AnnotationState:
 
   def to_json(self) -> str:
     """`to_obj()` as JSON text."""
-    return json.dumps(self.to_obj())
+    return strict_json.dumps(self.to_obj())
 
   @classmethod
   def from_obj(cls, obj, pool: UnalignedPool | None = None) -> AnnotationState:

@@ -13,6 +13,7 @@ import time
 from typing import Protocol, Sequence
 
 from mmal_jax import fs
+from mmal_jax import strict_json
 from mmal_jax.data.annotation import Answer, check_answer
 from mmal_jax.data.pool import ItemRef, UnalignedPool, check_int, check_ref
 
@@ -166,7 +167,7 @@ class FileOracle:
         item = self.pool.items[m][i]
         if isinstance(item, str):
           line["item"] = item
-        lines.append(json.dumps(line) + "\n")
+        lines.append(strict_json.dumps(line) + "\n")
       fs.write_text(self.queries_path(round_index), "".join(lines))
     else:
       self._check_written(round_index, written, queries)

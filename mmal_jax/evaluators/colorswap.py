@@ -13,6 +13,12 @@ import numpy as np
 
 from mmal_jax.evaluators import common
 
+# Scores (%) of random similarities on groups of 2 images + 2 captions: a
+# text (image) hit needs both images (captions) to rank their own partner
+# first, 1/2 x 1/2; a group hit needs the one ordering of the 4 similarities
+# that makes both the text and the image score hit, 4 of the 24 orderings.
+CHANCE = {"text": 25.0, "image": 25.0, "group": 100.0 / 6}
+
 
 def _group_similarities(zimg, ztxt, image_index, text_index):
   """`(G, k, k)` similarities s[g, i, j] = <image i of g, text j of g>."""
