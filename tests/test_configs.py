@@ -87,3 +87,18 @@ def test_unknown_override_key_is_an_error():
     bad = config_lib.base_config()
     bad.data.source = "imagenet"
     config_lib.validate(bad)
+
+
+def test_acquisition_tiles_are_chosen_per_backend_unless_set():
+  config = config_lib.base_config()
+  assert config.acquisition.block is None
+  assert config_lib.tiling(config.acquisition) == {
+      "block": "auto", "picks_per_pass": "auto"}
+  config.acquisition.block, config.acquisition.picks_per_pass = 8192, 64
+  assert config_lib.tiling(config.acquisition) == {
+      "block": 8192, "picks_per_pass": 64}
+  config.acquisition.block, config.acquisition.picks_per_pass = 4, 0
+  found = config_lib.problems(config)
+  assert "config.acquisition.block must be an integer >= 8, got 4." in found
+  assert ("config.acquisition.picks_per_pass must be a positive integer, "
+          "got 0.") in found
