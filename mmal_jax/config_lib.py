@@ -58,6 +58,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from mmal_jax import evaluators
+from mmal_jax.data import sources
+from mmal_jax.errors import ConfigError  # Re-exported: config_lib.ConfigError.
 from mmal_jax.acquisition import SELECTORS
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.models import presets
@@ -65,10 +67,6 @@ from mmal_jax.models import presets
 REGIMES = ("pool", "stream")
 INIT_KINDS = ("pretrain", "checkpoint", "scratch")
 ORACLES = ("simulated", "file")
-
-
-class ConfigError(ValueError):
-  """A config, or data or workdir it names, that cannot run; says what to fix."""
 
 
 def from_file(path: str, *args) -> ml_collections.ConfigDict:
@@ -83,8 +81,6 @@ def from_file(path: str, *args) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (unlocked: configs override them)."""
-  # sources imports this module (ConfigError): import it when called.
-  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.seeds = (0, 1, 2, 3)  # The paper averages 4 runs.
   c.strategies = ("random", "coreset", "uncertainty", "mmal")
@@ -323,7 +319,6 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append(f"config.seeds must be non-negative integers (e.g. "
                f"--config.seeds=0,1), got {config.seeds!r}.")
   out += duplicate_problems(config)
-  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   out += [p for p in (
       _choice("regime", config.regime, REGIMES),
       _choice("data.source", config.data.source, sources.SOURCES),
@@ -423,7 +418,6 @@ def _tower_problems(config) -> list[str]:
 
 def main_metric(config: ml_collections.ConfigDict) -> str:
   """`config.report.main_metric`, or where empty the source's headline."""
-  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   if config.report.main_metric:
     return config.report.main_metric
   return ("colorswap/group" if config.data.source in sources.GROUPED
