@@ -8,7 +8,10 @@ Fields (defaults below):
   seeds, strategies, strategy_hparams.<name>: runs = strategies x seeds; the
     hparams go to `acquisition.STRATEGIES[name]`.
   acquisition: `block` (tile edge), `feature_dtype`, `picks_per_pass` for
-    every strategy (see `acquisition.strategies`).
+    every strategy (see `acquisition.strategies`); `block` and
+    `picks_per_pass` left None are chosen per backend and device memory
+    (`acquisition.layout.auto_tiling`: 1024 / 16 on CPU, the largest tile
+    the device's memory allows on GPU / TPU).
   cold_start: the first round's selector: "" (each strategy's own: a random
     modality) or an `acquisition.SELECTORS` name ("kmeans", "mmcsal", ...;
     see `acquisition.cold_start.with_cold_start`).
@@ -47,6 +50,7 @@ Fields (defaults below):
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -54,6 +58,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from mmal_jax import evaluators
+from mmal_jax.data import sources
+from mmal_jax.errors import ConfigError  # Re-exported: config_lib.ConfigError.
 from mmal_jax.acquisition import SELECTORS
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.models import presets
@@ -61,10 +67,6 @@ from mmal_jax.models import presets
 REGIMES = ("pool", "stream")
 INIT_KINDS = ("pretrain", "checkpoint", "scratch")
 ORACLES = ("simulated", "file")
-
-
-class ConfigError(ValueError):
-  """A config, or data or workdir it names, that cannot run; says what to fix."""
 
 
 def from_file(path: str, *args) -> ml_collections.ConfigDict:
@@ -79,8 +81,6 @@ def from_file(path: str, *args) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (unlocked: configs override them)."""
-  # sources imports this module (ConfigError): import it when called.
-  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.seeds = (0, 1, 2, 3)  # The paper averages 4 runs.
   c.strategies = ("random", "coreset", "uncertainty", "mmal")
@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
                 modality="auto", metric="euclidean",
                 distances_on="normalized")))
   c.acquisition = ml_collections.ConfigDict(dict(
-      block=1024, feature_dtype="float32", picks_per_pass=16))
+      block=config_dict.placeholder(int), feature_dtype="float32",
+      picks_per_pass=config_dict.placeholder(int)))
   # The first round (nothing annotated): "" = each strategy's own cold start
   # (a random modality), or a cold-start selector (`acquisition.SELECTORS`).
   c.cold_start = ""
@@ -130,6 +131,46 @@ def base_config() -> ml_collections.ConfigDict:
       kind="simulated", timeout_s=0.0, top_k=9, num_ranked=60,
       browse_dim=64))
   return c
+
+
+# Keys added after workdirs were first written, with the value that does
+# what a run did before the key existed: a config.json without one of them
+# resumes as if it held that value (`comparable_configs`).
+ADDED_KEYS = {
+    "data.pretrain_fraction": 0.0,
+    "data.pretrain_pairs": "",
+    "data.pretrain_split": "",
+    "strategy_hparams.mmal.distances_on": "normalized",
+}
+
+
+def comparable_configs(saved: dict, current: dict) -> tuple[dict, dict]:
+  """Two config.json trees reduced to what decides a run, to compare a
+  workdir's recorded config with the one given now.
+
+  `saved` gains the `ADDED_KEYS` it lacks where `current` has them, and both
+  lose the `strategy_hparams` of strategies `current` does not run (they
+  change nothing; a strategy list that differs still shows as a
+  difference). Pure; copies the trees. Cost: O(size of the trees).
+  """
+  saved, current = copy.deepcopy(saved), copy.deepcopy(current)
+  for dotted, value in ADDED_KEYS.items():
+    *parents, key = dotted.split(".")
+    s, c = saved, current
+    for part in parents:
+      s, c = s.get(part), c.get(part)
+      if not isinstance(s, dict) or not isinstance(c, dict):
+        break
+    else:
+      if key in c and key not in s:
+        s[key] = value
+  running = set(current.get("strategies") or ())
+  for tree in (saved, current):
+    hparams = tree.get("strategy_hparams")
+    if isinstance(hparams, dict):
+      tree["strategy_hparams"] = {k: v for k, v in hparams.items()
+                                  if k in running}
+  return saved, current
 
 
 MODEL_FIELDS = ("model", "loss", "optim", "res", "text_len", "tokenizer")
@@ -176,6 +217,20 @@ def _integer(name: str, value, minimum: int = 1) -> str | None:
     what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     return f"config.{name} must be {what}, got {value!r}."
   return None
+
+
+def _optional_integer(name: str, value, minimum: int = 1) -> str | None:
+  """As `_integer`; None (chosen per backend) is valid too."""
+  return None if value is None else _integer(name, value, minimum)
+
+
+def tiling(acquisition: ml_collections.ConfigDict) -> dict:
+  """`block` and `picks_per_pass` for the acquisition kernels from
+  `config.acquisition`: its values, or "auto" (`layout.auto_tiling`, per
+  backend and device memory) where it leaves them None."""
+  auto = lambda v: "auto" if v is None else v
+  return dict(block=auto(acquisition.get("block")),
+              picks_per_pass=auto(acquisition.get("picks_per_pass")))
 
 
 def _field(config, name: str):
@@ -264,7 +319,6 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append(f"config.seeds must be non-negative integers (e.g. "
                f"--config.seeds=0,1), got {config.seeds!r}.")
   out += duplicate_problems(config)
-  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   out += [p for p in (
       _choice("regime", config.regime, REGIMES),
       _choice("data.source", config.data.source, sources.SOURCES),
@@ -277,12 +331,13 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
           SELECTORS)))) if p]
   for name in ("budget", "num_rounds", "stream_buffer", "train.epochs",
                "train.batch_size", "train.log_every", "eval.embed_batch_size",
-               "pretrain.epochs", "pretrain.batch_size",
-               "acquisition.picks_per_pass"):
+               "pretrain.epochs", "pretrain.batch_size"):
     out += [p for p in [_integer(name, _field(config, name))] if p]
   out += [p for p in [
       _integer("train.checkpoint_every", config.train.checkpoint_every, 0),
-      _integer("acquisition.block", config.acquisition.block, 8)] if p]
+      _optional_integer("acquisition.block", config.acquisition.block, 8),
+      _optional_integer("acquisition.picks_per_pass",
+                        config.acquisition.picks_per_pass)] if p]
   for name in ("data", "fsdp"):
     size = config.mesh[name]
     if not isinstance(size, int) or isinstance(size, bool) or (
@@ -363,7 +418,6 @@ def _tower_problems(config) -> list[str]:
 
 def main_metric(config: ml_collections.ConfigDict) -> str:
   """`config.report.main_metric`, or where empty the source's headline."""
-  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   if config.report.main_metric:
     return config.report.main_metric
   return ("colorswap/group" if config.data.source in sources.GROUPED

@@ -107,8 +107,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
       raise config_lib.ConfigError(
           f"{path} cannot be read ({e}). If it held this same config, delete "
           f"it and rerun to resume; otherwise pass a new --workdir.") from None
-    if saved != current:
-      diffs = sorted(_differences(saved, current))
+    saved, compared = config_lib.comparable_configs(saved, current)
+    if saved != compared:
+      diffs = sorted(_differences(saved, compared))
       raise ConfigMismatchError(
           f"{workdir} holds a run of a different config (differs in: "
           f"{', '.join(diffs[:10])}). Rerun with the same config to resume "
@@ -762,9 +763,8 @@ class Run:
       picked = acquire(
           embeddings, annotated, budget=self.config.budget,
           seed=_derived_seed(self.seed, t), candidates=candidates,
-          mesh=self.x.mesh, block=self.config.acquisition.block,
+          mesh=self.x.mesh, **config_lib.tiling(self.config.acquisition),
           feature_dtype=self.config.acquisition.feature_dtype,
-          picks_per_pass=self.config.acquisition.picks_per_pass,
           **hparams)
       timing["acquire_s"] = time.perf_counter() - start
       logging.info("%s round %d: %s picked %d queries in %.1fs", self.label,

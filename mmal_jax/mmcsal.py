@@ -59,6 +59,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 import optax
 
@@ -115,7 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
       mmcsal_travel=dict(selector="mmcsal", prototypes=True, lambda_align=1.,
                          travel=2., **optimisation)))
   c.budgets = (1., 2., 5., 10.)  # % of the pool, one selection each.
-  c.acquisition = ml_collections.ConfigDict(dict(block=1024))
+  # None: the tile edge chosen per backend (`acquisition.layout.auto_tiling`).
+  c.acquisition = ml_collections.ConfigDict(dict(
+      block=config_dict.placeholder(int)))
   c.data = ml_collections.ConfigDict(dict(
       source="digits", seed=0, test_fraction=0.2,
       # shapes: ColorSwap-like scenes (image, caption), label of the first
@@ -675,7 +678,8 @@ class ColdStartExperiment:
     reps = self.representations(prototypes, seed).pool
     return np.asarray(cold_start.SELECTORS[selector](
         reps, budget=budget, seed=_derived_seed(seed, budget),
-        mesh=self.mesh, block=self.config.acquisition.block, **hparams))
+        mesh=self.mesh,
+        block=config_lib.tiling(self.config.acquisition)["block"], **hparams))
 
   def features(self, strategy: str, seed: int) -> tuple[np.ndarray,
                                                         np.ndarray]:

@@ -1,4 +1,5 @@
 """Every configs/*.py builds, validates and gives a model, optimizer and data plan."""
+import ast
 import pathlib
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmal_jax import config_lib
+from mmal_jax import errors
 from mmal_jax import optim
 from mmal_jax.data import sources
 from mmal_jax.models import two_towers
@@ -87,3 +89,41 @@ def test_unknown_override_key_is_an_error():
     bad = config_lib.base_config()
     bad.data.source = "imagenet"
     config_lib.validate(bad)
+
+
+def test_acquisition_tiles_are_chosen_per_backend_unless_set():
+  config = config_lib.base_config()
+  assert config.acquisition.block is None
+  assert config_lib.tiling(config.acquisition) == {
+      "block": "auto", "picks_per_pass": "auto"}
+  config.acquisition.block, config.acquisition.picks_per_pass = 8192, 64
+  assert config_lib.tiling(config.acquisition) == {
+      "block": 8192, "picks_per_pass": 64}
+  config.acquisition.block, config.acquisition.picks_per_pass = 4, 0
+  found = config_lib.problems(config)
+  assert "config.acquisition.block must be an integer >= 8, got 4." in found
+  assert ("config.acquisition.picks_per_pass must be a positive integer, "
+          "got 0.") in found
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+  """Every mmal_jax module `path` imports, at any depth (functions too)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+  return {m for m in found if m.startswith("mmal_jax")}
+
+
+def test_the_config_imports_its_parts_and_no_part_imports_the_config():
+  package = pathlib.Path(__file__).parents[1] / "mmal_jax"
+  parts = sorted((package / "data").rglob("*.py")) + sorted(
+      (package / "evaluators").rglob("*.py"))
+  importers = [str(p.relative_to(package)) for p in parts
+               if "mmal_jax.config_lib" in _imported_modules(p)]
+  assert not importers, f"{importers} import config_lib (use mmal_jax.errors)"
+  assert {"mmal_jax.data.sources", "mmal_jax.evaluators"} <= _imported_modules(
+      package / "config_lib.py")
+  assert config_lib.ConfigError is errors.ConfigError

@@ -266,6 +266,22 @@ def test_bad_inputs_are_named(tmp_path):
   other = tiny_config(budget=5)
   with pytest.raises(loop.ConfigMismatchError, match="differs in: budget"):
     loop.check_workdir(other, str(tmp_path / "same"))
+  # A config.json from before config_lib.ADDED_KEYS existed resumes as if
+  # it held their old-behaviour values; hparams of strategies that do not
+  # run are not compared.
+  recorded = json.loads(config.to_json_best_effort(sort_keys=True))
+  del recorded["data"]["pretrain_fraction"], recorded["data"]["pretrain_split"]
+  del recorded["strategy_hparams"]["mmal"]["distances_on"]
+  recorded["strategy_hparams"]["coreset"] = {"not": "run"}
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "config.json").write_text(json.dumps(recorded))
+  loop.check_workdir(config, str(tmp_path / "old"), write=False)
+  raw = tiny_config(**{"strategy_hparams.mmal.distances_on": "raw"})
+  with pytest.raises(loop.ConfigMismatchError,
+                     match=r"differs in: strategy_hparams\.mmal\.distances_on"):
+    loop.check_workdir(raw, str(tmp_path / "old"), write=False)
+  assert "pretrain_fraction" not in (tmp_path / "old" / "config.json"
+                                     ).read_text()
 
 
 def _write_features(folder, num_pairs=60, dims=(8, 6), seed=0):

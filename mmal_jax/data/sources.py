@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 
 from mmal_jax import fs
-from mmal_jax.config_lib import ConfigError
+from mmal_jax.errors import ConfigError
 from mmal_jax.data import coco
 from mmal_jax.data import colorswap
 from mmal_jax.data import features

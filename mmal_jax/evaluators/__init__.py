@@ -33,6 +33,7 @@ from typing import Mapping
 import ml_collections
 import numpy as np
 
+from mmal_jax.data import sources
 from mmal_jax.evaluators import retrieval
 from mmal_jax.evaluators import zeroshot
 from mmal_jax.evaluators.pool_metrics import pool_metric_names, pool_metrics
@@ -136,7 +137,6 @@ def metric_names(config) -> set[str]:
   """Every metric name an experiment config produces: the pool metrics its
   data source supports and its evaluators' (prefixed) metrics. For checking
   `report.main_metric` up front."""
-  from mmal_jax.data import sources  # pylint: disable=g-import-not-at-top
   names = pool_metric_names(grouped=config.data.source in sources.GROUPED)
   entries = _entries(config.get("evals"))
   for name, cfg in entries.items():
