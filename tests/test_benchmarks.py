@@ -29,6 +29,10 @@ def test_acquisition_benchmark(gcs_bucket):
                "Compiles per mmal call", "Targets:"):
     assert line in out, line
   assert not os.path.exists("gs:")  # No local folder named after the URL.
+  # The JSON is rewritten after each part: a stopped run keeps what it measured.
+  wrote = f"Wrote {out_dir}/results.json"
+  assert out.count(wrote) == 4
+  assert out.index(wrote) < out.index("numpy float32 step")
   results = json.loads(fs.read_text(f"{out_dir}/results.json"))
   assert results["repeats"] >= 5 and results["machine"]["loadavg_after"]
   for name in ("mmal", "mmal_with_rebuild", "coreset", "uncertainty",

@@ -597,11 +597,21 @@ def main(argv):
              "dim": _DIM.value, "budget": _BUDGET.value,
              "coreset_size": _CORESET.value,
              "annotated_fraction": _ANNOTATED.value}
+  results_path = os.path.join(_OUT.value, "results.json")
+
+  def save_so_far():
+    # Rewritten after each part, so a run that is stopped keeps what it measured.
+    results["targets"] = _targets(results)
+    results["machine"]["loadavg_after"] = _machine()["loadavg"]
+    fs.write_text(results_path, json.dumps(results, indent=2))
+    print(f"Wrote {results_path}", flush=True)
+
   if "rates" in _PARTS.value:
     rates = [kernel_rates(n, _DIM.value, mesh, repeats)
              for n in ints(_RATE_SIZES.value or mode["rate_sizes"])]
     _print_rates(rates, repeats)
     results["kernel_rates"] = rates
+    save_so_far()
   rows = None
   if "rounds" in _PARTS.value:
     rows = round_costs(sizes, dim=_DIM.value, budget=_BUDGET.value,
@@ -614,25 +624,24 @@ def main(argv):
     results["seconds_per_round"] = {k: {str(n): t for n, t in v.items()}
                                     for k, v in rows.items()}
     results["loglog_slope"] = slopes
+    save_so_far()
   if "greedy" in _PARTS.value:
     step = greedy_step(_STEP_N.value or mode["step_n"], _STEP_DIM.value, mesh,
                        repeats)
     _print_step(step)
     results["greedy_step"] = step
+    save_so_far()
   if "memory" in _PARTS.value:
     memory = peak_memory(_MEMORY_N.value or mode["memory_n"], _DIM.value)
     _print_memory(memory)
     results["peak_memory"] = memory
+    save_so_far()
   if "compiles" in _PARTS.value:
     compiles = compile_counts(mesh, _DIM.value, 8 if _QUICK.value else 1)
     print(f"\nCompiles per mmal call, N/budget/annotated within one bucket: "
           f"{[c['compiles'] for c in compiles['calls']]}")
     results["compile_counts"] = compiles
-  results["targets"] = _targets(results)
-  machine["loadavg_after"] = _machine()["loadavg"]
-  fs.write_text(os.path.join(_OUT.value, "results.json"),
-                json.dumps(results, indent=2))
-  print(f"\nWrote {_OUT.value}/results.json")
+    save_so_far()
   if rows is not None:
     _plot(rows, results["loglog_slope"],
           os.path.join(_OUT.value, "acquisition_scaling.png"))
