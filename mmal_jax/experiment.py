@@ -196,11 +196,12 @@ class Rows:
       write_rows(self.path, list(self.rows.values()))
 
 
-def summary_writer(workdir: str, strategy: str,
+def summary_writer(workdir: str, name: str,
                    seed: int) -> summaries.SummaryWriter:
-  """The TensorBoard writer of one run: tensorboard/<strategy>_seed_<s>/."""
+  """A TensorBoard writer in tensorboard/<name>_seed_<s>/ (name: a run's
+  strategy, or what else was trained with that seed)."""
   return summaries.SummaryWriter(
-      os.path.join(workdir, "tensorboard", f"{strategy}_seed_{seed}"),
+      os.path.join(workdir, "tensorboard", f"{name}_seed_{seed}"),
       enabled=sharding.is_main_process())
 
 

@@ -663,9 +663,8 @@ class ColdStartExperiment:
         result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
         if sharding.is_main_process():
           # TensorBoard first: a resume does not train this variant again.
-          with summaries.SummaryWriter(os.path.join(
-              self.workdir, "tensorboard",
-              f"stage1_{VARIANTS[prototypes]}_seed_{seed}")) as writer:
+          with experiment_lib.summary_writer(
+              self.workdir, f"stage1_{VARIANTS[prototypes]}", seed) as writer:
             for step, loss in enumerate(result.step_losses, 1):
               writer.scalars(step, {"stage1/loss": loss})
           fs.write_bytes(path, result.to_bytes())
