@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import time
 from typing import Callable
@@ -53,9 +52,9 @@ import numpy as np
 from mmal_jax import config_lib
 from mmal_jax import evaluate
 from mmal_jax import evaluators
+from mmal_jax import experiment as experiment_lib
 from mmal_jax import faults
 from mmal_jax import fs
-from mmal_jax import logfile
 from mmal_jax import plots
 from mmal_jax import progress as progress_lib
 from mmal_jax import report
@@ -64,7 +63,6 @@ from mmal_jax import sharding
 from mmal_jax import strict_json
 from mmal_jax import summaries
 from mmal_jax import train
-from mmal_jax import workdir_lock
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import STRATEGIES
 from mmal_jax.annotate import ranking
@@ -79,121 +77,12 @@ MODALITIES = train.MODALITIES
 RunStateError = run_state.RunStateError
 
 
-class ConfigMismatchError(config_lib.ConfigError):
-  """The workdir holds a run of another config."""
-
-
-def _config_json(config: ml_collections.ConfigDict) -> dict:
-  return strict_json.finite_or_none(
-      json.loads(config.to_json_best_effort(sort_keys=True)))
-
-
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
-                  write: bool = True) -> None:
-  """Checks that WORKDIR/config.json, if there, is `config`; else writes it.
-
-  Raises ConfigMismatchError for another config, ConfigError for an
-  unreadable config.json. With `write`, process 0 first takes the workdir's
-  lock (`workdir_lock.take`: WorkdirBusy if another process holds it; the
-  caller releases it) and writes; every process waits for it.
-  """
-  path = os.path.join(workdir, "config.json")
-  current = _config_json(config)
-  exists = fs.exists(path)
-  if exists:
-    try:
-      saved = json.loads(fs.read_text(path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise config_lib.ConfigError(
-          f"{path} cannot be read ({e}). If it held this same config, delete "
-          f"it and rerun to resume; otherwise pass a new --workdir.") from None
-    saved, compared = config_lib.comparable_configs(saved, current)
-    if saved != compared:
-      diffs = sorted(_differences(saved, compared))
-      raise ConfigMismatchError(
-          f"{workdir} holds a run of a different config (differs in: "
-          f"{', '.join(diffs[:10])}). Rerun with the same config to resume "
-          f"it, or pass a new --workdir.")
-  if not write:
-    return
-  if sharding.is_main_process():
-    # Before the first write: a second process on this workdir stops here.
-    workdir_lock.take(workdir)
-    if not exists:
-      fs.write_text(path, strict_json.dumps(current, indent=2, sort_keys=True))
-  # Every process, also one that already sees process 0's file.
-  sharding.barrier("config.json")
-
-
-def _differences(a, b, prefix=""):
-  if isinstance(a, dict) and isinstance(b, dict):
-    for key in set(a) | set(b):
-      yield from _differences(a.get(key), b.get(key), f"{prefix}{key}.")
-  elif a != b:
-    yield prefix.rstrip(".")
-
-
-def _strings(tree):
-  if isinstance(tree, dict):
-    for value in tree.values():
-      yield from _strings(value)
-  elif isinstance(tree, (list, tuple)):
-    for value in tree:
-      yield from _strings(value)
-  elif isinstance(tree, str):
-    yield tree
-
-
-def unreachable_stores(config: ml_collections.ConfigDict,
-                       workdir: str) -> list[str]:
-  """One line per object store (gs://BUCKET) that does not answer within
-  `fs.check_reachable`'s bounded wait (seconds each, instead of a minute of
-  retries and a traceback), among those the run reads first: the workdir,
-  `init.checkpoint` (when used) and the `config.data` paths. One path per
-  bucket is asked. Cost: one metadata request per bucket."""
-  paths = [workdir, *_strings(config.data.to_dict())]
-  init = config.get("init", None)
-  if init is not None and init.kind == "checkpoint":
-    paths.append(init.checkpoint)
-  first = {}
-  for path in paths:
-    if fs.is_remote(path):
-      scheme, _, rest = path.partition("://")
-      first.setdefault(f"{scheme}://{rest.split('/')[0]}", path)
-  out = []
-  for path in first.values():
-    reason = fs.check_reachable(path)
-    if reason:
-      out.append(f"{reason}; fix access to it or give a path that can be "
-                 f"reached.")
-  return out
-
-
-def write_rows(path: str, rows: list[dict]) -> None:
-  """Writes metrics rows to `path` whole and atomically, one JSON line each,
-  sorted by (strategy, seed, round), a later row replacing an earlier one
-  of the same key. With `report.read_rows` (which drops a torn last line)
-  this is how both experiment kinds add a row: never appended onto torn
-  text. Cost: one write of the file."""
-  by_key = {_row_key(r): r for r in rows}
-  fs.write_text(path, "".join(strict_json.dumps(by_key[k]) + "\n"
-                              for k in sorted(by_key)))
-
-
-def _derived_seed(*parts: int) -> int:
-  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 def _is_prefix(text: str, state: AnnotationState) -> bool:
   """True if `text` is a saved annotation state that `state` extends."""
   try:
     return AnnotationState.from_json(text).is_prefix_of(state)
   except ValueError:
     return False
-
-
-def _row_key(row: dict) -> tuple:
-  return (row["strategy"], row["seed"], row["round"])
 
 
 @dataclasses.dataclass
@@ -206,12 +95,16 @@ class Experiment:
   towers: train.Towers
   num_units: int
   checkpoint_params: dict | None = None
-  rows: dict = dataclasses.field(default_factory=dict)
   evaluators: dict = dataclasses.field(default_factory=dict)
+  unit = "rounds"  # What `experiment_lib.run` counts in progress lines.
+
+  def __post_init__(self):
+    self.rows = experiment_lib.Rows(self.workdir)
+    self._initial = {}
 
   @property
-  def metrics_path(self) -> str:
-    return os.path.join(self.workdir, "metrics.jsonl")
+  def num_rounds(self) -> int:
+    return self.config.num_rounds
 
   @classmethod
   def create(cls, config, workdir, mesh=None) -> Experiment:
@@ -223,7 +116,7 @@ class Experiment:
     """
     found = config_lib.problems(config)
     values_ok = not found
-    unreachable = unreachable_stores(config, workdir)
+    unreachable = experiment_lib.unreachable_stores(config, workdir)
     if unreachable:  # Every later check would wait on them too.
       config_lib.raise_problems(found + unreachable)
     if sharding.is_main_process():
@@ -233,7 +126,7 @@ class Experiment:
                      f"written.")
     if not found:
       try:
-        check_workdir(config, workdir, write=False)
+        experiment_lib.check_workdir(config, workdir, write=False)
       except config_lib.ConfigError as e:
         found.append(str(e))
     init_path = config.init.checkpoint
@@ -271,11 +164,19 @@ class Experiment:
             experiment.towers.init_params(data.pool, 0), init_path)
       except (OSError, ValueError, KeyError) as e:
         config_lib.raise_problems([f"config.init.checkpoint: {e}"])
-    check_workdir(config, workdir)  # Last: a config that cannot run leaves no trace.
+    # Last: a config that cannot run leaves no trace.
+    experiment_lib.check_workdir(config, workdir)
     return experiment
 
   def initial_params(self, seed: int):
-    """The towers every run starts from (and restarts from each round)."""
+    """The towers every run starts from (and restarts from each round);
+    built once per seed ("scratch") or once ("pretrain", "checkpoint")."""
+    key = seed if self.config.init.kind == "scratch" else None
+    if key not in self._initial:
+      self._initial[key] = self._initial_params(seed)
+    return self._initial[key]
+
+  def _initial_params(self, seed: int):
     kind = self.config.init.kind
     if kind == "scratch":
       return self.towers.init_params(self.data.pool, seed)
@@ -329,35 +230,29 @@ class Experiment:
     logging.info("Pre-trained the towers in %.1fs (%d steps): %s",
                  result.seconds, result.steps, path)
 
-  def load_rows(self) -> None:
-    """Reads metrics.jsonl (if there) into `rows`."""
-    if fs.exists(self.metrics_path):
-      self.rows = {_row_key(r): r for r in report.read_rows(self.metrics_path)}
+  def start_run(self, strategy: str, seed: int) -> Run:
+    """The run resumed from the workdir (`Run.resume`); a finished one
+    exports its towers if a kill came first, and is closed."""
+    run = Run(self, strategy, seed)
+    run.resume(self.initial_params(seed))
+    if run.finished:
+      run.export_towers(run.arrays, self.initial_params(seed))
+      run.close()
+    return run
 
-  def run_rows(self, strategy: str, seed: int) -> list[dict]:
-    """This run's rows, by round."""
-    return sorted((r for r in self.rows.values()
-                   if r["strategy"] == strategy and r["seed"] == seed),
-                  key=lambda r: r["round"])
-
-  def set_run_rows(self, strategy: str, seed: int, rows: list[dict]) -> None:
-    """Replaces a run's rows (e.g. by its checkpoint's) and rewrites the file."""
-    old = {k: r for k, r in self.rows.items() if k[:2] == (strategy, seed)}
-    new = {_row_key(r): r for r in rows}
-    if old != new:
-      for key in old:
-        del self.rows[key]
-      self.rows.update(new)
-      self._write_rows()
-
-  def add_row(self, row: dict) -> None:
-    self.rows[_row_key(row)] = row
-    self._write_rows()
-
-  def _write_rows(self) -> None:
-    """Rewrites metrics.jsonl whole and atomically (process 0)."""
-    if sharding.is_main_process():
-      write_rows(self.metrics_path, list(self.rows.values()))
+  def report(self, runs: list[Run]) -> str:
+    """Writes results.md and its plots (and embedding.png on request);
+    returns the Markdown."""
+    config = self.config
+    text = report.write(self.workdir, config_lib.main_metric(config),
+                        config.report.metrics,
+                        save=sharding.is_main_process())
+    if config.report.embedding_plot:
+      seed = config.seeds[0]
+      _embedding_plot(self, self.initial_params(seed), {
+          r.strategy: np.flatnonzero(r.state.annotated["image"])
+          for r in runs if r.seed == seed})
+    return text
 
   def embed_all(self, params, pool, modality: str) -> np.ndarray:
     """`(N_m, D)` embeddings of every `modality` item of `pool`."""
@@ -453,15 +348,14 @@ class Run:
     self.buffers = None
     if self.config.regime == "stream":
       self.buffers = list(pool_lib.stream_buffers(
-          self.pool, self.config.stream_buffer, _derived_seed(seed, 1)))
+          self.pool, self.config.stream_buffer,
+          experiment_lib.derived_seed(seed, 1)))
 
   @property
   def summaries(self) -> summaries.SummaryWriter:
     if self._summaries is None:  # Only for a run that has work left.
-      self._summaries = summaries.SummaryWriter(
-          os.path.join(self.x.workdir, "tensorboard",
-                       f"{self.strategy}_seed_{self.seed}"),
-          enabled=sharding.is_main_process())
+      self._summaries = experiment_lib.summary_writer(
+          self.x.workdir, self.strategy, self.seed)
     return self._summaries
 
   @property
@@ -487,7 +381,7 @@ class Run:
       self.meta, self.arrays = latest
     self.state = self._reconcile()
     rows = self.meta["rows"] if self.meta else []
-    self.x.set_run_rows(self.strategy, self.seed, rows)
+    self.x.rows.set_run(self.strategy, self.seed, rows)
     self._write_annotation_outputs()
 
   def _saved_states(self) -> list[tuple[str, AnnotationState]]:
@@ -520,11 +414,12 @@ class Run:
             f"{path} and {best_path} disagree on what run {self.label} bought."
             f" Keep the right one (the checkpoint in {self.checkpoints.directory}"
             f" is the run's own record), delete the other, and rerun.")
-    paid = max((r["queries"] for r in self.x.run_rows(self.strategy,
-                                                      self.seed)), default=0)
+    paid = max((r["queries"] for r in self.x.rows.of_run(self.strategy,
+                                                         self.seed)),
+               default=0)
     if best.cost < paid:
       raise RunStateError(
-          f"{self.x.metrics_path} records {paid} queries bought by run "
+          f"{self.x.rows.path} records {paid} queries bought by run "
           f"{self.label}, but its saved annotations ({self.state_path}, "
           f"{os.path.join(self.dir, 'annotated')}, "
           f"{self.checkpoints.directory}) hold only {best.cost}. Restore "
@@ -602,9 +497,14 @@ class Run:
     self.meta = meta
     faults.point("checkpoint_saved")
 
-  def run(self, initial_params, on_round: Callable[[], None] | None = None
-          ) -> None:
+  @property
+  def rounds_done(self) -> int:
+    """Rounds evaluated, round 0 (the initial towers) left out."""
+    return max(0, len(self.x.rows.of_run(self.strategy, self.seed)) - 1)
+
+  def run(self, on_round: Callable[[], None] | None = None) -> None:
     """Runs (or resumes) every round; `on_round()` is called after each."""
+    initial_params = self.x.initial_params(self.seed)
     meta = self.meta
     rows = list(meta["rows"]) if meta else []
     if meta is None:
@@ -629,7 +529,6 @@ class Run:
         self._write_annotation_outputs()
       params = self._train(t, initial_params, params, resume, rows, timing)
       self._evaluate_and_log(t, params, timing, rows)
-      faults.point("round_end")
       if on_round:
         on_round()
       t, resume, timing, acquired = t + 1, None, {}, False
@@ -681,7 +580,8 @@ class Run:
         optim_config=self.config.optim, epochs=self.config.train.epochs,
         batch_size=self.config.train.batch_size,
         warmup_fraction=self.config.train.warmup_fraction,
-        seed=_derived_seed(self.seed, t), resume=resume, on_checkpoint=save,
+        seed=experiment_lib.derived_seed(self.seed, t), resume=resume,
+        on_checkpoint=save,
         checkpoint_every=self.config.train.checkpoint_every,
         summaries=self.summaries, summary_step=done_steps,
         log_every=self.config.train.log_every,
@@ -704,10 +604,8 @@ class Run:
                                    if k.endswith("_s")), self.x.mesh.size)
     rows.append(row)
     self._save(t, "evaluated", rows=rows, timing={}, params=params)
-    self.x.add_row(row)
-    self.summaries.scalars(self.state.cost, {
-        k: v for k, v in row.items()
-        if k not in ("strategy", "seed", "round") and isinstance(v, float)})
+    self.x.rows.add(row)
+    experiment_lib.row_scalars(self.summaries, row)
     main = config_lib.main_metric(self.config)
     logging.info("%s round %d/%d: %d queries (%.1f%%), %d pairs%s", self.label,
                  t, self.config.num_rounds, row["queries"], row["percent"],
@@ -762,7 +660,7 @@ class Run:
                                            self.config.cold_start)
       picked = acquire(
           embeddings, annotated, budget=self.config.budget,
-          seed=_derived_seed(self.seed, t), candidates=candidates,
+          seed=experiment_lib.derived_seed(self.seed, t), candidates=candidates,
           mesh=self.x.mesh, **config_lib.tiling(self.config.acquisition),
           feature_dtype=self.config.acquisition.feature_dtype,
           **hparams)
@@ -819,65 +717,7 @@ def _embedding_plot(experiment: Experiment, params, picked) -> None:
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str,
                    mesh=None) -> str:
-  """Runs (or resumes) every strategy x seed; returns the results Markdown."""
-  try:
-    return _run_experiment(config, workdir, mesh)
-  finally:  # Done, an error, a signal: the next process may go on.
-    workdir_lock.release(workdir)
-
-
-def _run_experiment(config, workdir, mesh) -> str:
-  start = time.perf_counter()
-  experiment = Experiment.create(config, workdir, mesh)
-  log_path = logfile.open_in(workdir)
-  if log_path:
-    logging.info("Logging to %s", log_path)
-  experiment.load_rows()
-  runs = [(s, seed) for s in config.strategies for seed in config.seeds]
-  initial, pending = {}, []
-
-  def initial_params(seed):
-    key = seed if config.init.kind == "scratch" else None
-    if key not in initial:
-      initial[key] = experiment.initial_params(seed)
-    return initial[key]
-
-  bought = {}
-  for strategy, seed in runs:
-    run = Run(experiment, strategy, seed)
-    run.resume(initial_params(seed))
-    bought[strategy, seed] = run
-    if run.finished:
-      # Killed before it was written.
-      run.export_towers(run.arrays, initial_params(seed))
-      run.close()
-    else:
-      pending.append(run)
-  done = sum(max(0, len(experiment.run_rows(s, seed)) - 1) for s, seed in runs)
-  progress = progress_lib.Eta(len(runs) * config.num_rounds, done, "rounds")
-  if not pending:
-    logging.info("All %d runs are finished: nothing left to do. Results in "
-                 "%s/results.md.", len(runs), workdir)
-  try:
-    for run in pending:
-      run.run(initial_params(run.seed), on_round=progress)
-      run.close()
-  finally:  # Awaiting annotations, an error: pending saves still commit.
-    for run in pending:
-      run.close()
-  sharding.barrier("metrics.jsonl")
-  faults.point("report")
-  text = report.write(workdir, config_lib.main_metric(config),
-                      config.report.metrics,
-                      save=sharding.is_main_process())
-  if config.report.embedding_plot:
-    seed = config.seeds[0]
-    _embedding_plot(experiment, initial_params(seed), {
-        s: np.flatnonzero(bought[s, seed].state.annotated["image"])
-        for s in config.strategies})
-  logging.info("Finished in %.0fs; results in %s/results.md",
-               time.perf_counter() - start, workdir)
-  if not pending:
-    text = (f"Nothing left to do: all {len(runs)} runs of {workdir} are "
-            f"finished.\n\n" + text)
-  return text
+  """Runs (or resumes) every strategy x seed; returns the results Markdown
+  (`experiment_lib.run`: the workdir's lock is held throughout)."""
+  return experiment_lib.run(lambda: Experiment.create(config, workdir, mesh),
+                            workdir)

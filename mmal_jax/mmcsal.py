@@ -42,8 +42,11 @@ without prototypes), al_curves.png, seconds_per_round.png, stage1_loss.png
 (the Stage-1 loss of every training step, per variant and seed),
 stage1/<variant>_seed_<s>.npz (the Stage-1 representations and losses),
 tensorboard/stage1_<variant>_seed_<s>/ (`stage1/loss` per step),
-runs/<strategy>/seed_<s>/round_<r>.json (the
-bought pairs), embedding.png on request. Rerunning resumes.
+tensorboard/<strategy>_seed_<s>/ (each row, step: B), logs/,
+runs/<strategy>/seed_<s>/round_<r>.json (the bought pairs), embedding.png
+on request. Rerunning resumes (`experiment.run`), also after a kill
+anywhere: a round is done once its row is in metrics.jsonl, and the picks
+and Stage-1 files saved before it are reused.
 """
 from __future__ import annotations
 
@@ -65,18 +68,17 @@ import optax
 
 from mmal_jax import config_lib
 from mmal_jax import evaluate
+from mmal_jax import experiment as experiment_lib
+from mmal_jax import faults
 from mmal_jax import fs
-from mmal_jax import loop
 from mmal_jax import losses
 from mmal_jax import optim
 from mmal_jax import plots
-from mmal_jax import progress
 from mmal_jax import report
 from mmal_jax import sharding
 from mmal_jax import strict_json
 from mmal_jax import summaries
 from mmal_jax import tokenizers
-from mmal_jax import workdir_lock
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.data import digits
@@ -377,10 +379,6 @@ class _EosPadded:
     return self.tokenizer.encode(texts, length, pad_id=self.tokenizer.eos_id)
 
 
-def _derived_seed(*parts: int) -> int:
-  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 class Stage1:
   """The two towers of `config.model` trained by MMSSL, compiled once.
 
@@ -479,7 +477,7 @@ class Stage1:
     for k, m in enumerate(self.modalities):
       z = self.embed(params, "pool", m)
       result = kmeans_lib.kmeans(z, self.config.num_prototypes,
-                                 seed=_derived_seed(seed, k),
+                                 seed=experiment_lib.derived_seed(seed, k),
                                  max_iters=self.config.kmeans_iters,
                                  mesh=self.mesh)
       phi = losses.prototype_concentration(
@@ -497,8 +495,8 @@ class Stage1:
     per modality.
     """
     start = time.perf_counter()
-    state = self._state(self._init(jax.random.PRNGKey(seed)),
-                        jax.random.PRNGKey(_derived_seed(seed, 1)))
+    key = jax.random.PRNGKey(experiment_lib.derived_seed(seed, 1))
+    state = self._state(self._init(jax.random.PRNGKey(seed)), key)
     index = np.arange(self.data.size)
     batches = preprocess.pair_batches(
         np.stack([index, index], axis=1), self.batch_size,
@@ -512,7 +510,7 @@ class Stage1:
       active = prototypes and epoch >= self.config.warmup_epochs
       if active and step % self.per_epoch == 0:
         current = self.prototypes(state["params"],
-                                  _derived_seed(seed, 2, epoch))
+                                  experiment_lib.derived_seed(seed, 2, epoch))
       args = current if active else unused
       state, loss = self._steps[active](
           state, batch[m0], batch[m1], batch[m0 + "_index"],
@@ -612,20 +610,21 @@ def _standardised_inputs(data: PairedData, prepare) -> tuple[np.ndarray,
 class ColdStartExperiment:
   """Shared state of a cold-start experiment and its round body.
 
-  `select(strategy, budget, seed)` and `train_and_evaluate(strategy, picks,
-  seed)` are the round body; `run_cold_start` drives them over strategies,
-  seeds and budgets.
+  `run_round` (`select`, then `train_and_evaluate`) is the round body, a
+  round one budget; `experiment_lib.run` drives it over strategies and
+  seeds (`start_run`) and writes the report (`report`).
   """
+  unit = "selections"  # What `experiment_lib.run` counts in progress lines.
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                mesh=None):
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh() if mesh is None else mesh
-    unreachable = loop.unreachable_stores(config, workdir)
+    unreachable = experiment_lib.unreachable_stores(config, workdir)
     if unreachable:
       config_lib.raise_problems(unreachable)
-    loop.check_workdir(config, workdir, write=False)
+    experiment_lib.check_workdir(config, workdir, write=False)
     self.data = build_data(config.data)
     self.stage1 = Stage1(config, self.data, self.mesh)
     self.budgets = [max(1, int(round(p / 100 * self.data.size)))
@@ -634,9 +633,10 @@ class ColdStartExperiment:
                                  max(self.budgets))
     self._inputs = None
     self._stage1 = {}
-    self.summaries = {}  # (strategy, seed): its TensorBoard writer.
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    loop.check_workdir(config, workdir)
+    self.num_rounds = len(self.budgets)
+    self.rows = experiment_lib.Rows(workdir)
+    self.metrics_path = self.rows.path
+    experiment_lib.check_workdir(config, workdir)
 
   def stage1_seed(self, seed: int) -> int:
     return seed if self.config.stage1.per_seed else self.config.data.seed
@@ -662,13 +662,14 @@ class ColdStartExperiment:
       if result is None:
         result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
         if sharding.is_main_process():
-          fs.write_bytes(path, result.to_bytes())
-          with summaries.SummaryWriter(os.path.join(
-              self.workdir, "tensorboard",
-              f"stage1_{VARIANTS[prototypes]}_seed_{seed}")) as writer:
+          # TensorBoard first: a resume does not train this variant again.
+          with experiment_lib.summary_writer(
+              self.workdir, f"stage1_{VARIANTS[prototypes]}", seed) as writer:
             for step, loss in enumerate(result.step_losses, 1):
               writer.scalars(step, {"stage1/loss": loss})
+          fs.write_bytes(path, result.to_bytes())
         sharding.barrier("stage1")
+        faults.point("stage1_written")
       self._stage1[key] = result
     return self._stage1[key]
 
@@ -677,7 +678,7 @@ class ColdStartExperiment:
     selector, prototypes, hparams = selector_of(self.config, strategy)
     reps = self.representations(prototypes, seed).pool
     return np.asarray(cold_start.SELECTORS[selector](
-        reps, budget=budget, seed=_derived_seed(seed, budget),
+        reps, budget=budget, seed=experiment_lib.derived_seed(seed, budget),
         mesh=self.mesh,
         block=config_lib.tiling(self.config.acquisition)["block"], **hparams))
 
@@ -700,36 +701,26 @@ class ColdStartExperiment:
     x, x_test = self.features(strategy, seed)
     accuracy = self.classifier.accuracy(
         x[picks], self.data.labels[picks], x_test, self.data.test_labels,
-        _derived_seed(seed, len(picks), 1))
+        experiment_lib.derived_seed(seed, len(picks), 1))
     return {"accuracy": accuracy,
             "classes_covered": float(len(np.unique(self.data.labels[picks])))}
-
-  def done(self) -> set[tuple[str, int, int]]:
-    if not fs.exists(self.metrics_path):
-      return set()
-    return {(r["strategy"], r["seed"], r["round"])
-            for r in report.read_rows(self.metrics_path)}
-
-  def log_row(self, row: dict) -> None:
-    """Adds `row` to metrics.jsonl as the unaligned loop does: the rows read
-    (a torn last line dropped) plus this one, the file rewritten whole."""
-    if sharding.is_main_process():
-      rows = (report.read_rows(self.metrics_path)
-              if fs.exists(self.metrics_path) else [])
-      loop.write_rows(self.metrics_path, rows + [row])
 
   def run_dir(self, strategy: str, seed: int) -> str:
     return os.path.join(self.workdir, "runs", strategy, f"seed_{seed}")
 
-  def run_round(self, strategy: str, seed: int, round_index: int) -> dict:
+  def start_run(self, strategy: str, seed: int) -> ColdStartRun:
+    return ColdStartRun(self, strategy, seed)
+
+  def run_round(self, strategy: str, seed: int, round_index: int,
+                writer: summaries.SummaryWriter) -> dict:
     """One budget of one run: select (or reload the saved picks), train,
-    evaluate, log. Returns the metrics row."""
+    evaluate; its row goes to `writer` (TensorBoard), then metrics.jsonl,
+    which marks the round done. Returns the row."""
     budget = self.budgets[round_index - 1]
-    path = os.path.join(self.run_dir(strategy, seed),
-                        f"round_{round_index}.json")
+    picks = self.picks(strategy, seed, round_index)
     timing = {}
-    if fs.exists(path):
-      picks = np.asarray(json.loads(fs.read_text(path))["picks"], np.int64)
+    if picks is not None:
+      picks = np.asarray(picks, np.int64)
     else:
       # Stage 1 first (once per variant and seed): acquire_s times selection.
       self.representations(selector_of(self.config, strategy)[1], seed)
@@ -737,8 +728,10 @@ class ColdStartExperiment:
       picks = self.select(strategy, budget, seed)
       timing["acquire_s"] = time.perf_counter() - start
       if sharding.is_main_process():
-        fs.write_text(path, strict_json.dumps({"budget": budget,
-                                        "picks": picks.tolist()}))
+        fs.write_text(self._picks_path(strategy, seed, round_index),
+                      strict_json.dumps({"budget": budget,
+                                         "picks": picks.tolist()}))
+      faults.point("picks_written")
     start = time.perf_counter()
     metrics = self.train_and_evaluate(strategy, picks, seed)
     timing["train_s"] = time.perf_counter() - start
@@ -746,25 +739,25 @@ class ColdStartExperiment:
         "strategy": strategy, "seed": seed, "round": round_index,
         "queries": budget, "pairs": budget,
         "percent": 100. * budget / self.data.size, **timing, **metrics})
-    self.log_row(row)
-    if (strategy, seed) not in self.summaries:
-      self.summaries[strategy, seed] = summaries.SummaryWriter(
-          os.path.join(self.workdir, "tensorboard", f"{strategy}_seed_{seed}"),
-          enabled=sharding.is_main_process())
-    self.summaries[strategy, seed].scalars(
-        budget, {k: v for k, v in row.items() if isinstance(v, float)})
+    experiment_lib.row_scalars(writer, row)
+    writer.flush()  # A resume starts after the row: TensorBoard has it.
+    self.rows.add(row)
     logging.info("[%s seed %d] %d labels (%.1f%%): accuracy %.1f%%",
                  strategy, seed, budget, row["percent"], metrics["accuracy"])
     return row
 
+  def _picks_path(self, strategy: str, seed: int, round_index: int) -> str:
+    return os.path.join(self.run_dir(strategy, seed),
+                        f"round_{round_index}.json")
+
   def picks(self, strategy: str, seed: int, round_index: int):
     """The pairs `strategy` bought at budget `round_index` for `seed` (a
-    set), or None if that selection is not in the workdir."""
-    path = os.path.join(self.run_dir(strategy, seed),
-                        f"round_{round_index}.json")
+    list, in the selector's order), or None if that selection is not in
+    the workdir."""
+    path = self._picks_path(strategy, seed, round_index)
     if not fs.exists(path):
       return None
-    return set(json.loads(fs.read_text(path))["picks"])
+    return json.loads(fs.read_text(path))["picks"]
 
   def overlap_markdown(self, baseline: str = "random") -> str:
     """Each selector's accuracy beside the overlap of its picks with
@@ -784,6 +777,7 @@ class ColdStartExperiment:
           theirs = self.picks(baseline, seed, round_index)
           if mine is None or theirs is None:
             continue
+          mine, theirs = set(mine), set(theirs)
           overlaps.append(len(mine & theirs) / len(mine | theirs))
           if accuracy.get((strategy, seed, round_index)) is not None:
             scores.append(accuracy[strategy, seed, round_index])
@@ -845,12 +839,9 @@ class ColdStartExperiment:
     target = self.config.report.embedding_plot_percent
     round_index = 1 + int(np.argmin([abs(p - target)
                                      for p in self.config.budgets]))
-    picked = {}
-    for strategy in self.config.strategies:
-      path = os.path.join(self.run_dir(strategy, seed),
-                          f"round_{round_index}.json")
-      if fs.exists(path):
-        picked[strategy] = json.loads(fs.read_text(path))["picks"]
+    picked = {s: self.picks(s, seed, round_index)
+              for s in self.config.strategies}
+    picked = {s: p for s, p in picked.items() if p is not None}
     m0 = self.data.modalities[0]
     path = os.path.join(self.workdir, "embedding.png")
     plots.embedding_plot(
@@ -861,50 +852,68 @@ class ColdStartExperiment:
               f"{self.budgets[round_index - 1]} pairs bought")
     return path
 
+  def report(self, runs) -> str:
+    """Writes results.md (with the overlap and modality-gap tables),
+    stage1_loss.png and, on request, embedding.png; returns the Markdown.
+    Trains the Stage-1 variants no selection needed (the gap table covers
+    both)."""
+    del runs  # Every run's picks and rows are in the workdir.
+    config = self.config
+    for strategy in config.strategies:
+      for seed in config.seeds:
+        self.representations(selector_of(config, strategy)[1], seed)
+    main = sharding.is_main_process()
+    text = report.write(self.workdir, config.report.main_metric,
+                        config.report.metrics, title="Cold-start results",
+                        save=main, appendix="\n".join((
+                            "", self.overlap_markdown(),
+                            self.modality_gap_markdown())))
+    if main:
+      plots.save_png(plots.stage1_loss_figure(self.stage1_losses()),
+                     os.path.join(self.workdir, "stage1_loss.png"))
+      if config.report.embedding_plot and not fs.exists(
+          os.path.join(self.workdir, "embedding.png")):
+        self.embedding_plot()
+    return text
+
+
+class ColdStartRun:
+  """One strategy and seed: a selection per budget (`round` = its index
+  from 1), each done once its row is in metrics.jsonl."""
+
+  def __init__(self, experiment: ColdStartExperiment, strategy: str,
+               seed: int):
+    self.x = experiment
+    self.strategy = strategy
+    self.seed = seed
+    self._summaries = None
+
+  @property
+  def rounds_done(self) -> int:
+    return len(self.x.rows.of_run(self.strategy, self.seed))
+
+  def run(self, on_round) -> None:
+    """The budgets without a row, in order; `on_round()` after each."""
+    done = {r["round"] for r in self.x.rows.of_run(self.strategy, self.seed)}
+    self._summaries = experiment_lib.summary_writer(
+        self.x.workdir, self.strategy, self.seed)
+    for round_index in range(1, self.x.num_rounds + 1):
+      if round_index not in done:
+        self.x.run_round(self.strategy, self.seed, round_index,
+                         self._summaries)
+        on_round()
+
+  def close(self) -> None:
+    if self._summaries is not None:
+      self._summaries.close()
+
 
 def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
                    mesh=None) -> str:
   """Runs (or resumes) every strategy x seed x budget; returns results.md.
 
   `config` is validated (`validate`). Writes the workdir described in the
-  module docstring, holding its lock (`workdir_lock`) throughout.
+  module docstring (`experiment_lib.run`: holding its lock throughout).
   """
-  try:
-    return _run_cold_start(config, workdir, mesh)
-  finally:  # Done, an error, a signal: the next process may go on.
-    workdir_lock.release(workdir)
-
-
-def _run_cold_start(config, workdir, mesh) -> str:
-  start = time.perf_counter()
-  experiment = ColdStartExperiment(config, workdir, mesh)
-  done = experiment.done()
-  units = [(strategy, seed, round_index) for strategy in config.strategies
-           for seed in config.seeds
-           for round_index in range(1, len(config.budgets) + 1)]
-  eta = progress.Eta(len(units), len(done & set(units)), "selections")
-  for unit in units:
-    if unit not in done:
-      experiment.run_round(*unit)
-      eta()
-  for writer in experiment.summaries.values():
-    writer.close()
-  for strategy in config.strategies:  # The gap table covers every variant.
-    for seed in config.seeds:
-      experiment.representations(selector_of(config, strategy)[1], seed)
-  sharding.barrier("metrics.jsonl")
-  main = sharding.is_main_process()
-  text = report.write(workdir, config.report.main_metric,
-                      config.report.metrics, title="Cold-start results",
-                      save=main, appendix="\n".join((
-                          "", experiment.overlap_markdown(),
-                          experiment.modality_gap_markdown())))
-  if main:
-    plots.save_png(plots.stage1_loss_figure(experiment.stage1_losses()),
-                   os.path.join(workdir, "stage1_loss.png"))
-    if config.report.embedding_plot and not fs.exists(
-        os.path.join(workdir, "embedding.png")):
-      experiment.embedding_plot()
-  logging.info("Finished in %.0fs; results in %s/results.md",
-               time.perf_counter() - start, workdir)
-  return text
+  return experiment_lib.run(
+      lambda: ColdStartExperiment(config, workdir, mesh), workdir)

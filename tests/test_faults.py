@@ -8,15 +8,18 @@ every bought pair kept.
 import json
 import logging
 import os
+import pathlib
 import shutil
 import socket
 
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import config_lib
 from mmal_jax import loop
+from mmal_jax import mmcsal
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import train
@@ -27,6 +30,7 @@ from test_cli_errors import main_env
 from test_cli_errors import run_main
 from test_cli_errors import write_config
 from test_loop import tiny_config
+import test_mmcsal
 
 # One strategy; a train checkpoint every step (rounds of 2 and 4 steps).
 OVERRIDES = {"strategies": ("mmal",), "train.checkpoint_every": 1}
@@ -291,3 +295,80 @@ def test_sigkill_anywhere_resumes_exactly(reference, tmp_path, caplog):
   assert_same(workdir, reference)
   jax.tree.map(np.testing.assert_array_equal, *(checkpoint.read(os.path.join(
       w, "pretrained", "params.npz")) for w in (workdir, reference)))
+
+
+# test_mmcsal's tiny config with one selector per Stage-1 variant.
+COLD_START_STRATEGIES = ("random", "mmcsal")
+
+
+def _cold_start_config():
+  config = test_mmcsal.tiny_config()
+  config.strategies = COLD_START_STRATEGIES
+  return mmcsal.validate(config)
+
+
+def cold_start_outcome(workdir) -> dict:
+  """What a cold-start run produced: rows minus timings, the picks files,
+  the Stage-1 files minus their seconds."""
+  rows = report.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  picks = {str(p.relative_to(workdir)): p.read_text()
+           for p in pathlib.Path(workdir).glob("runs/*/seed_0/round_*.json")}
+  stage1 = {}
+  for path in pathlib.Path(workdir).glob("stage1/*.npz"):
+    with np.load(path) as f:
+      stage1[path.name] = {k: f[k] for k in f.files if k != "seconds"}
+  return {"rows": [{k: v for k, v in r.items() if k not in TIMINGS}
+                   for r in rows], "picks": picks, "stage1": stage1}
+
+
+def _scalars(folder, tag) -> dict:
+  """step -> value of `tag` over every event file in `folder`."""
+  return {e.step: v.simple_value for path in sorted(folder.glob(
+      "events.out.*")) for e in event_file_loader.LegacyEventFileLoader(
+          str(path)).Load() for v in e.summary.value if v.tag == tag}
+
+
+@pytest.mark.slow
+def test_cold_start_sigkill_anywhere_resumes_exactly(tmp_path):
+  """#19 item 1: MMCSAL SIGKILLed where it writes its state (a Stage-1
+  variant saved; a selection's picks saved, its row not; a row saved), one
+  kill after the other in one workdir, ends as an uninterrupted run, and
+  TensorBoard holds every row and Stage-1 step."""
+  if jax.device_count() > 1:
+    pytest.skip("Kill points are device-count independent; the 1-device "
+                "pass runs this.")
+  reference = str(tmp_path / "reference")
+  mmcsal.run_cold_start(_cold_start_config(), reference)
+  config = tmp_path / "cold_start.py"
+  config.write_text(
+      f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+      f"from test_mmcsal import tiny_config\n\n\ndef get_config():\n"
+      f"  config = tiny_config()\n"
+      f"  config.strategies = {COLD_START_STRATEGIES!r}\n  return config\n")
+  workdir = str(tmp_path / "killed")
+  # Units in order: random budgets 1, 2 (Stage 1 "cross" first), then
+  # mmcsal budgets 1, 2 (Stage 1 "proto" first); counts are per process.
+  for kill in ("stage1_written:1",  # Stage 1 "cross" saved, nothing else.
+               "picks_written:2",   # random budget 2 picked, no row.
+               "round_end:2"):      # mmcsal budget 1's row saved.
+    rc, _, stderr = run_main(
+        {kill: ["--config", str(config), "--workdir", workdir]},
+        env={**main_env(), "MMAL_KILL_AT": kill})[kill]
+    assert rc == -9, (kill, stderr[-3000:])
+  assert not os.path.exists(os.path.join(workdir, "results.md"))
+  assert len(report.read_rows(os.path.join(workdir, "metrics.jsonl"))) == 3
+  mmcsal.run_cold_start(_cold_start_config(), workdir)
+  got, want = cold_start_outcome(workdir), cold_start_outcome(reference)
+  assert got["rows"] == want["rows"] and len(got["rows"]) == 4
+  assert got["picks"] == want["picks"] and len(got["picks"]) == 4
+  assert sorted(got["stage1"]) == ["cross_seed_0.npz", "proto_seed_0.npz"]
+  for name, arrays in want["stage1"].items():
+    jax.tree.map(np.testing.assert_array_equal, got["stage1"][name], arrays)
+  board = tmp_path / "killed" / "tensorboard"
+  for row in got["rows"]:
+    accuracy = _scalars(board / f"{row['strategy']}_seed_0", "accuracy")
+    assert accuracy[row["queries"]] == pytest.approx(row["accuracy"])
+  for name, arrays in got["stage1"].items():
+    losses = _scalars(board / f"stage1_{name[:-4]}", "stage1/loss")
+    assert sorted(losses) == list(range(1, len(arrays["step_losses"]) + 1))
+  assert os.path.exists(os.path.join(workdir, "results.md"))

@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import config_lib
+from mmal_jax import experiment as experiment_lib
 from mmal_jax import loop
 from mmal_jax import report
 from mmal_jax import run_state
@@ -262,10 +263,11 @@ def test_bad_inputs_are_named(tmp_path):
   config = tiny_config()
   with pytest.raises(AttributeError, match="epoch"):
     config.train.epoch = 3  # Locked: a typo cannot add a field.
-  loop.check_workdir(config, str(tmp_path / "same"))
+  experiment_lib.check_workdir(config, str(tmp_path / "same"))
   other = tiny_config(budget=5)
-  with pytest.raises(loop.ConfigMismatchError, match="differs in: budget"):
-    loop.check_workdir(other, str(tmp_path / "same"))
+  with pytest.raises(experiment_lib.ConfigMismatchError,
+                     match="differs in: budget"):
+    experiment_lib.check_workdir(other, str(tmp_path / "same"))
   # A config.json from before config_lib.ADDED_KEYS existed resumes as if
   # it held their old-behaviour values; hparams of strategies that do not
   # run are not compared.
@@ -275,11 +277,11 @@ def test_bad_inputs_are_named(tmp_path):
   recorded["strategy_hparams"]["coreset"] = {"not": "run"}
   (tmp_path / "old").mkdir()
   (tmp_path / "old" / "config.json").write_text(json.dumps(recorded))
-  loop.check_workdir(config, str(tmp_path / "old"), write=False)
+  experiment_lib.check_workdir(config, str(tmp_path / "old"), write=False)
   raw = tiny_config(**{"strategy_hparams.mmal.distances_on": "raw"})
-  with pytest.raises(loop.ConfigMismatchError,
+  with pytest.raises(experiment_lib.ConfigMismatchError,
                      match=r"differs in: strategy_hparams\.mmal\.distances_on"):
-    loop.check_workdir(raw, str(tmp_path / "old"), write=False)
+    experiment_lib.check_workdir(raw, str(tmp_path / "old"), write=False)
   assert "pretrain_fraction" not in (tmp_path / "old" / "config.json"
                                      ).read_text()
 

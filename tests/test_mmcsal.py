@@ -355,7 +355,8 @@ def test_run_writes_the_workdir_and_resumes(tmp_path, caplog, monkeypatch):
         if r["strategy"] == strategy}, rel=1e-6)
   assert open(os.path.join(workdir, "results.md")).read() == text
   # Rerunning the same config adds nothing; another config is refused.
-  assert mmcsal.run_cold_start(config, workdir) == text
+  assert mmcsal.run_cold_start(config, workdir) == (
+      f"Nothing left to do: all 4 runs of {workdir} are finished.\n\n" + text)
   assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 8
   # #17 item 13: a torn last metrics line is redone without being appended
   # onto (every later rerun still reads the file), a torn Stage-1 file is
