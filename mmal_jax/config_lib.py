@@ -141,6 +141,8 @@ ADDED_KEYS = {
     "data.pretrain_pairs": "",
     "data.pretrain_split": "",
     "strategy_hparams.mmal.distances_on": "normalized",
+    # Cold start: when Stage 1 saves its state, which changes no result.
+    "stage1.checkpoint_every_epochs": 5,
 }
 
 

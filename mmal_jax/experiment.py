@@ -205,6 +205,19 @@ def summary_writer(workdir: str, name: str,
       enabled=sharding.is_main_process())
 
 
+def add_device_hours(row: dict, previous: dict | None,
+                     num_devices: int) -> dict:
+  """Sets `row["device_hours"]`: the run's device time so far, i.e. the
+  `previous` row's (None: the run's first) plus the row's own `*_s`
+  seconds on `num_devices` devices (waiting for answers is in none of
+  them). Returns `row`."""
+  spent = sum(v for k, v in row.items() if k.endswith("_s")
+              and isinstance(v, float))
+  row["device_hours"] = ((previous or {}).get("device_hours") or 0.0) + (
+      progress.device_hours(spent, num_devices))
+  return row
+
+
 def row_scalars(writer: summaries.SummaryWriter, row: dict) -> None:
   """Queues a metrics row's float values at step `queries` (what was bought
   so far): the same x-axis for both experiment kinds."""

@@ -56,7 +56,6 @@ from mmal_jax import experiment as experiment_lib
 from mmal_jax import faults
 from mmal_jax import fs
 from mmal_jax import plots
-from mmal_jax import progress as progress_lib
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import sharding
@@ -596,12 +595,9 @@ class Run:
     metrics = self.x.evaluate(params, t)
     if t:
       timing["eval_s"] = time.perf_counter() - start
-    row = self._row(t, timing, metrics)
-    # Device time of the round (waiting for answers left out), cumulative.
-    row["device_hours"] = (rows[-1].get("device_hours", 0.0) if rows else 0.0
-                           ) + progress_lib.device_hours(
-                               sum(v for k, v in timing.items()
-                                   if k.endswith("_s")), self.x.mesh.size)
+    row = experiment_lib.add_device_hours(
+        self._row(t, timing, metrics), rows[-1] if rows else None,
+        self.x.mesh.size)
     rows.append(row)
     self._save(t, "evaluated", rows=rows, timing={}, params=params)
     self.x.rows.add(row)

@@ -77,8 +77,10 @@ from mmal_jax import plots
 from mmal_jax import report
 from mmal_jax import sharding
 from mmal_jax import strict_json
-from mmal_jax import summaries
+from mmal_jax import run_state
+from mmal_jax import summaries as summaries_lib
 from mmal_jax import tokenizers
+from mmal_jax import train
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.data import digits
@@ -142,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
       epochs=40, warmup_epochs=10, batch_size=256, num_prototypes=50,
       tau=0.07, alpha=10., kmeans_iters=50, per_seed=True,
       embed_batch_size=512,
+      # Orbax checkpoints of the train state while Stage 1 trains (to resume
+      # a preempted run), every this many epochs and after the last.
+      checkpoint_every_epochs=5,
       # AdamW, betas (0.9, 0.95), weight decay 0.02 (paper 6.1) in
       # big_vision's convention (not multiplied by lr): 0.02 * lr.
       optim=dict(lr=1e-3, wd=2e-5, b1=0.9, b2=0.95, eps=1e-8,
@@ -226,7 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           "modalities; shapes has captions: use 'stage1'.")
   for name in ("stage1.epochs", "stage1.batch_size", "stage1.num_prototypes",
                "stage1.kmeans_iters", "stage1.embed_batch_size",
-               "downstream.steps"):
+               "stage1.checkpoint_every_epochs", "downstream.steps"):
     group, field = name.split(".")
     _positive_int(name, config[group][field])
   if not 0 <= config.stage1.warmup_epochs < config.stage1.epochs:
@@ -369,16 +374,6 @@ class Stage1Result:
                  if "step_losses" in f.files else np.zeros(0, np.float32))
 
 
-class _EosPadded:
-  """Pads captions with EOS, as big_vision's SigLIP pipeline does."""
-
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
-
-  def encode(self, texts, length):
-    return self.tokenizer.encode(texts, length, pad_id=self.tokenizer.eos_id)
-
-
 class Stage1:
   """The two towers of `config.model` trained by MMSSL, compiled once.
 
@@ -396,7 +391,7 @@ class Stage1:
     self.mesh = mesh
     self.modalities = data.modalities
     self.model = two_towers.Model(**config.model)
-    tokenizer = _EosPadded(tokenizers.get_tokenizer(config.tokenizer))
+    tokenizer = train.EosPadded(tokenizers.get_tokenizer(config.tokenizer))
     self.prepare = {
         name: functools.partial(preprocess.prepare_items, pool,
                                 image_size=config.res, tokenizer=tokenizer,
@@ -418,13 +413,20 @@ class Stage1:
     self._init = jax.jit(
         lambda key: self.model.init(key, *example)["params"],
         out_shardings=replicated)
-    self.optimizer = optim.make_optimizer(
-        optim_config, jax.eval_shape(self._init, jax.random.PRNGKey(0)))
+    key = jax.random.PRNGKey(0)
+    self.optimizer = optim.make_optimizer(optim_config,
+                                          jax.eval_shape(self._init, key))
+    # The loss of every step rides in the state: a resumed run has them all.
     self._state = jax.jit(
         lambda params, key: {"params": params,
                              "opt": self.optimizer.init(params),
-                             "step": jnp.zeros((), jnp.int32), "rng": key},
+                             "step": jnp.zeros((), jnp.int32), "rng": key,
+                             "losses": jnp.zeros(optim_config.total_steps,
+                                                 jnp.float32)},
         out_shardings=replicated)
+    self._state_like = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(self._state, jax.eval_shape(self._init, key), key))
     self._steps = {p: self._make_step(p) for p in (False, True)}
     apply = lambda params, x0, x1: self.model.apply({"params": params}, x0, x1)
     self._embed = [jax.jit(lambda p, x: apply(p, x, None)[0],
@@ -451,7 +453,9 @@ class Stage1:
       updates, opt = self.optimizer.update(grads, state["opt"],
                                            state["params"])
       return {**state, "params": optax.apply_updates(state["params"], updates),
-              "opt": opt, "step": state["step"] + 1}, loss
+              "opt": opt, "step": state["step"] + 1,
+              "losses": state["losses"].at[state["step"]].set(loss)}, {
+                  "loss": loss}
 
     replicated = sharding.replicated(self.mesh)
     return jax.jit(step, out_shardings=(replicated, replicated),
@@ -487,46 +491,90 @@ class Stage1:
     put = lambda x: jax.device_put(x, sharding.replicated(self.mesh))
     return tuple(tuple(put(o[i]) for o in out) for i in range(3))
 
-  def fit(self, prototypes: bool, seed: int, label: str = "") -> Stage1Result:
+  def fit(self, prototypes: bool, seed: int, label: str = "", *,
+          checkpoint_dir: str | None = None,
+          summaries: summaries_lib.SummaryWriter | None = None
+          ) -> Stage1Result:
     """Trains from scratch with `seed` (init, batches, K-means seeds).
 
-    Cost: epochs x N pairs through both towers; with prototypes, from the
-    warm-up on, per epoch one embedding pass and K-means (`O(iters N C D)`)
-    per modality.
+    With `checkpoint_dir`, the whole train state is saved there (orbax,
+    `run_state.RunCheckpoints`) every `stage1.checkpoint_every_epochs`
+    epochs and after the last, and training resumes from the newest
+    checkpoint found: at an epoch's end, where the prototypes are
+    recomputed anyway, so a resumed fit equals an uninterrupted one.
+    `summaries` gets `stage1/loss` per step and the throughput
+    (`train.run_steps`). Cost: epochs x N pairs through both towers; with
+    prototypes, from the warm-up on, per epoch one embedding pass and
+    K-means (`O(iters N C D)`) per modality.
     """
-    start = time.perf_counter()
-    key = jax.random.PRNGKey(experiment_lib.derived_seed(seed, 1))
-    state = self._state(self._init(jax.random.PRNGKey(seed)), key)
-    index = np.arange(self.data.size)
-    batches = preprocess.pair_batches(
-        np.stack([index, index], axis=1), self.batch_size,
-        self.prepare["pool"], seed=seed, modalities=self.modalities,
-        num_epochs=self.config.epochs, mesh=self.mesh)
-    m0, m1 = self.modalities
-    unused = ((jnp.zeros(()),) * 2,) * 3  # The L_cross step ignores these.
-    current, epoch_losses, step_losses = unused, [], []
-    for step, batch in enumerate(batches):
-      epoch = step // self.per_epoch
-      active = prototypes and epoch >= self.config.warmup_epochs
-      if active and step % self.per_epoch == 0:
-        current = self.prototypes(state["params"],
-                                  experiment_lib.derived_seed(seed, 2, epoch))
-      args = current if active else unused
-      state, loss = self._steps[active](
-          state, batch[m0], batch[m1], batch[m0 + "_index"],
-          batch[m1 + "_index"], *args, batch.get("valid"))
-      if (step + 1) % self.per_epoch == 0:
-        epoch_losses.append(float(loss))
-      step_losses.append(loss)  # Fetched once at the end.
-    logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,
-                 VARIANTS[prototypes], self.config.epochs, epoch_losses[-1],
-                 time.perf_counter() - start)
+    start_time = time.perf_counter()
+    total = self.config.epochs * self.per_epoch
+    checkpoints = (None if checkpoint_dir is None
+                   else run_state.RunCheckpoints(checkpoint_dir))
+    try:
+      start, state, seconds = 0, None, 0.0
+      latest = checkpoints and checkpoints.latest(None,
+                                                  lambda: self._state_like)
+      if latest:
+        meta, state = latest
+        start, seconds = meta["train_step"], meta["seconds"]
+        logging.info("%s Stage 1 (%s) resumed at step %d/%d", label,
+                     VARIANTS[prototypes], start, total)
+      else:
+        state = self._state(self._init(jax.random.PRNGKey(seed)),
+                            jax.random.PRNGKey(
+                                experiment_lib.derived_seed(seed, 1)))
+      index = np.arange(self.data.size)
+      batches = preprocess.pair_batches(
+          np.stack([index, index], axis=1), self.batch_size,
+          self.prepare["pool"], seed=seed, modalities=self.modalities,
+          num_epochs=self.config.epochs, mesh=self.mesh, start_step=start)
+      m0, m1 = self.modalities
+      unused = ((jnp.zeros(()),) * 2,) * 3  # The L_cross step ignores these.
+      current = [unused]
+
+      def step_fn(state, step, batch):
+        epoch = (step - 1) // self.per_epoch
+        active = prototypes and epoch >= self.config.warmup_epochs
+        if active and (step - 1) % self.per_epoch == 0:
+          current[0] = self.prototypes(
+              state["params"], experiment_lib.derived_seed(seed, 2, epoch))
+        return self._steps[active](
+            state, batch[m0], batch[m1], batch[m0 + "_index"],
+            batch[m1 + "_index"], *(current[0] if active else unused),
+            batch.get("valid"))
+
+      def save(step, state):
+        checkpoints.save({"round": 0, "phase": "training", "train_step": step,
+                          "seconds": seconds + time.perf_counter()
+                                     - start_time}, train=state)
+        faults.point("stage1_checkpoint")
+
+      state, _ = train.run_steps(
+          step_fn, state, batches, start=start, total=total,
+          per_epoch=self.per_epoch, batch_size=self.batch_size,
+          num_devices=self.mesh.size,
+          label=f"{label} Stage 1 ({VARIANTS[prototypes]})",
+          diverged_hint=(f"Lower config.stage1.optim.lr (now "
+                         f"{self.config.optim.lr}) or check the data."),
+          summaries=summaries, prefix="stage1",
+          on_checkpoint=save if checkpoints else None,
+          checkpoint_every=self.config.checkpoint_every_epochs
+          * self.per_epoch)
+    finally:  # An error or a signal: the save in flight still commits.
+      if checkpoints:
+        checkpoints.close()
+    step_losses = np.asarray(jax.device_get(state["losses"]), np.float32)
     params = state["params"]
     reps = {split: {m: self.embed(params, split, m) for m in self.modalities}
             for split in ("pool", "test")}
-    return Stage1Result(reps["pool"], reps["test"], np.asarray(epoch_losses),
-                        time.perf_counter() - start,
-                        np.asarray(jax.device_get(step_losses), np.float32))
+    seconds += time.perf_counter() - start_time
+    logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,
+                 VARIANTS[prototypes], self.config.epochs, step_losses[-1],
+                 seconds)
+    return Stage1Result(reps["pool"], reps["test"],
+                        step_losses[self.per_epoch - 1::self.per_epoch],
+                        seconds, step_losses)
 
 
 # --------------------------------------------------------------------------
@@ -646,8 +694,8 @@ class ColdStartExperiment:
     seed = self.stage1_seed(seed)
     key = (prototypes, seed)
     if key not in self._stage1:
-      path = os.path.join(self.workdir, "stage1",
-                          f"{VARIANTS[prototypes]}_seed_{seed}.npz")
+      name = f"{VARIANTS[prototypes]}_seed_{seed}"
+      path = os.path.join(self.workdir, "stage1", f"{name}.npz")
       result = None
       if fs.exists(path):
         try:
@@ -660,14 +708,15 @@ class ColdStartExperiment:
           logging.warning("%s cannot be read (%s: %s); training Stage 1 "
                           "again.", path, type(e).__name__, e)
       if result is None:
-        result = self.stage1.fit(prototypes, seed, f"[seed {seed}]")
+        checkpoint_dir = os.path.join(self.workdir, "stage1", f"{name}_ckpt")
+        with experiment_lib.summary_writer(
+            self.workdir, f"stage1_{VARIANTS[prototypes]}", seed) as writer:
+          result = self.stage1.fit(prototypes, seed, f"[seed {seed}]",
+                                   checkpoint_dir=checkpoint_dir,
+                                   summaries=writer)
         if sharding.is_main_process():
-          # TensorBoard first: a resume does not train this variant again.
-          with experiment_lib.summary_writer(
-              self.workdir, f"stage1_{VARIANTS[prototypes]}", seed) as writer:
-            for step, loss in enumerate(result.step_losses, 1):
-              writer.scalars(step, {"stage1/loss": loss})
           fs.write_bytes(path, result.to_bytes())
+          fs.rmtree(checkpoint_dir)  # The .npz holds what a resume needs.
         sharding.barrier("stage1")
         faults.point("stage1_written")
       self._stage1[key] = result
@@ -712,7 +761,7 @@ class ColdStartExperiment:
     return ColdStartRun(self, strategy, seed)
 
   def run_round(self, strategy: str, seed: int, round_index: int,
-                writer: summaries.SummaryWriter) -> dict:
+                writer: summaries_lib.SummaryWriter) -> dict:
     """One budget of one run: select (or reload the saved picks), train,
     evaluate; its row goes to `writer` (TensorBoard), then metrics.jsonl,
     which marks the round done. Returns the row."""
@@ -723,7 +772,9 @@ class ColdStartExperiment:
       picks = np.asarray(picks, np.int64)
     else:
       # Stage 1 first (once per variant and seed): acquire_s times selection.
+      start = time.perf_counter()
       self.representations(selector_of(self.config, strategy)[1], seed)
+      timing["stage1_s"] = time.perf_counter() - start
       start = time.perf_counter()
       picks = self.select(strategy, budget, seed)
       timing["acquire_s"] = time.perf_counter() - start
@@ -735,10 +786,13 @@ class ColdStartExperiment:
     start = time.perf_counter()
     metrics = self.train_and_evaluate(strategy, picks, seed)
     timing["train_s"] = time.perf_counter() - start
-    row = strict_json.finite_or_none({
+    earlier = [r for r in self.rows.of_run(strategy, seed)
+               if r["round"] < round_index]
+    row = experiment_lib.add_device_hours(strict_json.finite_or_none({
         "strategy": strategy, "seed": seed, "round": round_index,
         "queries": budget, "pairs": budget,
-        "percent": 100. * budget / self.data.size, **timing, **metrics})
+        "percent": 100. * budget / self.data.size, **timing, **metrics}),
+        earlier[-1] if earlier else None, self.mesh.size)
     experiment_lib.row_scalars(writer, row)
     writer.flush()  # A resume starts after the row: TensorBoard has it.
     self.rows.add(row)

@@ -31,7 +31,8 @@ from mmal_jax.annotate import store as annotation_store
 from mmal_jax.evaluators import colorswap
 
 # Columns of a metrics row that time the run (they differ between reruns).
-TIMING_KEYS = ("embed_s", "acquire_s", "train_s", "eval_s", "device_hours")
+TIMING_KEYS = ("embed_s", "acquire_s", "train_s", "eval_s", "stage1_s",
+               "device_hours")
 # Bookkeeping columns of a metrics row; every other number is a metric.
 ROW_KEYS = ("strategy", "seed", "round", "queries", "pairs", "percent",
             "train_steps", "modality_counts", "skipped_items") + TIMING_KEYS

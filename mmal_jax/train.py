@@ -42,7 +42,7 @@ from mmal_jax.models import two_towers
 MODALITIES = ("image", "text")
 
 
-class _EosPadded:
+class EosPadded:
   """Pads with EOS, as big_vision's SigLIP pipeline, so `last` pooling sees EOS."""
 
   def __init__(self, tokenizer: tokenizers.Tokenizer):
@@ -64,6 +64,84 @@ class FitResult:
   final_loss: float | None
 
 
+
+def run_steps(step_fn: Callable, state, batches, *, start: int, total: int,
+              per_epoch: int, batch_size: int, num_devices: int, label: str,
+              diverged_hint: str, summaries=None, summary_step: int = 0,
+              prefix: str = "train", extra_scalars: Callable | None = None,
+              on_checkpoint: Callable[[int, dict], None] | None = None,
+              checkpoint_every: int = 0, log_every: int = 10):
+  """The host side of a training loop, shared by every trainer.
+
+  Runs `state, metrics = step_fn(state, step, batch)` for steps `start + 1
+  .. total` over `batches` (`metrics`: device scalars, "loss" among them),
+  without waiting on the devices between steps: metrics are fetched every
+  `log_every` steps, before each checkpoint and each progress line (one
+  transfer for the steps pending). On each fetch: a NaN / inf loss raises
+  `TrainingDiverged` naming the step (then `diverged_hint`), and
+  `summaries` (a `summaries.SummaryWriter`) gets `<prefix>/<metric>` and
+  `extra_scalars(step)` per step, and `<prefix>/examples_per_s`,
+  `steps_per_s`, `examples_per_s_per_device` (`progress.Throughput`, from
+  the second fetch on: the first holds the compilation) at `summary_step +
+  step`. Five times over the run it logs the epoch, step, loss, elapsed
+  time, throughput and an ETA. Every `checkpoint_every` steps and after the
+  last, `summaries` is flushed (a resume starts after that point) and
+  `on_checkpoint(step, state)` called with a state whose loss was checked.
+
+  Returns (final state, last loss; None if no step ran). Cost: the steps,
+  plus one device-to-host transfer of a few scalars per `log_every` steps.
+  """
+  start_time = time.perf_counter()
+  pending, loss, rates = [], None, None
+  log_epochs = per_epoch * max(1, total // per_epoch // 5)
+  throughput = progress_lib.Throughput(batch_size, num_devices)
+
+  def drain():
+    """Fetches the pending steps' metrics, logs them, checks the loss."""
+    nonlocal loss, rates
+    fetched = jax.device_get([m for _, m in pending])
+    rates = throughput.mark(pending[-1][0]) or rates
+    for (step, _), metrics in zip(pending, fetched):
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise TrainingDiverged(f"{label} step {step}/{total}: the loss is "
+                               f"{loss}. {diverged_hint}")
+      if summaries is not None:
+        values = {k: float(v) for k, v in metrics.items()}
+        values.update(extra_scalars(step) if extra_scalars else {})
+        summaries.scalars(summary_step + step,
+                          {f"{prefix}/{k}": v for k, v in values.items()})
+    if summaries is not None and rates is not None:
+      summaries.scalars(summary_step + pending[-1][0],
+                        {f"{prefix}/{k}": v for k, v in rates.items()})
+    pending.clear()
+
+  for step, batch in enumerate(batches, start + 1):
+    state, metrics = step_fn(state, step, batch)
+    pending.append((step, metrics))
+    checkpoint = on_checkpoint is not None and (
+        step == total or (checkpoint_every and step % checkpoint_every == 0))
+    progress = step % log_epochs == 0 or step == total
+    if checkpoint or progress or len(pending) >= log_every:
+      drain()
+    if progress:
+      speed = ""
+      if rates is not None:
+        speed = (f", {rates['examples_per_s']:.1f} examples/s "
+                 f"({rates['examples_per_s_per_device']:.1f}/device), "
+                 f"{rates['steps_per_s']:.2f} steps/s, ETA "
+                 f"{progress_lib.hms((total - step) / rates['steps_per_s'])}")
+      logging.info("%s epoch %d/%d step %d/%d loss %.4f (%s%s)", label,
+                   -(-step // per_epoch), total // per_epoch, step, total,
+                   loss, progress_lib.hms(time.perf_counter() - start_time),
+                   speed)
+    if checkpoint:
+      if summaries is not None:
+        summaries.flush()
+      on_checkpoint(step, state)
+  return state, loss
+
+
 class Towers:
   """A two-tower model, compiled once over `mesh`, for fitting and embedding.
 
@@ -75,7 +153,7 @@ class Towers:
     self.config = config
     self.mesh = mesh
     self.model = two_towers.Model(**config.model)
-    self.tokenizer = _EosPadded(tokenizers.get_tokenizer(
+    self.tokenizer = EosPadded(tokenizers.get_tokenizer(
         config.tokenizer, vocab_size=config.model.text.get("vocab_size")))
     self._compiled = {}
     self._init = {}  # Input shapes -> jitted parameter init.
@@ -206,55 +284,18 @@ class Towers:
     batches = pipeline.train_batches(
         pool, pairs, batch_size, self.pp(pool), seed=seed, mesh=self.mesh,
         num_epochs=epochs, start_step=start)
-    pending, loss, rates = [], None, None
-    log_epochs = per_epoch * max(1, epochs // 5)
-    throughput = progress_lib.Throughput(batch_size, self.mesh.size)
-
-    def drain():
-      """Fetches the pending steps' metrics, logs them, checks the loss."""
-      nonlocal loss, rates
-      fetched = jax.device_get([m for _, m in pending])
-      rates = throughput.mark(pending[-1][0]) or rates
-      for (step, _), metrics in zip(pending, fetched):
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-          raise TrainingDiverged(
-              f"{label} step {step}/{total}: the loss is {loss}. Lower "
-              f"{lr_name} (now {optim_config.lr}) or check the data; "
-              f"what was bought is kept and a rerun redoes this training.")
-        if summaries is not None:
-          lr = optim_config.lr * float(optim.warmup_cosine(step - 1, warmup,
-                                                           total))
-          summaries.scalars(summary_step + step, {
-              "train/loss": loss, "train/lr": lr,
-              **{f"train/{k}": float(v) for k, v in metrics.items()
-                 if k != "loss"}})
-      if summaries is not None and rates is not None:
-        summaries.scalars(summary_step + pending[-1][0],
-                          {f"train/{k}": v for k, v in rates.items()})
-      pending.clear()
-
-    for step, batch in enumerate(batches, start + 1):
-      state, metrics = step_fn(state, batch)
-      pending.append((step, metrics))
-      checkpoint = on_checkpoint is not None and (
-          step == total or (checkpoint_every and step % checkpoint_every == 0))
-      progress = step % log_epochs == 0 or step == total
-      if checkpoint or progress or len(pending) >= log_every:
-        drain()
-      if progress:
-        elapsed = time.perf_counter() - start_time
-        speed = ""
-        if rates is not None:
-          speed = (f", {rates['examples_per_s']:.1f} examples/s "
-                   f"({rates['examples_per_s_per_device']:.1f}/device), "
-                   f"{rates['steps_per_s']:.2f} steps/s, ETA "
-                   f"{progress_lib.hms((total - step) / rates['steps_per_s'])}")
-        logging.info("%s epoch %d/%d step %d/%d loss %.4f (%s%s)", label,
-                     -(-step // per_epoch), epochs, step, total, loss,
-                     progress_lib.hms(elapsed), speed)
-      if checkpoint:
-        on_checkpoint(step, state)
+    lr_at = lambda step: {"lr": optim_config.lr * float(
+        optim.warmup_cosine(step - 1, warmup, total))}
+    state, loss = run_steps(
+        lambda state, step, batch: step_fn(state, batch), state, batches,
+        start=start, total=total, per_epoch=per_epoch, batch_size=batch_size,
+        num_devices=self.mesh.size, label=label,
+        diverged_hint=(f"Lower {lr_name} (now {optim_config.lr}) or check "
+                       f"the data; what was bought is kept and a rerun "
+                       f"redoes this training."),
+        summaries=summaries, summary_step=summary_step, extra_scalars=lr_at,
+        on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every,
+        log_every=log_every)
     return FitResult(state["params"], total,
                      time.perf_counter() - start_time, loss)
 

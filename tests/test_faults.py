@@ -304,6 +304,7 @@ COLD_START_STRATEGIES = ("random", "mmcsal")
 def _cold_start_config():
   config = test_mmcsal.tiny_config()
   config.strategies = COLD_START_STRATEGIES
+  config.stage1.checkpoint_every_epochs = 1
   return mmcsal.validate(config)
 
 
@@ -330,10 +331,12 @@ def _scalars(folder, tag) -> dict:
 
 @pytest.mark.slow
 def test_cold_start_sigkill_anywhere_resumes_exactly(tmp_path):
-  """#19 item 1: MMCSAL SIGKILLed where it writes its state (a Stage-1
-  variant saved; a selection's picks saved, its row not; a row saved), one
-  kill after the other in one workdir, ends as an uninterrupted run, and
-  TensorBoard holds every row and Stage-1 step."""
+  """#19 item 1: MMCSAL SIGKILLed where it writes its state (mid-Stage-1
+  with a checkpoint save in flight, in the warm-up and in the prototype
+  phase; a Stage-1 variant saved; a selection's picks saved, its row not;
+  a row saved) and SIGTERMed mid-Stage-1, one stop after the other in one
+  workdir, ends as an uninterrupted run; TensorBoard holds every row and
+  Stage-1 step, and Stage 1's throughput."""
   if jax.device_count() > 1:
     pytest.skip("Kill points are device-count independent; the 1-device "
                 "pass runs this.")
@@ -344,17 +347,38 @@ def test_cold_start_sigkill_anywhere_resumes_exactly(tmp_path):
       f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
       f"from test_mmcsal import tiny_config\n\n\ndef get_config():\n"
       f"  config = tiny_config()\n"
-      f"  config.strategies = {COLD_START_STRATEGIES!r}\n  return config\n")
+      f"  config.strategies = {COLD_START_STRATEGIES!r}\n"
+      f"  config.stage1.checkpoint_every_epochs = 1\n  return config\n")
   workdir = str(tmp_path / "killed")
+  cross_ckpt = os.path.join(workdir, "stage1", "cross_seed_0_ckpt")
+
+  def committed_steps():
+    checkpoints = run_state.RunCheckpoints(cross_ckpt)
+    steps = checkpoints.steps()
+    checkpoints.close()
+    return steps
+
   # Units in order: random budgets 1, 2 (Stage 1 "cross" first), then
-  # mmcsal budgets 1, 2 (Stage 1 "proto" first); counts are per process.
-  for kill in ("stage1_written:1",  # Stage 1 "cross" saved, nothing else.
+  # mmcsal budgets 1, 2 (Stage 1 "proto" first; 4 epochs, prototypes from
+  # the third); counts are per process.
+  for kill in ("stage1_checkpoint:2",  # "cross" epoch 2's save in flight.
+               "stage1_checkpoint:1:TERM",  # The next save; SIGTERM.
                "picks_written:2",   # random budget 2 picked, no row.
-               "round_end:2"):      # mmcsal budget 1's row saved.
+               "stage1_checkpoint:3",  # "proto" after a prototype epoch
+                                       # (random budget 2's row saved).
+               "round_end:1"):      # mmcsal budget 1's row saved.
+    steps = committed_steps() if kill.endswith("TERM") else None
     rc, _, stderr = run_main(
         {kill: ["--config", str(config), "--workdir", workdir]},
         env={**main_env(), "MMAL_KILL_AT": kill})[kill]
-    assert rc == -9, (kill, stderr[-3000:])
+    if steps is not None:
+      assert rc == 143, (kill, stderr[-3000:])
+      assert stderr.strip().splitlines()[-1].startswith(
+          "mmal_jax.main: stopped by SIGTERM: "), stderr[-3000:]
+      assert not os.path.exists(os.path.join(workdir, "lock"))
+      assert committed_steps()[-1] > steps[-1], (steps, committed_steps())
+    else:
+      assert rc == -9, (kill, stderr[-3000:])
   assert not os.path.exists(os.path.join(workdir, "results.md"))
   assert len(report.read_rows(os.path.join(workdir, "metrics.jsonl"))) == 3
   mmcsal.run_cold_start(_cold_start_config(), workdir)
@@ -364,11 +388,22 @@ def test_cold_start_sigkill_anywhere_resumes_exactly(tmp_path):
   assert sorted(got["stage1"]) == ["cross_seed_0.npz", "proto_seed_0.npz"]
   for name, arrays in want["stage1"].items():
     jax.tree.map(np.testing.assert_array_equal, got["stage1"][name], arrays)
+  # Checkpoints live while Stage 1 trains; the .npz replaces them.
+  assert sorted(os.listdir(os.path.join(workdir, "stage1"))) == sorted(
+      got["stage1"])
   board = tmp_path / "killed" / "tensorboard"
   for row in got["rows"]:
     accuracy = _scalars(board / f"{row['strategy']}_seed_0", "accuracy")
     assert accuracy[row["queries"]] == pytest.approx(row["accuracy"])
+  hours = {(r["strategy"], r["round"]): r["device_hours"] for r in
+           report.read_rows(os.path.join(workdir, "metrics.jsonl"))}
+  for strategy in COLD_START_STRATEGIES:  # Cumulative over a run's rounds.
+    assert 0 < hours[strategy, 1] < hours[strategy, 2]
   for name, arrays in got["stage1"].items():
-    losses = _scalars(board / f"stage1_{name[:-4]}", "stage1/loss")
+    folder = board / f"stage1_{name[:-4]}"
+    losses = _scalars(folder, "stage1/loss")
     assert sorted(losses) == list(range(1, len(arrays["step_losses"]) + 1))
+    np.testing.assert_allclose([losses[k] for k in sorted(losses)],
+                               arrays["step_losses"], rtol=1e-6)
+    assert _scalars(folder, "stage1/examples_per_s_per_device")
   assert os.path.exists(os.path.join(workdir, "results.md"))
