@@ -139,6 +139,31 @@ def unreachable_stores(config: ml_collections.ConfigDict,
   return out
 
 
+def workdir_problems(config: ml_collections.ConfigDict, workdir: str,
+                     found: list[str]) -> list[str]:
+  """`found` (the config's own problems) plus what keeps `workdir` from
+  holding this run: a folder process 0 cannot write, a config.json that
+  cannot be read or holds another config (asked only when `found` is
+  empty: a broken config would differ anyway). An unreachable store
+  raises ConfigError at once, with `found`: every later check would wait
+  on it too. Writes nothing (the probe's file is removed). Cost: a few
+  small requests to the workdir's store."""
+  unreachable = unreachable_stores(config, workdir)
+  if unreachable:
+    config_lib.raise_problems(found + unreachable)
+  found = list(found)
+  if sharding.is_main_process():
+    reason = fs.check_writable_dir(workdir)
+    if reason:
+      found.append(f"--workdir {reason}; pass a folder that can be written.")
+  if not found:
+    try:
+      check_workdir(config, workdir, write=False)
+    except config_lib.ConfigError as e:
+      found.append(str(e))
+  return found
+
+
 def row_key(row: dict) -> tuple:
   return tuple(row[k] for k in ROW_KEY)
 

@@ -115,19 +115,7 @@ class Experiment:
     """
     found = config_lib.problems(config)
     values_ok = not found
-    unreachable = experiment_lib.unreachable_stores(config, workdir)
-    if unreachable:  # Every later check would wait on them too.
-      config_lib.raise_problems(found + unreachable)
-    if sharding.is_main_process():
-      reason = fs.check_writable_dir(workdir)
-      if reason:
-        found.append(f"--workdir {reason}; pass a folder that can be "
-                     f"written.")
-    if not found:
-      try:
-        experiment_lib.check_workdir(config, workdir, write=False)
-      except config_lib.ConfigError as e:
-        found.append(str(e))
+    found = experiment_lib.workdir_problems(config, workdir, found)
     init_path = config.init.checkpoint
     if config.init.kind == "checkpoint" and not fs.exists(init_path):
       found.append(f"config.init.checkpoint={init_path!r} does not exist; "

@@ -197,7 +197,7 @@ def _main(argv):
     logging.info("Compilation cache: %s ($%s)", cache or "off",
                  compile_cache.ENV)
     if config.get("kind", None) == mmcsal.KIND:
-      text = mmcsal.run_cold_start(mmcsal.validate(config), _WORKDIR.value)
+      text = mmcsal.run_cold_start(mmcsal.normalize(config), _WORKDIR.value)
     else:
       text = loop.run_experiment(config_lib.normalize(config), _WORKDIR.value)
   except user_errors as e:

@@ -36,17 +36,21 @@ protocol, Table 2, where the learner keeps its MMSSL model).
 
 Workdir (as the unaligned loop's): config.json, metrics.jsonl (a row per
 strategy, seed and budget: `round` = budget index, `queries` = B, `percent`,
-accuracy, acquire / train seconds), results.md (accuracy per strategy and
+accuracy, Stage-1 / acquire / train seconds, device_hours so far),
+results.md (accuracy per strategy and
 budget, mean ± std over seeds, and the modality-gap table of eq. 10 with and
 without prototypes), al_curves.png, seconds_per_round.png, stage1_loss.png
 (the Stage-1 loss of every training step, per variant and seed),
-stage1/<variant>_seed_<s>.npz (the Stage-1 representations and losses),
-tensorboard/stage1_<variant>_seed_<s>/ (`stage1/loss` per step),
+stage1/<variant>_seed_<s>.npz (the Stage-1 representations and losses;
+while Stage 1 trains, its orbax checkpoints in stage1/<variant>_seed_<s>_ckpt/),
+tensorboard/stage1_<variant>_seed_<s>/ (`stage1/loss` per step and the
+throughput, `train.run_steps`),
 tensorboard/<strategy>_seed_<s>/ (each row, step: B), logs/,
 runs/<strategy>/seed_<s>/round_<r>.json (the bought pairs), embedding.png
 on request. Rerunning resumes (`experiment.run`), also after a kill
-anywhere: a round is done once its row is in metrics.jsonl, and the picks
-and Stage-1 files saved before it are reused.
+anywhere: a round is done once its row is in metrics.jsonl, the picks and
+Stage-1 files saved before it are reused, and a Stage 1 stopped mid-training
+goes on from its last checkpoint (`Stage1.fit`).
 """
 from __future__ import annotations
 
@@ -83,15 +87,12 @@ from mmal_jax import tokenizers
 from mmal_jax import train
 from mmal_jax.acquisition import cold_start
 from mmal_jax.acquisition import kmeans as kmeans_lib
-from mmal_jax.data import digits
+from mmal_jax.data import paired
 from mmal_jax.data import preprocess
-from mmal_jax.data import shapes
-from mmal_jax.data.pool import UnalignedPool
 from mmal_jax.models import feature_towers
 from mmal_jax.models import two_towers
 
 KIND = "cold_start"
-SOURCES = ("digits", "shapes", "features")
 DOWNSTREAM_FEATURES = ("inputs", "stage1")
 VARIANTS = {False: "cross", True: "proto"}  # Stage 1 without / with prototypes.
 # strategy_hparams keys the experiment reads; the rest go to the selector.
@@ -180,15 +181,6 @@ def feature_protocol(modalities: tuple[str, str], *, test_fraction: float,
   return config
 
 
-def _fail(message: str):
-  raise config_lib.ConfigError(message)
-
-
-def _positive_int(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    _fail(f"config.{name} must be a positive integer, got {value!r}.")
-
-
 def selector_of(config, name: str) -> tuple[str, bool, dict]:
   """(selector, Stage-1 prototypes, selector hparams) of strategy `name`."""
   hparams = dict(config.strategy_hparams.get(name, None) or {})
@@ -197,147 +189,64 @@ def selector_of(config, name: str) -> tuple[str, bool, dict]:
   return selector, bool(prototypes), hparams
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks a cold-start config; returns it locked. ConfigError names the
-  field. `--config.strategies=a,b` arrives as one string: split here."""
-  if config.get("kind", None) != KIND:
-    _fail(f"config.kind must be {KIND!r} for a cold-start experiment.")
+def normalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `--config.strategies=a,b` (one string) split; locked."""
   config.strategies = tuple(
       s.strip() for entry in config.strategies for s in entry.split(",")
       if s.strip())
-  if not config.strategies:
-    _fail("config.strategies is empty.")
-  for name in config.strategies:
-    selector, _, _ = selector_of(config, name)
-    if selector not in cold_start.SELECTORS:
-      _fail(f"config.strategies names {name!r}, whose selector {selector!r} "
-            f"is not one of {sorted(cold_start.SELECTORS)} (set "
-            f"config.strategy_hparams.{name}.selector).")
-  if not config.seeds:
-    _fail("config.seeds is empty.")
-  for problem in config_lib.duplicate_problems(config):
-    _fail(problem)
-  if not config.budgets or not all(0 < p <= 100 for p in config.budgets):
-    _fail(f"config.budgets must be percentages in (0, 100], got "
-          f"{config.budgets!r}.")
-  if config.data.source not in SOURCES:
-    _fail(f"config.data.source={config.data.source!r} is not one of "
-          f"{list(SOURCES)}.")
-  if config.downstream.features not in DOWNSTREAM_FEATURES:
-    _fail(f"config.downstream.features={config.downstream.features!r} is not "
-          f"one of {list(DOWNSTREAM_FEATURES)}.")
-  if config.data.source == "shapes" and config.downstream.features == "inputs":
-    _fail("config.downstream.features='inputs' needs feature-vector "
-          "modalities; shapes has captions: use 'stage1'.")
-  for name in ("stage1.epochs", "stage1.batch_size", "stage1.num_prototypes",
-               "stage1.kmeans_iters", "stage1.embed_batch_size",
-               "stage1.checkpoint_every_epochs", "downstream.steps"):
-    group, field = name.split(".")
-    _positive_int(name, config[group][field])
-  if not 0 <= config.stage1.warmup_epochs < config.stage1.epochs:
-    _fail("config.stage1.warmup_epochs must be in [0, stage1.epochs).")
-  if not 0 < config.data.test_fraction < 1:
-    _fail("config.data.test_fraction must be in (0, 1).")
   config.lock()
   return config
 
 
-# --------------------------------------------------------------------------
-# Data: pre-aligned pairs with labels.
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every problem of a cold-start config's values (`normalize`d) that
+  shows without data or files, one sentence each naming the field."""
+  if config.get("kind", None) != KIND:
+    return [f"config.kind must be {KIND!r} for a cold-start experiment."]
+  found = []
+  if not config.strategies:
+    found.append("config.strategies is empty.")
+  for name in config.strategies:
+    selector, _, _ = selector_of(config, name)
+    if selector not in cold_start.SELECTORS:
+      found.append(
+          f"config.strategies names {name!r}, whose selector {selector!r} is "
+          f"not one of {sorted(cold_start.SELECTORS)} (set "
+          f"config.strategy_hparams.{name}.selector).")
+  if not config.seeds:
+    found.append("config.seeds is empty.")
+  found += config_lib.duplicate_problems(config)
+  if not config.budgets or not all(0 < p <= 100 for p in config.budgets):
+    found.append(f"config.budgets must be percentages in (0, 100], got "
+                 f"{config.budgets!r}.")
+  if config.downstream.features not in DOWNSTREAM_FEATURES:
+    found.append(f"config.downstream.features={config.downstream.features!r}"
+                 f" is not one of {list(DOWNSTREAM_FEATURES)}.")
+  if config.data.source == "shapes" and config.downstream.features == "inputs":
+    found.append("config.downstream.features='inputs' needs feature-vector "
+                 "modalities; shapes has captions: use 'stage1'.")
+  for name in ("stage1.epochs", "stage1.batch_size", "stage1.num_prototypes",
+               "stage1.kmeans_iters", "stage1.embed_batch_size",
+               "stage1.checkpoint_every_epochs", "downstream.steps"):
+    group, field = name.split(".")
+    value = config[group][field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      found.append(f"config.{name} must be a positive integer, got "
+                   f"{value!r}.")
+  warmup, epochs = config.stage1.warmup_epochs, config.stage1.epochs
+  if not (isinstance(warmup, int) and isinstance(epochs, int)
+          and 0 <= warmup < epochs):
+    found.append("config.stage1.warmup_epochs must be in [0, "
+                 "stage1.epochs).")
+  return found
 
 
-@dataclasses.dataclass(frozen=True)
-class PairedData:
-  """Two modalities of N pairs (item i of each = pair i) and labels, plus a
-  held-out test set of the same kind."""
-  pool: UnalignedPool
-  labels: np.ndarray
-  test: UnalignedPool
-  test_labels: np.ndarray
-  num_classes: int
-
-  @property
-  def modalities(self) -> tuple[str, ...]:
-    return self.pool.modalities
-
-  @property
-  def size(self) -> int:
-    return self.pool.num_items(self.modalities[0])
-
-
-def split_pairs(pool: UnalignedPool, labels: np.ndarray, test_fraction: float,
-                seed: int) -> tuple[UnalignedPool, np.ndarray, UnalignedPool,
-                                    np.ndarray]:
-  """A seeded `test_fraction` of the pairs held out: (pool, labels, test,
-  test labels), pairs keeping their order."""
-  n = len(labels)
-  test = np.zeros(n, bool)
-  test[np.random.default_rng(seed).permutation(n)[
-      :int(round(test_fraction * n))]] = True
-  if test.all() or not test.any():
-    _fail(f"config.data.test_fraction={test_fraction} leaves no pairs on one "
-          f"side of the split of {n}.")
-  keep = lambda mask: pool.subset({m: mask for m in pool.modalities})
-  return keep(~test), labels[~test], keep(test), labels[test]
-
-
-def _load_npy(path: str, what: str) -> np.ndarray:
-  if not fs.exists(path):
-    _fail(f"{what} file not found: {path}")
-  try:
-    return np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False)
-  except (OSError, ValueError) as e:
-    _fail(f"Cannot read {what} file {path}: {e}")
-
-
-def _feature_pairs(modalities, paths, labels_path) -> tuple[UnalignedPool,
-                                                            np.ndarray]:
-  features = {}
-  for m, path in zip(modalities, paths):
-    x = _load_npy(path, f"{m} features")
-    if x.ndim != 2 or x.dtype.kind != "f" or not np.isfinite(x).all():
-      _fail(f"{path} must hold a finite float (N, F) array, got "
-            f"{x.dtype} {x.shape}.")
-    features[m] = x.astype(np.float32)
-  labels = _load_npy(labels_path, "labels")
-  sizes = {len(x) for x in features.values()} | {len(labels)}
-  if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(sizes) != 1:
-    _fail(f"{labels_path} must hold int labels (N,) for the N rows of every "
-          f"feature file; sizes {sorted(sizes)}.")
-  index = np.arange(len(labels))
-  return (UnalignedPool(items=features, links={
-      tuple(modalities): np.stack([index, index], axis=1)}),
-          labels.astype(np.int64))
-
-
-def build_data(data: ml_collections.ConfigDict) -> PairedData:
-  """The pairs `config.data` describes. Errors name the field or file."""
-  if data.source == "features":
-    if len(data.modalities) != 2 or not all(data.train_features) or \
-        not data.train_labels:
-      _fail("config.data.source='features' needs config.data.modalities (two "
-            "names), train_features (one .npy per modality) and "
-            "train_labels.")
-    pool, labels = _feature_pairs(data.modalities, data.train_features,
-                                  data.train_labels)
-    if all(data.test_features) and data.test_labels:
-      test, test_labels = _feature_pairs(data.modalities, data.test_features,
-                                         data.test_labels)
-    else:
-      pool, labels, test, test_labels = split_pairs(
-          pool, labels, data.test_fraction, data.seed)
-  else:
-    if data.source == "digits":
-      pool, labels = digits.load_digits_pairs()
-    else:
-      pool = shapes.make_colorswap(data.num_groups, data.image_size,
-                                   data.seed, noise_std=data.noise_std)
-      labels = shapes.class_labels(pool.items["text"], by=data.label)
-    pool, labels, test, test_labels = split_pairs(pool, labels,
-                                                  data.test_fraction,
-                                                  data.seed)
-  num_classes = int(max(labels.max(), test_labels.max())) + 1
-  return PairedData(pool, labels, test, test_labels, num_classes)
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`normalize`s a cold-start config and checks its values (`problems`,
+  all at once in one ConfigError); returns it locked."""
+  config = normalize(config)
+  config_lib.raise_problems(problems(config))
+  return config
 
 
 # --------------------------------------------------------------------------
@@ -384,7 +293,7 @@ class Stage1:
   global batch is partitioned by XLA.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, data: PairedData,
+  def __init__(self, config: ml_collections.ConfigDict, data: paired.PairedData,
                mesh):
     self.config = config.stage1
     self.data = data
@@ -400,9 +309,6 @@ class Stage1:
     # The configured batch on any device count: a batch the devices do not
     # divide is padded and its padding masked (`preprocess.pair_batches`).
     self.batch_size = min(self.config.batch_size, data.size)
-    if self.config.num_prototypes > data.size:
-      _fail(f"config.stage1.num_prototypes={self.config.num_prototypes} is "
-            f"more than the {data.size} pairs.")
     self.per_epoch = data.size // self.batch_size
     optim_config = ml_collections.ConfigDict(dict(self.config.optim))
     optim_config.warmup_steps = self.config.warmup_epochs * self.per_epoch
@@ -636,7 +542,7 @@ class Classifier:
                                      jax.random.PRNGKey(seed)))
 
 
-def _standardised_inputs(data: PairedData, prepare) -> tuple[np.ndarray,
+def _standardised_inputs(data: paired.PairedData, prepare) -> tuple[np.ndarray,
                                                            np.ndarray]:
   """Concatenated, flattened input features of the pool and test pairs,
   standardised with the pool's statistics (no labels involved)."""
@@ -664,27 +570,51 @@ class ColdStartExperiment:
   """
   unit = "selections"  # What `experiment_lib.run` counts in progress lines.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               mesh=None):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh,
+               data: paired.PairedData):
     self.config = config
     self.workdir = workdir
-    self.mesh = sharding.make_mesh() if mesh is None else mesh
-    unreachable = experiment_lib.unreachable_stores(config, workdir)
-    if unreachable:
-      config_lib.raise_problems(unreachable)
-    experiment_lib.check_workdir(config, workdir, write=False)
-    self.data = build_data(config.data)
-    self.stage1 = Stage1(config, self.data, self.mesh)
-    self.budgets = [max(1, int(round(p / 100 * self.data.size)))
+    self.mesh = mesh
+    self.data = data
+    self.stage1 = Stage1(config, data, mesh)
+    self.budgets = [max(1, int(round(p / 100 * data.size)))
                     for p in config.budgets]
-    self.classifier = Classifier(config.downstream, self.data.num_classes,
+    self.classifier = Classifier(config.downstream, data.num_classes,
                                  max(self.budgets))
     self._inputs = None
     self._stage1 = {}
     self.num_rounds = len(self.budgets)
     self.rows = experiment_lib.Rows(workdir)
     self.metrics_path = self.rows.path
+
+  @classmethod
+  def create(cls, config, workdir, mesh=None) -> ColdStartExperiment:
+    """Checks everything a run needs, then writes config.json.
+
+    Every blocking problem (config values, stores, workdir, data files,
+    what the data cannot do for the config) is collected and raised at
+    once as one ConfigError; nothing is written before.
+    """
+    found = experiment_lib.workdir_problems(config, workdir,
+                                            problems(config))
+    data_problems = paired.problems(config.data)
+    found += data_problems
+    data = None
+    if not data_problems:
+      try:
+        data = paired.build(config.data)
+      except config_lib.ConfigError as e:
+        found.append(str(e))
+    if data is not None and config.stage1.num_prototypes > data.size:
+      found.append(f"config.stage1.num_prototypes="
+                   f"{config.stage1.num_prototypes} is more than the "
+                   f"{data.size} pairs.")
+    config_lib.raise_problems(found)
+    experiment = cls(config, workdir,
+                     sharding.make_mesh() if mesh is None else mesh, data)
+    # Last: a config that cannot run leaves no trace.
     experiment_lib.check_workdir(config, workdir)
+    return experiment
 
   def stage1_seed(self, seed: int) -> int:
     return seed if self.config.stage1.per_seed else self.config.data.seed
@@ -966,8 +896,10 @@ def run_cold_start(config: ml_collections.ConfigDict, workdir: str,
                    mesh=None) -> str:
   """Runs (or resumes) every strategy x seed x budget; returns results.md.
 
-  `config` is validated (`validate`). Writes the workdir described in the
+  `config` is `normalize`d. Every problem of it, its data and the workdir
+  is raised at once as one ConfigError before anything is written
+  (`ColdStartExperiment.create`). Writes the workdir described in the
   module docstring (`experiment_lib.run`: holding its lock throughout).
   """
   return experiment_lib.run(
-      lambda: ColdStartExperiment(config, workdir, mesh), workdir)
+      lambda: ColdStartExperiment.create(config, workdir, mesh), workdir)

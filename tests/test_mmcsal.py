@@ -21,6 +21,7 @@ from mmal_jax import plots
 from mmal_jax import report
 from mmal_jax import sharding
 from mmal_jax.data import digits
+from mmal_jax.data import paired
 from mmal_jax.data import shapes
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
@@ -93,7 +94,7 @@ def test_drop_items_removes_half_the_images_and_their_links():
 
 def test_split_pairs_keeps_pairs_aligned_and_disjoint():
   pool, labels = digits.load_digits_pairs()
-  train, y, test, y_test = mmcsal.split_pairs(pool, labels, 0.25, seed=0)
+  train, y, test, y_test = paired.split_pairs(pool, labels, 0.25, seed=0)
   assert train.sizes["left"] == len(y) == 1348 and len(y_test) == 449
   full = np.concatenate([pool.items["left"], pool.items["right"]], axis=1)
   rows = {r.tobytes(): i for i, r in enumerate(full)}
@@ -138,11 +139,11 @@ def _features_config(paths, test=True):
 def test_feature_files_local_and_on_gcs(tmp_path, gcs_bucket):
   for root in (str(tmp_path), f"{gcs_bucket}/features"):
     paths = _feature_files(root)
-    data = mmcsal.build_data(_features_config(paths).data)
+    data = paired.build(_features_config(paths).data)
     assert data.modalities == ("audio", "video")
     assert data.size == 40 and len(data.test_labels) == 12
     assert data.pool.items["video"].shape == (40, 7)
-  held_out = mmcsal.build_data(_features_config(paths, test=False).data)
+  held_out = paired.build(_features_config(paths, test=False).data)
   assert held_out.size + len(held_out.test_labels) == 40
 
 
@@ -151,13 +152,13 @@ def test_feature_file_errors_name_the_file(tmp_path):
   config = _features_config(paths)
   config.data.train_labels = str(tmp_path / "missing.npy")
   with pytest.raises(config_lib.ConfigError, match="labels file not found"):
-    mmcsal.build_data(config.data)
+    paired.build(config.data)
   _write_npy(paths["labels_train"], np.zeros(39, np.int64))
   with pytest.raises(config_lib.ConfigError, match="int labels"):
-    mmcsal.build_data(_features_config(paths).data)
+    paired.build(_features_config(paths).data)
   config = load_config("mmcsal_vggsound")
   with pytest.raises(config_lib.ConfigError, match="train_features"):
-    mmcsal.build_data(config.data)
+    paired.build(config.data)
 
 
 # ---------------------------------------------------------------- configs
@@ -225,7 +226,7 @@ def test_stage1_trains_both_variants_data_parallel():
   config = tiny_config()
   config.stage1.batch_size = 100  # 8 devices: padded to 104, masked.
   config = mmcsal.validate(config)
-  data = mmcsal.build_data(config.data)
+  data = paired.build(config.data)
   stage1 = mmcsal.Stage1(config, data, sharding.make_mesh())
   # The configured batch on any device count (#17 item 8).
   assert stage1.batch_size == 100 and stage1.per_epoch == data.size // 100

@@ -71,3 +71,38 @@ def test_image_towers_on_feature_rows_are_refused(tmp_path):
   assert any("config.model.image_model='feature_tower' takes feature rows, "
              "but config.data.source='shapes' gives images" in p
              for p in config_lib.problems(shapes))
+
+
+def test_the_cold_start_names_every_problem_before_writing(tmp_path):
+  """#19: the cold start checks up front as the unaligned loop does (one
+  `experiment.workdir_problems`): a bad value, a missing feature file and a
+  workdir under a file are named together in one error, nothing is written,
+  and the corrected config then starts."""
+  from mmal_jax import mmcsal  # pylint: disable=g-import-not-at-top
+  import test_mmcsal  # pylint: disable=g-import-not-at-top
+  paths = test_mmcsal._feature_files(str(tmp_path))  # pylint: disable=protected-access
+  (tmp_path / "a_file").write_text("")
+  config = test_mmcsal._features_config(paths)  # pylint: disable=protected-access
+  config.budgets = (0., 5.)
+  config.data.train_labels = str(tmp_path / "missing.npy")
+  with pytest.raises(config_lib.ConfigError) as error:
+    mmcsal.ColdStartExperiment.create(mmcsal.normalize(config),
+                                      str(tmp_path / "a_file" / "run"))
+  message = str(error.value)
+  assert message.startswith("3 problems: "), message
+  for part in ("config.budgets must be percentages in (0, 100]",
+               f"labels file not found: {tmp_path / 'missing.npy'}",
+               "--workdir "):
+    assert part in message, message
+  workdir = tmp_path / "run"
+  config = mmcsal.normalize(test_mmcsal._features_config(paths))  # pylint: disable=protected-access
+  config.unlock()
+  config.stage1.num_prototypes = 41  # More than the 40 pairs.
+  with pytest.raises(config_lib.ConfigError, match="more than the 40 pairs"):
+    mmcsal.ColdStartExperiment.create(config, str(workdir))
+  assert not workdir.exists()
+  config.stage1.num_prototypes = 10
+  mmcsal.ColdStartExperiment.create(config, str(workdir))
+  assert (workdir / "config.json").exists()
+  from mmal_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir_lock.release(str(workdir))
