@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing import event_file_loader
 from mmal_jax import config_lib
 from mmal_jax import fs
 from mmal_jax import mmcsal
+from mmal_jax import mmssl
 from mmal_jax import plots
 from mmal_jax import report
 from mmal_jax import sharding
@@ -227,7 +228,7 @@ def test_stage1_trains_both_variants_data_parallel():
   config.stage1.batch_size = 100  # 8 devices: padded to 104, masked.
   config = mmcsal.validate(config)
   data = paired.build(config.data)
-  stage1 = mmcsal.Stage1(config, data, sharding.make_mesh())
+  stage1 = mmssl.Stage1(config, data, sharding.make_mesh())
   # The configured batch on any device count (#17 item 8).
   assert stage1.batch_size == 100 and stage1.per_epoch == data.size // 100
   for prototypes in (False, True):
@@ -245,7 +246,7 @@ def test_stage1_trains_both_variants_data_parallel():
         np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1., atol=1e-5)
   cross = stage1.fit(False, seed=0)
   assert cross.losses[-1] < cross.losses[0]
-  restored = mmcsal.Stage1Result.from_bytes(cross.to_bytes(), data.modalities)
+  restored = mmssl.Stage1Result.from_bytes(cross.to_bytes(), data.modalities)
   np.testing.assert_array_equal(restored.pool["left"], cross.pool["left"])
   np.testing.assert_array_equal(restored.step_losses, cross.step_losses)
   init = stage1._init  # pylint: disable=protected-access
