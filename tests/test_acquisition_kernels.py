@@ -23,6 +23,7 @@ from mmal_jax.acquisition import kmeans as kmeans_lib
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import pallas_kernels
 from mmal_jax.acquisition import strategies
+from mmal_jax.acquisition import tile_math
 
 # Small tiles so that small pools still span many blocks and center chunks.
 BLOCK = 16
@@ -418,7 +419,7 @@ def test_float32_products_ask_for_full_precision():
   for HIGHEST precision in every float32 product (bf16 pools: one bf16 pass
   accumulated in float32, which needs no request)."""
   modules = (kernels, layout_lib, kmeans_lib, badge_lib, strategies,
-             cold_start, pallas_kernels)
+             cold_start, pallas_kernels, tile_math)
   jitted = {f"{module.__name__.rsplit('.', 1)[1]}.{name}"
             for module in modules for name, fn in vars(module).items()
             if callable(fn) and hasattr(fn, "lower") and hasattr(fn, "trace")}

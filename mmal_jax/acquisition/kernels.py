@@ -40,6 +40,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mmal_jax import sharding
 from mmal_jax.acquisition import layout as layout_lib
+from mmal_jax.acquisition import pallas_kernels
+from mmal_jax.acquisition import tile_math
 from mmal_jax.acquisition.layout import DEFAULT_BLOCK, PoolLayout, ShardedRows
 
 METRICS = ("euclidean", "cosine")
@@ -55,27 +57,13 @@ def check_metric(metric: str) -> str:
   return metric
 
 
-def product_precision(dtype) -> jax.lax.Precision:
-  """The matrix-unit precision of a product whose operands are `dtype`.
-
-  float32: HIGHEST, i.e. float32 accuracy on every backend (XLA's default
-  runs float32 products as TF32 on NVIDIA GPUs and as one bfloat16 pass on
-  TPUs, which moves distances by ~1e-3 relative and changes picks).
-  bfloat16 / float16: DEFAULT, one pass over the operands as stored,
-  accumulated in float32: the documented low-precision mode of a pool stored
-  in that dtype.
-  """
-  if jnp.dtype(dtype) == jnp.float32:
-    return jax.lax.Precision.HIGHEST
-  return jax.lax.Precision.DEFAULT
-
-
 def dot(subscripts: str, a, b) -> jax.Array:
   """`jnp.einsum(subscripts, a, b)` for the acquisition kernels: float32
-  result, precision from the operands' dtype (`product_precision`). Same
-  shapes and flops as the einsum."""
+  result, precision from the operands' dtype (`tile_math.product_precision`).
+  Same shapes and flops as the einsum."""
   return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32,
-                    precision=product_precision(jnp.result_type(a, b)))
+                    precision=tile_math.product_precision(
+                        jnp.result_type(a, b)))
 
 
 def _distances(dots, x_sq, c_sq, metric):
@@ -239,8 +227,6 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
     return jnp.where(best > -jnp.inf, dist, jnp.inf)
 
   def local_pallas(rows, scale, num_rows, centers, chunks):
-    # Imported here: pallas_kernels builds on this module.
-    from mmal_jax.acquisition import pallas_kernels  # pylint: disable=g-import-not-at-top
     factor = (2. * scale if metric == "euclidean" else jnp.ones_like(scale))
     best, best_idx = pallas_kernels.nearest(
         rows, factor.reshape(-1), chunks[0].reshape(-1, dim),
@@ -715,22 +701,6 @@ def kcenter_greedy(x, k: int, *, selected=None, metric: str = "euclidean",
 # Top-2 similarity margins.
 
 
-def top2_update(t1, t2, sims):
-  """Folds a `(q, r)` tile into the running top-2 `(q,)` of each row.
-
-  Three reductions XLA fuses with the product (no argmax): the tile's best,
-  how many keys reach it, and its best below it; a tied best is its own
-  runner-up. Exact: max/min and comparisons only.
-  """
-  best = jnp.max(sims, axis=1)
-  is_best = sims == best[:, None]
-  ties = jnp.sum(is_best, axis=1, dtype=jnp.int32)
-  second = jnp.where(ties >= 2, best,
-                     jnp.max(jnp.where(is_best, -jnp.inf, sims), axis=1))
-  return (jnp.maximum(t1, best),
-          jnp.maximum(jnp.minimum(t1, best), jnp.maximum(t2, second)))
-
-
 IMPLS = ("xla", "pallas")
 
 
@@ -760,8 +730,6 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
   num_chunks = (num_queries + query_chunk - 1) // query_chunk
 
   def local_pallas(chunks, rows, scale, key_valid, num_rows):
-    # Imported here: pallas_kernels builds on this module.
-    from mmal_jax.acquisition import pallas_kernels  # pylint: disable=g-import-not-at-top
     del num_rows  # Padding keys are invalid: they add -inf only.
     top1, top2 = pallas_kernels.top2(
         chunks.reshape(-1, dim), rows, scale.reshape(-1),
@@ -783,7 +751,7 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
                                for a in (blocks, scale, key_valid))
         sims = dot("qd,rd->qr", q, k)
         sims = jnp.where(k_valid[None, :], sims * k_scale[None, :], -jnp.inf)
-        return top2_update(*carry, sims)
+        return tile_math.top2_update(*carry, sims)
 
       init = jnp.full((2, query_chunk), -jnp.inf, jnp.float32)
       top = jax.lax.fori_loop(0, num_real, one_key_block, (init[0], init[1]))

@@ -4,9 +4,9 @@ Each is one `pallas_call` over a `(row tiles, column tiles)` grid: a tile's
 matrix product is followed, in the same kernel, by its max / top-2
 reduction (the epilogue), folded into per-row accumulators that stay in the
 output block across the column axis; no `(rows, columns)` tile goes back to
-memory. The arithmetic is the XLA kernels' (`kernels._top2_update`, the
+memory. The arithmetic is the XLA kernels' (`tile_math.top2_update`, the
 nearest-center score `factor * <x, c> - bias`, products at
-`kernels.product_precision`), so both answer to the same references.
+`tile_math.product_precision`), so both answer to the same references.
 
 Status: tested on CPU in interpret mode (`interpret=True`) against the numpy
 references of the XLA kernels; not yet compiled or timed on a GPU or TPU,
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from mmal_jax.acquisition import kernels
+from mmal_jax.acquisition import tile_math
 
 _INT_MAX = np.iinfo(np.int32).max
 
@@ -33,7 +33,7 @@ def _product(a, b):
   """(r, D) x (c, D) -> (r, c) float32 at the XLA kernels' precision."""
   return jax.lax.dot_general(
       a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-      precision=kernels.product_precision(jnp.result_type(a, b)))
+      precision=tile_math.product_precision(jnp.result_type(a, b)))
 
 
 def _top2_kernel(q_ref, k_ref, scale_ref, valid_ref, top1_ref, top2_ref):
@@ -44,7 +44,7 @@ def _top2_kernel(q_ref, k_ref, scale_ref, valid_ref, top1_ref, top2_ref):
 
   sims = _product(q_ref[...], k_ref[...]) * scale_ref[...][None, :]
   sims = jnp.where(valid_ref[...][None, :], sims, -jnp.inf)
-  top1, top2 = kernels.top2_update(top1_ref[...], top2_ref[...], sims)
+  top1, top2 = tile_math.top2_update(top1_ref[...], top2_ref[...], sims)
   top1_ref[...] = top1
   top2_ref[...] = top2
 

@@ -6,7 +6,8 @@ and the annotation page's records (`WORKDIR/annotate/`, see
 `WORKDIR/al_curves.png` (through
 `mmal_jax.fs`, so the workdir may be on gs://).
 
-As a command it compares several workdirs of a sweep (`mmal_jax.sweep`):
+As a command (`__main__`) it compares several workdirs of a sweep
+(`mmal_jax.sweep`, which builds on this module; this module imports neither):
 
   python -m mmal_jax.report --workdirs A,B,... --out DIR [--metric NAME]
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sys
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -436,28 +436,3 @@ def write(workdir: str, main_metric: str, metrics: Sequence[str] | None = None,
                                               "report")) as writer:
       writer.text(0, "results", text)
   return text
-
-
-def main(argv: Sequence[str]) -> None:
-  """`python -m mmal_jax.report --workdirs A,B --out DIR`: the sweep report."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from mmal_jax import sweep  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    print(f"mmal_jax.report: error: unexpected arguments {argv[1:]}.",
-          file=sys.stderr)
-    sys.exit(sweep.EXIT_USAGE)
-  f = flags.FLAGS
-  sys.exit(sweep.cli(f.workdirs or [], f.out, f.metric))
-
-
-if __name__ == "__main__":
-  # Defined here only: the module is also imported as mmal_jax.report.
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_list("workdirs", None, "Workdirs to compare (local or gs://).",
-                    required=True)
-  flags.DEFINE_string("out", None, "Folder for sweep.md and sweep.png.",
-                      required=True)
-  flags.DEFINE_string("metric", "", "Metric to compare; default: the "
-                      "workdirs' report.main_metric.")
-  app.run(main)
