@@ -461,6 +461,8 @@ class ColdStartExperiment:
       start = time.perf_counter()
       picks = self.select(strategy, budget, seed)
       timing["acquire_s"] = time.perf_counter() - start
+      logging.info("[%s seed %d] selected %d of %d pairs in %.1fs", strategy,
+                   seed, budget, self.data.size, timing["acquire_s"])
       if sharding.is_main_process():
         fs.write_text(self._picks_path(strategy, seed, round_index),
                       strict_json.dumps({"budget": budget,

@@ -264,8 +264,12 @@ class Stage1:
         checkpoints.close()
     step_losses = np.asarray(jax.device_get(state["losses"]), np.float32)
     params = state["params"]
+    embed_start = time.perf_counter()
     reps = {split: {m: self.embed(params, split, m) for m in self.modalities}
             for split in ("pool", "test")}
+    logging.info("%s Stage 1 (%s): embedded %d pool + %d test pairs in %.1fs",
+                 label, VARIANTS[prototypes], self.data.size,
+                 len(self.data.test_labels), time.perf_counter() - embed_start)
     seconds += time.perf_counter() - start_time
     logging.info("%s Stage 1 (%s): %d epochs, final loss %.4f, %.1fs", label,
                  VARIANTS[prototypes], self.config.epochs, step_losses[-1],

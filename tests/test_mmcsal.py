@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -345,6 +346,15 @@ def test_run_writes_the_workdir_and_resumes(tmp_path, caplog, monkeypatch):
   assert "## accuracy" in text and "Modality gap" in text and "| w/ |" in text
   assert "## Accuracy and overlap with random's picks" in text
   assert "Progress: 8/8 selections, ETA 0:00:00" in caplog.text
+  # A line per selection, per Stage-1 embedding pass, and training lines
+  # with the throughput (#19 item 2).
+  assert re.search(r"\[kmeans seed 0\] selected 29 of 1438 pairs in "
+                   r"\d+\.\ds", caplog.text), caplog.text
+  assert re.search(r"Stage 1 \(proto\): embedded 1438 pool \+ 359 test "
+                   r"pairs in \d+\.\ds", caplog.text), caplog.text
+  assert re.search(r"Stage 1 \(proto\) epoch 4/4 step \d+/\d+ loss "
+                   r"\d+\.\d+ \(\S+, [\d.]+ examples/s \([\d.]+/device\), "
+                   r"[\d.]+ steps/s, ETA", caplog.text), caplog.text
   for strategy in config.strategies:
     events, = (tmp_path / "run" / "tensorboard" / f"{strategy}_seed_0").glob(
         "events.out.*")
