@@ -295,8 +295,8 @@ class Classifier:
                                      jax.random.PRNGKey(seed)))
 
 
-def _standardised_inputs(data: paired.PairedData, prepare) -> tuple[np.ndarray,
-                                                           np.ndarray]:
+def _standardised_inputs(data: paired.PairedData,
+                         prepare) -> tuple[np.ndarray, np.ndarray]:
   """Concatenated, flattened input features of the pool and test pairs,
   standardised with the pool's statistics (no labels involved)."""
   def features(split, pool):
@@ -383,7 +383,7 @@ class ColdStartExperiment:
       if fs.exists(path):
         try:
           result = mmssl.Stage1Result.from_bytes(fs.read_bytes(path),
-                                           self.data.modalities)
+                                                 self.data.modalities)
         except (ValueError, OSError, EOFError, KeyError,
                 zipfile.BadZipFile) as e:
           # Torn (a kill mid-write by a version without atomic writes) or
@@ -392,8 +392,9 @@ class ColdStartExperiment:
                           "again.", path, type(e).__name__, e)
       if result is None:
         checkpoint_dir = os.path.join(self.workdir, "stage1", f"{name}_ckpt")
-        with experiment_lib.summary_writer(
-            self.workdir, f"stage1_{mmssl.VARIANTS[prototypes]}", seed) as writer:
+        variant = mmssl.VARIANTS[prototypes]
+        with experiment_lib.summary_writer(self.workdir, f"stage1_{variant}",
+                                           seed) as writer:
           result = self.stage1.fit(prototypes, seed, f"[seed {seed}]",
                                    checkpoint_dir=checkpoint_dir,
                                    summaries=writer)

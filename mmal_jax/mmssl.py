@@ -85,8 +85,8 @@ class Stage1:
   global batch is partitioned by XLA.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, data: paired.PairedData,
-               mesh):
+  def __init__(self, config: ml_collections.ConfigDict,
+               data: paired.PairedData, mesh):
     self.config = config.stage1
     self.data = data
     self.mesh = mesh
@@ -122,9 +122,6 @@ class Stage1:
                              "losses": jnp.zeros(optim_config.total_steps,
                                                  jnp.float32)},
         out_shardings=replicated)
-    self._state_like = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(self._state, jax.eval_shape(self._init, key), key))
     self._steps = {p: self._make_step(p) for p in (False, True)}
     apply = lambda params, x0, x1: self.model.apply({"params": params}, x0, x1)
     self._embed = [jax.jit(lambda p, x: apply(p, x, None)[0],
@@ -158,6 +155,15 @@ class Stage1:
     replicated = sharding.replicated(self.mesh)
     return jax.jit(step, out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
+
+  def _state_like(self):
+    """Shapes, dtypes and shardings of a train state (a restore's target);
+    traced only, nothing allocated."""
+    key = jax.random.PRNGKey(0)
+    replicated = sharding.replicated(self.mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(self._state, jax.eval_shape(self._init, key), key))
 
   def embed(self, params, split: str, modality: str) -> np.ndarray:
     """`(N, D)` normalised representations of one modality of `split`."""
@@ -211,8 +217,8 @@ class Stage1:
                    else run_state.RunCheckpoints(checkpoint_dir))
     try:
       start, state, seconds = 0, None, 0.0
-      latest = checkpoints and checkpoints.latest(None,
-                                                  lambda: self._state_like)
+      latest = (checkpoints.latest(None, self._state_like)
+                if checkpoints else None)
       if latest:
         meta, state = latest
         start, seconds = meta["train_step"], meta["seconds"]
