@@ -394,12 +394,14 @@ def _lowered_kernels():
       "cold_start._top_k_kernel": lambda m: _lowered(cold_start._top_k_kernel,
           pool.rows, pool.scale, pool.num_rows, mask, small.values,
           shape=shape, k=2),
-      "pallas_kernels.top2": lambda m: _lowered(
+      "pallas_kernels.top2": lambda m: [_lowered(
           pallas_kernels.top2, small.values, small.values, dist[0, :8],
-          mask[0, :8], block_rows=8, block_cols=8, interpret=True),
-      "pallas_kernels.nearest": lambda m: _lowered(
+          mask[0, :8], block_rows=8, block_cols=8, form=form,
+          interpret=True) for form in pallas_kernels.FORMS],
+      "pallas_kernels.nearest": lambda m: [_lowered(
           pallas_kernels.nearest, small.values, dist[0, :8], small.values,
-          dist[0, :8], block_rows=8, block_cols=8, interpret=True),
+          dist[0, :8], block_rows=8, block_cols=8, form=form,
+          interpret=True) for form in pallas_kernels.FORMS],
       "cold_start._optimize_kernel": lambda m: _lowered(cold_start._optimize_kernel,
           pool.rows, pool.scale, pool.num_rows, mask,
           put(np.ones((4, 2, 3), np.float32)), key, shape=shape, budget=4,

@@ -78,6 +78,11 @@ def _shard_map(fn, mesh, in_specs, out_specs):
                        check_vma=False)
 
 
+def _platform(shape: PoolLayout) -> str:
+  """The platform of the devices a layout's mesh holds ("cpu", "gpu", ...)."""
+  return shape.mesh.devices.flat[0].platform
+
+
 def num_local_blocks(num_rows, shape: PoolLayout):
   """How many of this device's blocks hold real rows (inside shard_map)."""
   first_block = (jax.lax.axis_index(_AXIS).astype(jnp.int32) *
@@ -228,11 +233,12 @@ def _min_distance_kernel(rows, scale, num_rows, centers, num_centers, *,
 
   def local_pallas(rows, scale, num_rows, centers, chunks):
     factor = (2. * scale if metric == "euclidean" else jnp.ones_like(scale))
+    centers_flat = chunks[0].reshape(-1, dim)
     best, best_idx = pallas_kernels.nearest(
-        rows, factor.reshape(-1), chunks[0].reshape(-1, dim),
-        chunks[1].reshape(-1), block_rows=shape.rows_per_block,
-        block_cols=center_chunk,
-        interpret=shape.mesh.devices.flat[0].platform == "cpu")
+        rows, factor.reshape(-1), centers_flat, chunks[1].reshape(-1),
+        **pallas_kernels.plan(_platform(shape), rows.shape[0],
+                              centers_flat.shape[0], dim,
+                              shape.rows_per_block, center_chunk))
     blocks = layout_lib.local_blocks(rows, shape.rows_per_block)
     return over_real_blocks(functools.partial(finish, centers),
                             num_local_blocks(num_rows, shape),
@@ -285,8 +291,9 @@ def min_distance_sharded(pool: ShardedRows, centers: Operand, *,
       like the pool (normalised for a normalised pool).
     metric: "euclidean" or "cosine".
     impl: "xla" (every backend), or "pallas": `pallas_kernels.nearest`, the
-      reduction fused into the product's epilogue (interpreted on CPU; not
-      yet compiled on a GPU/TPU), over every local block, padding included.
+      reduction fused into the product's epilogue, in the backend's form
+      (`pallas_kernels.plan`; interpreted on CPU; not yet timed on a
+      GPU/TPU), over every local block, padding included.
 
   Returns:
     `(num_blocks, rows_per_block)` float32, sharded like the pool; +inf where
@@ -731,11 +738,12 @@ def _top2_kernel(queries, num_queries, rows, scale, key_valid, num_rows, *,
 
   def local_pallas(chunks, rows, scale, key_valid, num_rows):
     del num_rows  # Padding keys are invalid: they add -inf only.
+    queries = chunks.reshape(-1, dim)
     top1, top2 = pallas_kernels.top2(
-        chunks.reshape(-1, dim), rows, scale.reshape(-1),
-        key_valid.reshape(-1), block_rows=query_chunk,
-        block_cols=shape.rows_per_block,
-        interpret=shape.mesh.devices.flat[0].platform == "cpu")
+        queries, rows, scale.reshape(-1), key_valid.reshape(-1),
+        **pallas_kernels.plan(_platform(shape), queries.shape[0],
+                              rows.shape[0], dim, query_chunk,
+                              shape.rows_per_block))
     return _merge_top2(top1, top2)
 
   def local(chunks, rows, scale, key_valid, num_rows):
@@ -777,8 +785,9 @@ def top2_margin_sharded(queries: Operand, keys: ShardedRows,
     keys: the laid-out keys, `N` rows.
     key_valid: `(num_blocks, rows_per_block)` bool, keys that count.
     impl: "xla" (every backend), or "pallas": `pallas_kernels.top2`, the
-      reduction fused into the product's epilogue (interpreted on CPU; not
-      yet compiled on a GPU/TPU), over every local block, padding included.
+      reduction fused into the product's epilogue, in the backend's form
+      (`pallas_kernels.plan`; interpreted on CPU; not yet timed on a
+      GPU/TPU), over every local block, padding included.
 
   Returns:
     `(Qp,)` float32 replicated, Qp >= Q the padded query count; margins >= 0
