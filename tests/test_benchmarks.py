@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from mmal_jax import fs
@@ -119,14 +120,15 @@ def test_accelerator_check_quick(gcs_bucket, capsys):
   from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
   out = f"{gcs_bucket}/check"
   accelerator_check.main([
-      f"--out={out}", "--quick", "--parts=kernels,round,train", "--pallas=yes",
-      "--kernel_n=256", "--dim=16", "--dot_n=64", "--greedy_n=2048",
-      "--round_sizes=1500",
+      f"--out={out}", "--quick", "--parts=memory,train,kernels,round",
+      "--pallas=yes", "--kernel_n=256", "--dim=16", "--dot_n=64",
+      "--greedy_n=2048", "--round_sizes=1500", "--memory_sizes=4096,16384",
       "--train_flags=--variant=mu/8 --text_variant=mu --res=16 "
       "--batch={batch} --text_len=8 --steps=1 --warmup=1"])
   printed = capsys.readouterr().out
   for line in ("kernels: Q = N = 256", "greedy k-center: N = 2,048",
-               "mmal round with cache rebuild: N = 1,500", "train step:",
+               "mmal round with cache rebuild: N = 1,500",
+               "memory probe: one mmal round at N = 16,384", "train step:",
                "Targets:"):
     assert line in printed, line
   results = json.loads(fs.read_text(f"{out}/accelerator_check.json"))
@@ -135,6 +137,17 @@ def test_accelerator_check_quick(gcs_bucket, capsys):
   assert results["kernels"]["greedy"]["picks_per_pass"] >= 1
   assert results["round"]["1500"]["matmul_s_at_dot_rate"] > 0
   assert results["train"]["step_ms"] > 0
+  assert results["train"]["batch"] == 8 * results["device_count"] == 8
+  assert results["dtype"] == "float32" and results["platform"] == "cpu"
+  assert [t["target"] for t in results["targets"]][:3] == [
+      "mmal round fits this device at the largest N predicted for it",
+      "train step fraction of peak >= 0.45",
+      "train step: first step within 45.0 s of its process' start"]
+  # CPU: the probes ran (host resident set), no device budget is claimed.
+  memory = results["memory"]
+  assert [p["padded_rows"] for p in memory["probes"]] == [4096, 16384]
+  assert {p["source"] for p in memory["probes"]} == {"host RSS"}
+  assert "largest_n" not in memory
   rows = [json.loads(line) for line in
           fs.read_text(f"{out}/compare.jsonl").splitlines()]
   assert {r["benchmark"] for r in rows} == {
@@ -146,9 +159,77 @@ def test_accelerator_check_quick(gcs_bucket, capsys):
       "accelerator_check/mmal_round_rebuild", "train_step"}
   verdicts = [t["verdict"] for t in results["targets"]]
   assert not results["kernels"]["pallas_errors"]
-  assert len(verdicts) == 9 and set(verdicts) <= {"PASS", "MISS", "SKIP"}
+  assert len(verdicts) == 10 and set(verdicts) <= {"PASS", "MISS", "SKIP"}
   assert printed.count("[PASS]") + printed.count("[MISS]") >= 2 * (
       verdicts.count("PASS") + verdicts.count("MISS"))
+
+
+def test_accelerator_check_starts_no_client_before_its_subprocesses(
+    tmp_path):
+  """The memory probes run while the check's own process holds no
+  accelerator client (on a GPU it would hold 75% of the memory)."""
+  code = (
+      "import json, sys\n"
+      "from jax._src import xla_bridge\n"
+      "from mmal_jax.benchmarks import accelerator_check as check\n"
+      "seen = []\n"
+      "def probe(n, dim, dtype):\n"
+      "  seen.append(len(xla_bridge._backends))\n"
+      "  return {'n': n, 'error': 'stubbed'}\n"
+      "check.run_memory_probe = probe\n"
+      "check.main(['--out', sys.argv[1], '--quick', '--parts=memory'])\n"
+      "print('clients during probes', json.dumps(seen))\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                       check=True, capture_output=True, text=True).stdout
+  assert "clients during probes [0, 0]" in out
+
+
+def test_largest_fitting_rows_by_hand():
+  from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
+  largest = accelerator_check.largest_fitting_rows
+  pow2 = [1 << j for j in range(40)]  # Pools that pad to themselves.
+  # (60e9 - 2e9) / 3000 = 19.3M rows: 2^24 = 16.8M fits, 2^25 does not;
+  # (105.75e9 - 2e9) / 3000 = 34.6M: 2^25 = 33.6M fits.
+  assert largest(60e9, 2e9, 3000, pow2) == 1 << 24
+  assert largest(105.75e9, 2e9, 3000, pow2) == 1 << 25
+  assert largest(1e9, 2e9, 3000, pow2) is None
+  # Padding to whole blocks: 2^j rows pad to 3 * 2^j (say); 2^23 pads to
+  # 25.2M > 19.3M, so 3 * 2^22 = 12.6M is the largest.
+  assert largest(60e9, 2e9, 3000, [3 * p for p in pow2]) == 3 << 22
+
+
+def test_memory_part_on_a_device(monkeypatch):
+  """Part 4 with a device's memory stats (probes stubbed: CPU has none): a
+  line through the probes' peaks, the largest N per budget, then a round at
+  this device's largest N, which fits or reports its error."""
+  from mmal_jax.benchmarks import accelerator_check  # pylint: disable=g-import-not-at-top
+  limit = 60e9
+  asked = []
+
+  def probe(n, dim, dtype, oom=False):
+    asked.append(n)
+    if oom and n > 1 << 22:
+      return {"n": n, "error": "RESOURCE_EXHAUSTED: Out of memory"}
+    return {"n": n, "padded_rows": n, "peak_bytes": 2e9 + 3000 * n,
+            "limit_bytes": limit, "source": "device", "device_count": 1,
+            "dtype": dtype, "padded_rows_of_pow2": [1 << j for j in range(40)]}
+
+  monkeypatch.setattr(accelerator_check, "run_memory_probe", probe)
+  out = accelerator_check.round_memory([1 << 20, 1 << 22], 768, "bfloat16")
+  assert asked == [1 << 20, 1 << 22, 1 << 24]
+  np.testing.assert_allclose(
+      [out["fixed_bytes"], out["bytes_per_padded_row"]], [2e9, 3000])
+  assert out["largest_n"] == {"80 GB device x 0.75": 1 << 24,
+                              "141 GB device x 0.75": 1 << 25,
+                              "this device's limit": 1 << 24}
+  assert "padded_rows_of_pow2" not in out["check"]
+  assert out["check_fits"] is True
+  monkeypatch.setattr(accelerator_check, "run_memory_probe",
+                      lambda n, dim, dtype: probe(n, dim, dtype, oom=True))
+  out = accelerator_check.round_memory([1 << 20, 1 << 22], 768, "bfloat16")
+  assert out["check_fits"] is False
+  assert out["check"]["error"].startswith("RESOURCE_EXHAUSTED")
 
 
 def test_accelerator_check_refuses_bad_flags(capsys):
@@ -157,3 +238,10 @@ def test_accelerator_check_refuses_bad_flags(capsys):
     accelerator_check.parse_args(["--out=x", "--parts=kernels,gpu"])
   assert exit_info.value.code == 2
   assert "unknown --parts ['gpu']" in capsys.readouterr().err
+  for argv, message in ((["--parts=kernels"], "--out is required"),
+                        (["--out=x", "--memory_sizes=1024"],
+                         "at least two sizes")):
+    with pytest.raises(SystemExit) as exit_info:
+      accelerator_check.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -215,8 +215,10 @@ def test_mosaic_lowering_for_tpu(capfd, monkeypatch, kernel, dtype):
 
 def test_sharded_top2_margin_through_pallas():
   """`top2_margin(impl="pallas")`: the sharded path with the Pallas tile
-  reduction gives the XLA path's margins (same tiles: the same bits on CPU)."""
-  queries, keys = _gaussian(37, 8, 8), _gaussian(203, 8, 9)
+  reduction gives the XLA path's margins (same tiles: the same bits on CPU).
+  D = 16: on a GPU this compiles the Triton loop form, whose products need
+  a multiple of 16."""
+  queries, keys = _gaussian(37, 16, 8), _gaussian(203, 16, 9)
   mask = np.random.default_rng(10).random(203) < 0.8
   xla = kernels.top2_margin(queries, keys, key_mask=mask, block=16)
   pallas = kernels.top2_margin(queries, keys, key_mask=mask, block=16,
@@ -231,7 +233,7 @@ def test_sharded_top2_margin_through_pallas():
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_sharded_min_distance_through_pallas(metric):
-  x, centers = _gaussian(203, 8, 11), _gaussian(41, 8, 12)
+  x, centers = _gaussian(203, 16, 11), _gaussian(41, 16, 12)
   xla = kernels.min_distance(x, centers, metric=metric, block=16)
   pallas = kernels.min_distance(x, centers, metric=metric, block=16,
                                 impl="pallas")

@@ -5,23 +5,37 @@ r"""One command that checks issue 16's targets on the accelerator at hand.
 Parts, in order, each printing progress as it goes and its targets with
 value and PASS / MISS, then rewriting DIR/accelerator_check.json (through
 `mmal_jax.fs`, so DIR may be gs://); at the end, rows in the schema of
-`benchmarks.compare` go to DIR/compare.jsonl (for `compare --plot`):
+`benchmarks.compare` go to DIR/compare.jsonl (for `compare --plot`). The
+parts that run in subprocesses come first, before this process starts its
+accelerator client (JAX's GPU client takes 75% of the device's memory as it
+starts, which would leave a child the rest):
 
 1. tests: the kernel tests' device subset (`pytest -k --tests_k` over
-   tests/test_acquisition_kernels.py and tests/test_strategies.py), in a
-   subprocess; PASS when they all pass on this backend.
-2. kernels: top-2 margins and the min-distance kernel (the cache build) at
+   `DEVICE_TEST_FILES`; on a GPU the sharded Pallas tests compile the
+   Triton loop form), in a subprocess; PASS when they all pass on this
+   backend.
+2. memory: the largest N per modality whose `mmal` round (cache rebuilt)
+   fits one device. Each of `--memory_sizes` (N = 2^20 and 2^22) runs one
+   round in a fresh process that reports its device's peak bytes in use
+   (`memory_stats`; CPU: resident set above the runtime's); a line through
+   them (bytes = fixed + per-row x padded rows: pools, per-row vectors and
+   the cache grow with N, tiles do not) gives the largest N whose padded
+   pool fits this device's limit, an 80 GB and a 141 GB device at JAX's
+   default GPU memory fraction. A round at the largest N for this device
+   then runs, as the check of that figure (devices with memory stats only).
+3. train: the train-step benchmark (`benchmarks.train_step`) in a fresh
+   process at `--train_flags` (default: ViT-B/16 + text B, res 224, batch
+   256 per device, 64 tokens, bfloat16): MFU and the time from that
+   process' start to its first step.
+4. kernels: top-2 margins and the min-distance kernel (the cache build) at
    Q = N = `--kernel_n`, D = `--dim`, at the API's defaults, against a
    `jnp.dot` of `--dot_n`^3 and a read-only `jnp.max` pass over the pool,
    measured in the same repeats (interleaved). Greedy k-center at N =
    `--greedy_n`: one pass per pick and the default picks per pass, per pick,
    against that read floor.
-3. round: an `mmal` round with the min-distance cache rebuilt, two
+5. round: an `mmal` round with the min-distance cache rebuilt, two
    modalities of N in `--round_sizes` each, 1% annotated, budget 256,
    coreset 1024; against its matrix products' time at the `jnp.dot` rate.
-4. train: the train-step benchmark (`benchmarks.train_step.main`, called
-   in this process) at `--train_flags` (default: ViT-B/16 + text B, res
-   224, batch 256 per device, 64 tokens, bfloat16).
 
 Pools are generated on the devices in the kernels' layout (no host copy),
 in bfloat16 on accelerators and float32 on CPU (`--dtype`). Timed
@@ -53,20 +67,22 @@ from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
 from mmal_jax.benchmarks import compare
 from mmal_jax.benchmarks import timing
-from mmal_jax.benchmarks import train_step as train_step_bench
 
-PARTS = ("tests", "kernels", "round", "train")
+PARTS = ("tests", "memory", "train", "kernels", "round")
 RESULTS_FILE = "accelerator_check.json"
 # The kernel tests that compare picks and distances with the references.
 DEVICE_TESTS = ("matches_numpy or exact or ties or products or same_picks "
-                "or mmal_matches or uncertainty")
+                "or mmal_matches or uncertainty or through_pallas")
+DEVICE_TEST_FILES = ("test_acquisition_kernels.py", "test_strategies.py",
+                     "test_pallas_kernels.py")
 FULL = dict(kernel_n=131_072, dim=768, dot_n=8192, greedy_n=12_800_000,
             round_sizes=(1_000_000, 4_000_000),
+            memory_sizes=(1 << 20, 1 << 22),
             train_flags=("--variant=B/16 --text_variant=B --res=224 "
                          "--batch={batch} --text_len=64 --vocab_size=32000 "
                          "--steps=10 --warmup=2"))
 QUICK = dict(kernel_n=1024, dim=64, dot_n=512, greedy_n=20_000,
-             round_sizes=(2_000, 4_000),
+             round_sizes=(2_000, 4_000), memory_sizes=(1 << 14, 1 << 16),
              train_flags=("--variant=mu/8 --text_variant=mu --res=16 "
                           "--batch={batch} --text_len=8 --steps=2 "
                           "--warmup=1"))
@@ -80,6 +96,15 @@ TARGET_DEFAULT_VS_FLOOR = 0.35
 TARGET_ROUND_VS_MATMUL = 1.5
 TARGET_MFU = 0.45
 TARGET_FIRST_STEP_S = 45.0
+# Annotated items per modality in a memory probe: the round's memory does
+# not grow with them, its time does (the cache rebuild).
+MEMORY_PROBE_ANNOTATED = 64
+# JAX's GPU allocator takes this fraction of a device's memory unless
+# XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
+JAX_GPU_MEMORY_FRACTION = 0.75
+DEVICE_MEMORY_BYTES = {"80 GB device": 80e9, "141 GB device": 141e9}
+# Pools of up to 2^(this - 1) rows per modality are considered.
+_MAX_LOG2_ROWS = 40
 
 
 def _progress(message: str) -> None:
@@ -144,8 +169,7 @@ def run_tests(expression: str) -> dict:
   """Part 1: the device subset of the kernel tests, in a subprocess."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
-  files = [os.path.join(root, "tests", name) for name in
-           ("test_acquisition_kernels.py", "test_strategies.py")]
+  files = [os.path.join(root, "tests", name) for name in DEVICE_TEST_FILES]
   if not all(os.path.exists(f) for f in files):
     return {"ran": False, "passed": None, "summary": "tests/ not found"}
   start = time.perf_counter()
@@ -162,7 +186,7 @@ def run_tests(expression: str) -> dict:
 
 def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
                  repeats: int, pallas: bool = False) -> dict:
-  """Part 2: kernel rates and greedy picks against jnp.dot and a read pass;
+  """Part 4: kernel rates and greedy picks against jnp.dot and a read pass;
   with `pallas`, the kernels' Pallas forms too (`impl="pallas"`; one that
   fails to compile is reported with its error, not timed)."""
   keys = random_pool(n, dim, dtype, mesh, 0)
@@ -255,7 +279,7 @@ def round_matmul_flops(n: int, dim: int) -> float:
 
 def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
                dot_tflops: float | None) -> dict:
-  """Part 3: seconds per `mmal` round with the cache rebuilt."""
+  """Part 5: seconds per `mmal` round with the cache rebuilt."""
   out = {}
   for n in sizes:
     _progress(f"mmal round with cache rebuild: N = {n:,} per modality")
@@ -290,16 +314,146 @@ def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
   return out
 
 
+def _resident_bytes(field: str) -> int | None:
+  """`field` (VmRSS, VmHWM) of this process in bytes; None without /proc."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def memory_probe(n: int, dim: int, dtype) -> dict:
+  """Part 2's probe, run in a fresh process: one `mmal` round with the cache
+  rebuilt on two pools of `n` rows, and its device's peak bytes in use
+  (`memory_stats`; without them, the peak resident set above the runtime's
+  own, source "host RSS")."""
+  mesh = sharding.make_mesh()
+  device = mesh.devices.flat[0]
+  runtime = _resident_bytes("VmRSS")
+  rng = np.random.default_rng(n)
+  embeddings, annotated = {}, {}
+  for s, m in enumerate(("image", "text")):
+    embeddings[m] = random_pool(n, dim, dtype, mesh, s).rows
+    annotated[m] = np.zeros(n, np.bool_)
+    annotated[m][rng.choice(n, min(n, MEMORY_PROBE_ANNOTATED),
+                            replace=False)] = True
+  cache = strategies.build_min_distance_cache(embeddings, annotated,
+                                              feature_dtype=dtype)
+  strategies.mmal(embeddings, annotated, budget=BUDGET, seed=0, min_dist=cache,
+                  coreset_size=CORESET_SIZE, feature_dtype=dtype)
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    peak, limit, source = (stats["peak_bytes_in_use"],
+                           stats.get("bytes_limit"), "device")
+  else:
+    high = _resident_bytes("VmHWM")
+    peak = None if high is None else high - runtime
+    limit, source = None, "host RSS"
+  return {"n": n, "padded_rows": int(embeddings["image"].shape[0]),
+          "peak_bytes": peak, "limit_bytes": limit, "source": source,
+          "device_count": mesh.size, "dtype": jnp.dtype(dtype).name,
+          "padded_rows_of_pow2": [layout_lib.pool_layout(
+              1 << j, mesh, layout_lib.DEFAULT_BLOCK, dim, dtype).padded_rows
+                                  for j in range(_MAX_LOG2_ROWS)]}
+
+
+def run_memory_probe(n: int, dim: int, dtype: str | None) -> dict:
+  """`memory_probe` in a subprocess (a fresh peak; dtype None: the
+  backend's default); a probe that fails, out of memory say, returns its
+  last error line as "error"."""
+  result = subprocess.run(
+      [sys.executable, "-m", "mmal_jax.benchmarks.accelerator_check",
+       f"--memory_probe={n}", f"--dim={dim}"] +
+      ([f"--dtype={dtype}"] if dtype else []),
+      text=True, capture_output=True,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+  if result.returncode == 0:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+  errors = [line for line in result.stderr.splitlines() if "Error" in line]
+  return {"n": n, "error": (errors or result.stderr.splitlines() or
+                            [f"exit {result.returncode}"])[-1][:500]}
+
+
+def largest_fitting_rows(budget_bytes: float, fixed_bytes: float,
+                         bytes_per_row: float, padded_rows_of_pow2
+                         ) -> int | None:
+  """The largest padded pool size `p` (one of `padded_rows_of_pow2`, the
+  padded rows of a pool of 2^j rows, by j) with `fixed + bytes_per_row * p
+  <= budget`; None if none does. Every N up to `p` pads to at most `p`
+  rows, so `p` is the largest N that fits. Pure: O(len)."""
+  fitting = [p for p in padded_rows_of_pow2
+             if fixed_bytes + bytes_per_row * p <= budget_bytes]
+  return max(fitting, default=None)
+
+
+def round_memory(sizes, dim: int, dtype: str | None) -> dict:
+  """Part 2: peak device bytes of a round at each of `sizes` (each in a
+  fresh process), the line through them, and the largest N per modality
+  that fits each budget; then a round at this device's largest N. Starts
+  no accelerator client in this process."""
+  probes = []
+  for n in sizes:
+    _progress(f"memory probe: one mmal round at N = {n:,} per modality, "
+              "in a fresh process")
+    probes.append(run_memory_probe(n, dim, dtype))
+    shown = {k: v for k, v in probes[-1].items()
+             if k != "padded_rows_of_pow2"}
+    _progress(f"  {shown}")
+  usable = [p for p in probes if p.get("peak_bytes") is not None]
+  out = {"probes": probes}
+  if len(usable) < 2:
+    return out
+  per_row, fixed = np.polyfit([p["padded_rows"] for p in usable],
+                              [p["peak_bytes"] for p in usable], 1)
+  out.update(source=usable[0]["source"], fixed_bytes=float(fixed),
+             bytes_per_padded_row=float(per_row), dtype=usable[0]["dtype"],
+             device_count=usable[0]["device_count"])
+  if per_row <= 0 or out["source"] != "device":
+    return out  # A host's resident set says nothing of a device's bytes.
+  budgets = {f"{name} x {JAX_GPU_MEMORY_FRACTION}": size *
+             JAX_GPU_MEMORY_FRACTION
+             for name, size in DEVICE_MEMORY_BYTES.items()}
+  limit = usable[-1]["limit_bytes"]
+  if limit:
+    budgets["this device's limit"] = limit
+  out["budgets"] = budgets
+  out["largest_n"] = {
+      name: largest_fitting_rows(b, fixed, per_row,
+                                 usable[-1]["padded_rows_of_pow2"])
+      for name, b in budgets.items()}
+  largest = out["largest_n"].get("this device's limit")
+  if largest:
+    _progress(f"memory check: one mmal round at the largest N for this "
+              f"device, {largest:,} per modality")
+    check = run_memory_probe(largest, dim, dtype)
+    out["check"] = {k: v for k, v in check.items()
+                    if k != "padded_rows_of_pow2"}
+    out["check_fits"] = ("error" not in check and
+                         check["peak_bytes"] <= limit)
+  return out
+
+
 def train_step(flags: list[str]) -> dict:
-  """Part 4: `benchmarks.train_step.main` on `flags`, in this process."""
+  """Part 3: `benchmarks.train_step` on `flags` in a fresh process (its
+  output streamed as it comes), so its time to the first step counts from
+  a process start."""
   with tempfile.TemporaryDirectory() as tmp:
-    argv = sys.argv
-    sys.argv = ["train_step", *flags, "--memory_variants=", f"--out={tmp}"]
-    try:
-      train_step_bench.main()
-    finally:
-      sys.argv = argv
+    compare.run_python("-m", compare.TRAIN_STEP, *flags,
+                       "--memory_variants=", f"--out={tmp}", stream=True)
     return json.loads(fs.read_text(os.path.join(tmp, "train_step.json")))
+
+
+def devices_in_subprocess() -> dict:
+  """platform, device_kind and device_count, read by a short-lived
+  process, so that this one has not started its accelerator client yet."""
+  return json.loads(compare.run_python(
+      "-c", "import jax, json; d = jax.devices()[0]; print(json.dumps({"
+      "'platform': d.platform, 'device_kind': d.device_kind, "
+      "'device_count': jax.device_count()}))").strip().splitlines()[-1])
 
 
 def compare_rows(results: dict, machine: dict) -> list[dict]:
@@ -336,7 +490,7 @@ def compare_rows(results: dict, machine: dict) -> list[dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True,
+  parser.add_argument("--out",
                       help="folder of accelerator_check.json (local or gs://)")
   parser.add_argument("--quick", action="store_true",
                       help="toy sizes: checks that everything runs")
@@ -357,10 +511,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(f"--{name}", type=int, default=None)
   parser.add_argument("--round_sizes", default=None,
                       help="comma-separated N per modality")
+  parser.add_argument("--memory_sizes", default=None,
+                      help="comma-separated N per modality of the memory "
+                      "probes (at least two)")
+  parser.add_argument("--memory_probe", type=int, default=None,
+                      help="internal: run one memory probe at this N and "
+                      "print it as JSON")
   parser.add_argument("--train_flags", default=None,
                       help="flags of benchmarks.train_step ({batch}: 256 "
                       "per device; quick: 8)")
   args = parser.parse_args(argv)
+  if args.out is None and args.memory_probe is None:
+    parser.error("--out is required")
+  if args.memory_sizes and len(args.memory_sizes.split(",")) < 2:
+    parser.error("--memory_sizes needs at least two sizes (a line through "
+                 "their peaks)")
   unknown = set(args.parts.split(",")) - set(PARTS)
   if unknown:
     parser.error(f"unknown --parts {sorted(unknown)}; know {PARTS}")
@@ -372,26 +537,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
   args = parse_args(argv)
   mode = QUICK if args.quick else FULL
-  device = jax.devices()[0]
-  dtype = args.dtype or ("float32" if device.platform == "cpu"
-                         else "bfloat16")
   dim = args.dim or mode["dim"]
+  if args.memory_probe is not None:
+    platform = jax.devices()[0].platform
+    print(json.dumps(memory_probe(args.memory_probe, dim, args.dtype or (
+        "float32" if platform == "cpu" else "bfloat16"))))
+    return
   parts = args.parts.split(",")
-  mesh = sharding.make_mesh()
   fs.makedirs(args.out)
+  # The parts run in subprocesses come first, before this process starts
+  # its accelerator client: JAX's GPU client takes 75% of the device's
+  # memory as it starts, which would leave a child the rest.
+  devices = devices_in_subprocess()
+  dtype = args.dtype or ("float32" if devices["platform"] == "cpu"
+                         else "bfloat16")
   results = {
-      "device_kind": device.device_kind, "platform": device.platform,
-      "device_count": jax.device_count(), "jax": jax.__version__,
+      **devices, "jax": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "loadavg": os.getloadavg(), "quick": args.quick, "dtype": dtype,
       "repeats": args.repeats, "dim": dim, "targets": []}
-  _progress(f"Accelerator check on {jax.device_count()} x "
-            f"{device.device_kind} ({device.platform}), jax {jax.__version__}"
-            f", {dtype}, load {results['loadavg']}")
+  _progress(f"Accelerator check on {devices['device_count']} x "
+            f"{devices['device_kind']} ({devices['platform']}), jax "
+            f"{jax.__version__}, {dtype}, load {results['loadavg']}")
   if args.quick:
     _progress("--quick: toy sizes; the verdicts below are not measurements")
-  dot_tflops = None
   if "tests" in parts:
     _progress(f"kernel tests, -k {args.tests_k!r}")
     tests = run_tests(args.tests_k)
@@ -400,8 +570,42 @@ def main(argv=None):
     _target(results, "kernel tests pass on this device", None,
             tests["passed"])
     _write(args.out, results)
+  if "memory" in parts:
+    sizes = ([int(n) for n in args.memory_sizes.split(",")]
+             if args.memory_sizes else mode["memory_sizes"])
+    memory = round_memory(sizes, dim, dtype)
+    results["memory"] = memory
+    if "bytes_per_padded_row" in memory:
+      print(f"  round peak = {memory['fixed_bytes'] / 1e9:.3g} GB + "
+            f"{memory['bytes_per_padded_row']:.0f} B x padded rows per "
+            f"modality ({memory['source']}, {memory['device_count']} "
+            f"device(s), {dtype}, D = {dim})")
+    for name, n in (memory.get("largest_n") or {}).items():
+      shown = "none" if n is None else f"{n:,}"
+      print(f"  largest N per modality, {name} "
+            f"({memory['budgets'][name] / 1e9:.1f} GB): {shown}")
+    largest = (memory.get("largest_n") or {}).get("this device's limit")
+    _target(results, "mmal round fits this device at the largest N "
+            "predicted for it", largest, memory.get("check_fits"))
+    _write(args.out, results)
+  if "train" in parts:
+    batch = devices["device_count"] * (8 if args.quick else 256)
+    flags = shlex.split((args.train_flags or mode["train_flags"]).format(
+        batch=batch)) + [f"--dtype={dtype}"]
+    _progress(f"train step: {' '.join(flags)}")
+    step = train_step(flags)
+    results["train"] = step
+    mfu = step.get("mfu", step.get("peak_fraction"))
+    _target(results, f"train step fraction of peak >= {TARGET_MFU}", mfu,
+            None if mfu is None else mfu >= TARGET_MFU)
+    _target(results, f"train step: first step within {TARGET_FIRST_STEP_S}"
+            " s of its process' start", step["first_step_s"],
+            step["first_step_s"] <= TARGET_FIRST_STEP_S)
+    _write(args.out, results)
+  mesh = sharding.make_mesh()
+  dot_tflops = None
   if "kernels" in parts:
-    pallas = (device.platform != "cpu" if args.pallas is None
+    pallas = (devices["platform"] != "cpu" if args.pallas is None
               else args.pallas == "yes")
     rates = kernel_rates(args.kernel_n or mode["kernel_n"], dim,
                          args.dot_n or mode["dot_n"],
@@ -446,19 +650,6 @@ def main(argv=None):
             largest and largest["median"],
             None if largest is None
             else largest["median"] <= TARGET_ROUND_VS_MATMUL)
-    _write(args.out, results)
-  if "train" in parts:
-    batch = jax.device_count() * (8 if args.quick else 256)
-    flags = shlex.split((args.train_flags or mode["train_flags"]).format(
-        batch=batch)) + [f"--dtype={dtype}"]
-    _progress(f"train step: {' '.join(flags)}")
-    step = train_step(flags)
-    results["train"] = step
-    mfu = step.get("mfu", step.get("peak_fraction"))
-    _target(results, f"train step fraction of peak >= {TARGET_MFU}", mfu,
-            None if mfu is None else mfu >= TARGET_MFU)
-    _target(results, f"train step compile s <= {TARGET_FIRST_STEP_S}",
-            step["compile_s"], step["compile_s"] <= TARGET_FIRST_STEP_S)
     _write(args.out, results)
   machine = compare.probe(args.quick, dtype)
   machine.update(quick=args.quick, date=results["date"])

@@ -106,7 +106,7 @@ def _progress(message: str) -> None:
   print(f"[compare {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _python(*args: str, stream: bool = False) -> str:
+def run_python(*args: str, stream: bool = False) -> str:
   """Runs `python args` with this package importable; returns its stdout
   (`stream`: lets its output through to this process' instead, as it
   comes, and returns "")."""
@@ -199,7 +199,7 @@ def check_flags(module: str, argvs: list[list[str]]) -> None:
   Raises:
     FlagsNotAccepted: naming each argv that does not parse and why.
   """
-  problems = json.loads(_python("-c", _PARSE_ONLY, module,
+  problems = json.loads(run_python("-c", _PARSE_ONLY, module,
                                 json.dumps(argvs)).strip().splitlines()[-1])
   if problems:
     raise FlagsNotAccepted(f"{module} does not accept the flags: "
@@ -277,7 +277,7 @@ def run(quick: bool, dtype: str | None = None, acquisition_flags=(),
   """Probes the devices, runs both benchmarks (their output streamed as it
   comes); returns their rows."""
   _progress("probing the devices" + ("" if quick else " and their peaks"))
-  machine = json.loads(_python(
+  machine = json.loads(run_python(
       "-c", "import json, sys; from mmal_jax.benchmarks import compare; "
       f"print(json.dumps(compare.probe({quick!r}, {dtype!r})))"))
   machine.update(quick=quick, date=datetime.datetime.now(
@@ -292,11 +292,11 @@ def run(quick: bool, dtype: str | None = None, acquisition_flags=(),
   check_flags(TRAIN_STEP, [train + ["--out=x"]])
   with tempfile.TemporaryDirectory() as tmp:
     _progress(f"{ACQUISITION} {' '.join(acquisition)}")
-    _python("-m", ACQUISITION, f"--out={tmp}", *acquisition, stream=True)
+    run_python("-m", ACQUISITION, f"--out={tmp}", *acquisition, stream=True)
     rows = acquisition_rows(
         json.loads(fs.read_text(os.path.join(tmp, "results.json"))), machine)
     _progress(f"{TRAIN_STEP} {' '.join(train)}")
-    _python("-m", TRAIN_STEP, f"--out={tmp}", *train, stream=True)
+    run_python("-m", TRAIN_STEP, f"--out={tmp}", *train, stream=True)
     rows += train_step_rows(
         json.loads(fs.read_text(os.path.join(tmp, "train_step.json"))),
         machine)
