@@ -115,6 +115,32 @@ def _pad_rows(x, rows: int, value):
       [x, jnp.full((extra,) + x.shape[1:], value, x.dtype)])
 
 
+def _grid_call(kernel, row_operands, column_operands, out_dtypes, *,
+               block_rows: int, block_cols: int, interpret: bool):
+  """Runs a grid-form `kernel(*row refs, *column refs, *out refs,
+  block_cols)` on a `(row tiles, column tiles)` grid whose column axis runs
+  in order.
+
+  Operands as `_loop_call`'s: `row_operands` (first: `(n, D)`, then `(n,)`)
+  tiled by rows, `column_operands` `(array, fill)` pairs (first: `(c, D)`)
+  tiled by columns (no padding: the fills are unused). Returns one `(n,)`
+  array per `out_dtypes` entry.
+  """
+  num_rows = row_operands[0].shape[0]
+  columns = [a for a, _ in column_operands]
+  tiled = lambda a, edge, index: pl.BlockSpec(
+      (edge,) + a.shape[1:], lambda i, j: (index(i, j),) + (0,) * (a.ndim - 1))
+  return tuple(pl.pallas_call(
+      functools.partial(kernel, block_cols=block_cols),
+      grid=(num_rows // block_rows, columns[0].shape[0] // block_cols),
+      in_specs=([tiled(a, block_rows, lambda i, j: i) for a in row_operands] +
+                [tiled(a, block_cols, lambda i, j: j) for a in columns]),
+      out_specs=[pl.BlockSpec((block_rows,), lambda i, j: (i,))] * len(
+          out_dtypes),
+      out_shape=[jax.ShapeDtypeStruct((num_rows,), t) for t in out_dtypes],
+      interpret=interpret)(*row_operands, *columns))
+
+
 def _loop_call(kernel, row_operands, column_operands, out_dtypes, *,
                block_rows: int, block_cols: int, interpret: bool):
   """Runs a loop-form `kernel(*row refs, *column refs, *out refs,
@@ -157,7 +183,10 @@ def _top2_sims(sims, scale, valid):
   return jnp.where(valid[None, :], sims * scale[None, :], -jnp.inf)
 
 
-def _top2_grid_kernel(q_ref, k_ref, scale_ref, valid_ref, top1_ref, top2_ref):
+def _top2_grid_kernel(q_ref, k_ref, scale_ref, valid_ref, top1_ref, top2_ref,
+                      *, block_cols: int):
+  del block_cols  # The grid's block is the tile.
+
   @pl.when(pl.program_id(1) == 0)
   def _():
     top1_ref[...] = jnp.full(top1_ref.shape, -jnp.inf, jnp.float32)
@@ -205,23 +234,12 @@ def top2(queries, keys, key_scale, key_valid, *, block_rows: int,
     runner-up; -inf where fewer keys are valid. Cost: `2 Q N D` flops, one
     read of the keys per row tile, no `(Q, N)` array.
   """
-  num_q, dim = queries.shape
-  if check_form(form) == "grid":
-    row_block = pl.BlockSpec((block_rows,), lambda i, j: (i,))
-    col_block = pl.BlockSpec((block_cols,), lambda i, j: (j,))
-    return pl.pallas_call(
-        _top2_grid_kernel, grid=(num_q // block_rows,
-                                 keys.shape[0] // block_cols),
-        in_specs=[pl.BlockSpec((block_rows, dim), lambda i, j: (i, 0)),
-                  pl.BlockSpec((block_cols, dim), lambda i, j: (j, 0)),
-                  col_block, col_block],
-        out_specs=[row_block, row_block],
-        out_shape=[jax.ShapeDtypeStruct((num_q,), jnp.float32)] * 2,
-        interpret=interpret)(queries, keys, key_scale, key_valid)
-  return _loop_call(_top2_loop_kernel, [queries],
-                    [(keys, 0), (key_scale, 0), (key_valid, False)],
-                    [jnp.float32] * 2, block_rows=block_rows,
-                    block_cols=block_cols, interpret=interpret)
+  launch = _grid_call if check_form(form) == "grid" else _loop_call
+  kernel = _top2_grid_kernel if form == "grid" else _top2_loop_kernel
+  return launch(kernel, [queries],
+                [(keys, 0), (key_scale, 0), (key_valid, False)],
+                [jnp.float32] * 2, block_rows=block_rows,
+                block_cols=block_cols, interpret=interpret)
 
 
 # --------------------------------------------------------------------------
@@ -294,24 +312,11 @@ def nearest(x, factor, centers, bias, *, block_rows: int, block_cols: int,
     `((N,) float32 best score (-inf: no valid center), (N,) int32 index of
     the first center reaching it)`. Cost: `2 N C D` flops, no `(N, C)` array.
   """
-  num_x, dim = x.shape
-  if check_form(form) == "grid":
-    row_block = pl.BlockSpec((block_rows,), lambda i, j: (i,))
-    return pl.pallas_call(
-        functools.partial(_nearest_grid_kernel, block_cols=block_cols),
-        grid=(num_x // block_rows, centers.shape[0] // block_cols),
-        in_specs=[pl.BlockSpec((block_rows, dim), lambda i, j: (i, 0)),
-                  row_block,
-                  pl.BlockSpec((block_cols, dim), lambda i, j: (j, 0)),
-                  pl.BlockSpec((block_cols,), lambda i, j: (j,))],
-        out_specs=[row_block, row_block],
-        out_shape=[jax.ShapeDtypeStruct((num_x,), jnp.float32),
-                   jax.ShapeDtypeStruct((num_x,), jnp.int32)],
-        interpret=interpret)(x, factor, centers, bias)
-  return _loop_call(_nearest_loop_kernel, [x, factor],
-                    [(centers, 0), (bias, jnp.inf)],
-                    [jnp.float32, jnp.int32], block_rows=block_rows,
-                    block_cols=block_cols, interpret=interpret)
+  launch = _grid_call if check_form(form) == "grid" else _loop_call
+  kernel = _nearest_grid_kernel if form == "grid" else _nearest_loop_kernel
+  return launch(kernel, [x, factor], [(centers, 0), (bias, jnp.inf)],
+                [jnp.float32, jnp.int32], block_rows=block_rows,
+                block_cols=block_cols, interpret=interpret)
 
 
 def plan(platform: str, rows: int, cols: int, dim: int, block_rows: int,

@@ -277,32 +277,41 @@ def round_matmul_flops(n: int, dim: int) -> float:
   return 2. * dim * (2 * n * annotated + n * CORESET_SIZE + CORESET_SIZE * n)
 
 
+def round_inputs(n: int, dim: int, dtype, mesh, num_annotated: int
+                 ) -> tuple[dict, dict]:
+  """Two laid-out pools of `n` rows (`random_pool`, seeds 0 and 1) and
+  `num_annotated` random annotated items of each, as `strategies.mmal`
+  takes them."""
+  rng = np.random.default_rng(n)
+  embeddings, annotated = {}, {}
+  for s, m in enumerate(("image", "text")):
+    embeddings[m] = random_pool(n, dim, dtype, mesh, s).rows
+    annotated[m] = np.zeros(n, np.bool_)
+    annotated[m][rng.choice(n, num_annotated, replace=False)] = True
+  return embeddings, annotated
+
+
+def mmal_round(embeddings, annotated, dtype):
+  """One `mmal` round with the min-distance cache rebuilt (budget 256,
+  coreset 1024)."""
+  cache = strategies.build_min_distance_cache(embeddings, annotated,
+                                              feature_dtype=dtype)
+  return strategies.mmal(embeddings, annotated, budget=BUDGET, seed=0,
+                         min_dist=cache, coreset_size=CORESET_SIZE,
+                         feature_dtype=dtype)
+
+
 def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
                dot_tflops: float | None) -> dict:
   """Part 5: seconds per `mmal` round with the cache rebuilt."""
   out = {}
   for n in sizes:
     _progress(f"mmal round with cache rebuild: N = {n:,} per modality")
-    rng = np.random.default_rng(n)
-    pools = {m: random_pool(n, dim, dtype, mesh, s)
-             for s, m in enumerate(("image", "text"))}
-    embeddings = {m: p.rows for m, p in pools.items()}
-    annotated = {}
-    for m in embeddings:
-      annotated[m] = np.zeros(n, np.bool_)
-      annotated[m][rng.choice(n, max(1, round(ANNOTATED_FRACTION * n)),
-                              replace=False)] = True
-    del pools
-
-    def one_round():
-      cache = strategies.build_min_distance_cache(
-          embeddings, annotated, feature_dtype=dtype)
-      return strategies.mmal(embeddings, annotated, budget=BUDGET, seed=0,
-                             min_dist=cache, coreset_size=CORESET_SIZE,
-                             feature_dtype=dtype)
-
+    embeddings, annotated = round_inputs(
+        n, dim, dtype, mesh, max(1, round(ANNOTATED_FRACTION * n)))
     seconds = timing.interleaved(
-        {"round": one_round}, repeats)["round"]
+        {"round": lambda: mmal_round(embeddings, annotated, dtype)},
+        repeats)["round"]
     flops = round_matmul_flops(n, dim)
     matmul_s = flops / (dot_tflops * 1e12) if dot_tflops else None
     out[str(n)] = {
@@ -314,18 +323,6 @@ def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
   return out
 
 
-def _resident_bytes(field: str) -> int | None:
-  """`field` (VmRSS, VmHWM) of this process in bytes; None without /proc."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
 def memory_probe(n: int, dim: int, dtype) -> dict:
   """Part 2's probe, run in a fresh process: one `mmal` round with the cache
   rebuilt on two pools of `n` rows, and its device's peak bytes in use
@@ -333,24 +330,16 @@ def memory_probe(n: int, dim: int, dtype) -> dict:
   own, source "host RSS")."""
   mesh = sharding.make_mesh()
   device = mesh.devices.flat[0]
-  runtime = _resident_bytes("VmRSS")
-  rng = np.random.default_rng(n)
-  embeddings, annotated = {}, {}
-  for s, m in enumerate(("image", "text")):
-    embeddings[m] = random_pool(n, dim, dtype, mesh, s).rows
-    annotated[m] = np.zeros(n, np.bool_)
-    annotated[m][rng.choice(n, min(n, MEMORY_PROBE_ANNOTATED),
-                            replace=False)] = True
-  cache = strategies.build_min_distance_cache(embeddings, annotated,
-                                              feature_dtype=dtype)
-  strategies.mmal(embeddings, annotated, budget=BUDGET, seed=0, min_dist=cache,
-                  coreset_size=CORESET_SIZE, feature_dtype=dtype)
+  runtime = timing.resident_bytes("VmRSS")
+  embeddings, annotated = round_inputs(n, dim, dtype, mesh,
+                                       min(n, MEMORY_PROBE_ANNOTATED))
+  mmal_round(embeddings, annotated, dtype)
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak, limit, source = (stats["peak_bytes_in_use"],
                            stats.get("bytes_limit"), "device")
   else:
-    high = _resident_bytes("VmHWM")
+    high = timing.resident_bytes("VmHWM")
     peak = None if high is None else high - runtime
     limit, source = None, "host RSS"
   return {"n": n, "padded_rows": int(embeddings["image"].shape[0]),
@@ -447,6 +436,12 @@ def train_step(flags: list[str]) -> dict:
     return json.loads(fs.read_text(os.path.join(tmp, "train_step.json")))
 
 
+def default_dtype(platform: str) -> str:
+  """The pools' and train step's dtype unless `--dtype` says: bfloat16 on
+  accelerators, float32 on CPU."""
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
 def devices_in_subprocess() -> dict:
   """platform, device_kind and device_count, read by a short-lived
   process, so that this one has not started its accelerator client yet."""
@@ -539,9 +534,8 @@ def main(argv=None):
   mode = QUICK if args.quick else FULL
   dim = args.dim or mode["dim"]
   if args.memory_probe is not None:
-    platform = jax.devices()[0].platform
-    print(json.dumps(memory_probe(args.memory_probe, dim, args.dtype or (
-        "float32" if platform == "cpu" else "bfloat16"))))
+    print(json.dumps(memory_probe(args.memory_probe, dim, args.dtype or
+                                  default_dtype(jax.devices()[0].platform))))
     return
   parts = args.parts.split(",")
   fs.makedirs(args.out)
@@ -549,8 +543,7 @@ def main(argv=None):
   # its accelerator client: JAX's GPU client takes 75% of the device's
   # memory as it starts, which would leave a child the rest.
   devices = devices_in_subprocess()
-  dtype = args.dtype or ("float32" if devices["platform"] == "cpu"
-                         else "bfloat16")
+  dtype = args.dtype or default_dtype(devices["platform"])
   results = {
       **devices, "jax": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(

@@ -355,11 +355,10 @@ def greedy_step(n: int, dim: int, mesh, repeats: int) -> dict:
 
 
 def _status_mb(field: str) -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) / 1024
-  raise RuntimeError(f"no {field} in /proc/self/status")
+  value = timing.resident_bytes(field)
+  if value is None:
+    raise RuntimeError(f"no {field} in /proc/self/status")
+  return value / 2**20
 
 
 def memory_probe(kind: str, n: int, dim: int) -> dict:

@@ -200,7 +200,7 @@ def check_flags(module: str, argvs: list[list[str]]) -> None:
     FlagsNotAccepted: naming each argv that does not parse and why.
   """
   problems = json.loads(run_python("-c", _PARSE_ONLY, module,
-                                json.dumps(argvs)).strip().splitlines()[-1])
+                                   json.dumps(argvs)).strip().splitlines()[-1])
   if problems:
     raise FlagsNotAccepted(f"{module} does not accept the flags: "
                      + "; ".join(problems))

@@ -51,3 +51,16 @@ def target(name: str, value: float | None, ok: bool | None, unit=""):
   shown = "-" if value is None else f"{value:.3g}{unit}"
   print(f"  [{verdict}] {name}: {shown}", flush=True)
   return {"target": name, "value": value, "verdict": verdict}
+
+
+def resident_bytes(field: str) -> int | None:
+  """`field` of /proc/self/status (VmRSS: resident set, VmHWM: its peak) in
+  bytes; None where there is no /proc (not Linux)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
