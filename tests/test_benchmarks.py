@@ -240,7 +240,12 @@ def test_accelerator_check_refuses_bad_flags(capsys):
   assert "unknown --parts ['gpu']" in capsys.readouterr().err
   for argv, message in ((["--parts=kernels"], "--out is required"),
                         (["--out=x", "--memory_sizes=1024"],
-                         "at least two sizes")):
+                         "at least two sizes"),
+                        (["--out=x", "--memory_sizes=1024,2k"],
+                         "'1024,2k' is not a comma-separated list"),
+                        (["--out=x", "--round_sizes=0"],
+                         "'0' is not a comma-separated list of whole "
+                         "numbers >= 1")):
     with pytest.raises(SystemExit) as exit_info:
       accelerator_check.parse_args(argv)
     assert exit_info.value.code == 2

@@ -483,6 +483,18 @@ def compare_rows(results: dict, machine: dict) -> list[dict]:
   return rows
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+  """`--*_sizes`: comma-separated whole numbers >= 1."""
+  try:
+    sizes = tuple(int(n) for n in text.split(","))
+  except ValueError:
+    sizes = ()
+  if not sizes or min(sizes) < 1:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a comma-separated list of whole numbers >= 1")
+  return sizes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out",
@@ -504,9 +516,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="pytest -k expression of the device tests")
   for name in ("kernel_n", "dim", "dot_n", "greedy_n"):
     parser.add_argument(f"--{name}", type=int, default=None)
-  parser.add_argument("--round_sizes", default=None,
+  parser.add_argument("--round_sizes", type=_sizes, default=None,
                       help="comma-separated N per modality")
-  parser.add_argument("--memory_sizes", default=None,
+  parser.add_argument("--memory_sizes", type=_sizes, default=None,
                       help="comma-separated N per modality of the memory "
                       "probes (at least two)")
   parser.add_argument("--memory_probe", type=int, default=None,
@@ -518,7 +530,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.out is None and args.memory_probe is None:
     parser.error("--out is required")
-  if args.memory_sizes and len(args.memory_sizes.split(",")) < 2:
+  if args.memory_sizes and len(args.memory_sizes) < 2:
     parser.error("--memory_sizes needs at least two sizes (a line through "
                  "their peaks)")
   unknown = set(args.parts.split(",")) - set(PARTS)
@@ -564,8 +576,7 @@ def main(argv=None):
             tests["passed"])
     _write(args.out, results)
   if "memory" in parts:
-    sizes = ([int(n) for n in args.memory_sizes.split(",")]
-             if args.memory_sizes else mode["memory_sizes"])
+    sizes = args.memory_sizes or mode["memory_sizes"]
     memory = round_memory(sizes, dim, dtype)
     results["memory"] = memory
     if "bytes_per_padded_row" in memory:
@@ -630,8 +641,7 @@ def main(argv=None):
             default <= TARGET_DEFAULT_VS_FLOOR)
     _write(args.out, results)
   if "round" in parts:
-    sizes = ([int(s) for s in args.round_sizes.split(",")]
-             if args.round_sizes else mode["round_sizes"])
+    sizes = args.round_sizes or mode["round_sizes"]
     rounds = round_cost(sizes, dim, dtype, mesh, args.repeats, dot_tflops)
     results["round"] = rounds
     for n, r in rounds.items():
