@@ -530,6 +530,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.out is None and args.memory_probe is None:
     parser.error("--out is required")
+  if args.out is not None:
+    problem = fs.check_reachable(args.out) or fs.check_writable_dir(args.out)
+    if problem:
+      parser.error(f"--out: {problem}; give a folder this process can write")
   if args.memory_sizes and len(args.memory_sizes) < 2:
     parser.error("--memory_sizes needs at least two sizes (a line through "
                  "their peaks)")
