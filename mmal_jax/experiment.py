@@ -86,13 +86,37 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
           f"it, or pass a new --workdir.")
   if not write:
     return
+  failure = None
   if sharding.is_main_process():
-    # Before the first write: a second process on this workdir stops here.
-    workdir_lock.take(workdir)
-    if not exists:
-      fs.write_text(path, strict_json.dumps(current, indent=2, sort_keys=True))
+    try:
+      # Before the first write: a second process on this workdir stops here.
+      workdir_lock.take(workdir)
+      if not exists:
+        fs.write_text(path, strict_json.dumps(current, indent=2,
+                                              sort_keys=True))
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e  # Raised below, once every process knows.
   # Every process, also one that already sees process 0's file.
-  sharding.barrier("config.json")
+  if sharding.any_process(failure is not None):
+    if failure is not None:
+      raise failure
+    raise config_lib.ConfigError(_ELSEWHERE.format(what=f"{workdir}'s lock "
+                                                   f"or config.json"))
+
+
+# What a process that found nothing wrong says when another one did.
+_ELSEWHERE = ("process 0 of this job could not go on ({what}; its error line "
+              "says why); fix that and rerun the same command on every host.")
+
+
+def raise_problems(found: list[str]) -> None:
+  """`config_lib.raise_problems` on every process of a job: raises one
+  ConfigError on each if any process found a problem (process 0 alone
+  checks the workdir; the others would wait for it at their next
+  collective). Cost: one all-gather of a byte per process."""
+  if sharding.any_process(bool(found)):
+    config_lib.raise_problems(found or [_ELSEWHERE.format(
+        what="the config, data or workdir checks")])
 
 
 def _differences(a, b, prefix=""):

@@ -137,8 +137,7 @@ class Experiment:
           pool_lib.matching_components(data.pool))
       found += _data_problems(config, data, num_units, (
           jax.device_count() if mesh is None else mesh.size))
-    if found:
-      config_lib.raise_problems(found)
+    experiment_lib.raise_problems(found)
     mesh = (sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
             if mesh is None else mesh)
     experiment = cls(config, workdir, mesh, data, train.Towers(config, mesh),
@@ -339,7 +338,7 @@ class Run:
           experiment_lib.derived_seed(seed, 1)))
 
   @property
-  def summaries(self) -> summaries.SummaryWriter:
+  def summary_writer(self) -> summaries.SummaryWriter:
     if self._summaries is None:  # Only for a run that has work left.
       self._summaries = experiment_lib.summary_writer(
           self.x.workdir, self.strategy, self.seed)
@@ -570,7 +569,7 @@ class Run:
         seed=experiment_lib.derived_seed(self.seed, t), resume=resume,
         on_checkpoint=save,
         checkpoint_every=self.config.train.checkpoint_every,
-        summaries=self.summaries, summary_step=done_steps,
+        summaries=self.summary_writer, summary_step=done_steps,
         log_every=self.config.train.log_every,
         label=f"{self.label} round {t}/{self.config.num_rounds}")
     if result.steps == 0:
@@ -589,7 +588,7 @@ class Run:
     rows.append(row)
     self._save(t, "evaluated", rows=rows, timing={}, params=params)
     self.x.rows.add(row)
-    experiment_lib.row_scalars(self.summaries, row)
+    experiment_lib.row_scalars(self.summary_writer, row)
     main = config_lib.main_metric(self.config)
     logging.info("%s round %d/%d: %d queries (%.1f%%), %d pairs%s", self.label,
                  t, self.config.num_rounds, row["queries"], row["percent"],

@@ -362,7 +362,7 @@ class ColdStartExperiment:
       found.append(f"config.stage1.num_prototypes="
                    f"{config.stage1.num_prototypes} is more than the "
                    f"{data.size} pairs.")
-    config_lib.raise_problems(found)
+    experiment_lib.raise_problems(found)
     experiment = cls(config, workdir,
                      sharding.make_mesh() if mesh is None else mesh, data)
     # Last: a config that cannot run leaves no trace.

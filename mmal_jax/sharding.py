@@ -124,6 +124,21 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a barrier too).
+
+  For a decision one process takes alone (process 0 checks and locks the
+  workdir) that every process must follow: stopping only there would leave
+  the others waiting at their next collective. Cost: one all-gather of a
+  byte per process; none on one process.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array([flag], np.int32))
+  return bool(np.any(flags))
+
+
 # Parameters and optimizer state (FSDP). big_vision leaves arrays of up to
 # 4 MiB replicated: 2**20 float32 elements; counted in elements so that a
 # parameter and its (possibly bfloat16) Adam moments always shard alike.

@@ -10,7 +10,10 @@ NUM_PROCESSES=1 runs alone (no jax.distributed). The steps, in order:
 kernels over all 8 devices of the job); "pool" / "stream": runs (or resumes)
 `experiment_config(regime)` in OUT_DIR/<regime>, then process 0 writes
 OUT_DIR/<regime>/final_params.npz (the run's last checkpointed parameters,
-gathered). KILL_AT (an MMAL_KILL_AT value) applies to the last step only.
+gathered); "busy": runs the stream experiment in OUT_DIR/busy, whose lock
+the test holds, and every process writes OUT_DIR/busy_<PROCESS_ID>.json
+(the exception it stopped with). KILL_AT (an MMAL_KILL_AT value) applies to
+the last step only.
 Run as a script only: it sets XLA_FLAGS for its device count.
 """
 import json
@@ -87,6 +90,16 @@ def main(process_id: int, num_processes: int, port: str, out_dir: str,
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "fingerprint.json"), "w") as f:
           json.dump(fingerprint, f)
+      continue
+    if step == "busy":
+      try:
+        loop.run_experiment(experiment_config("stream"),
+                            os.path.join(out_dir, "busy"))
+        stopped = None
+      except Exception as e:  # pylint: disable=broad-except
+        stopped = {"type": type(e).__name__, "message": str(e)}
+      with open(os.path.join(out_dir, f"busy_{process_id}.json"), "w") as f:
+        json.dump(stopped, f)
       continue
     regime = step
     config = experiment_config(regime)

@@ -20,6 +20,7 @@ import pytest
 
 import test_device_independence
 from mmal_jax import report
+from mmal_jax import workdir_lock
 from mmal_jax.data import AnnotationState
 
 pytestmark = [
@@ -173,3 +174,25 @@ def test_pool_run_killed_on_both_processes_resumes_as_one(single,
   assert not at_kill["finished"]
   _assert_same_run(out / "pool", single / "pool")
   assert (out / "pool" / "results.md").exists()
+
+
+def test_busy_workdir_stops_every_process(tmp_path):
+  """Process 0 alone takes the workdir's lock; when it is refused, the
+  other process stops too (one ConfigError line each, exit status 2 from
+  the CLI). Before, it waited for process 0 at the config.json barrier
+  until the collective timed out (30 s with gloo here), then stopped with a
+  JaxRuntimeError traceback."""
+  busy = tmp_path / "busy"
+  lock = workdir_lock.take(str(busy))  # A live holder: this process.
+  try:
+    _job(2, tmp_path, ["busy"], timeout_s=150)
+  finally:
+    lock.release()
+  stopped = [json.loads((tmp_path / f"busy_{i}.json").read_text())
+             for i in range(2)]
+  assert stopped[0]["type"] == "WorkdirBusy", stopped
+  assert f"in use by process {os.getpid()}" in stopped[0]["message"]
+  assert stopped[1]["type"] == "ConfigError", stopped
+  assert stopped[1]["message"].startswith("process 0 of this job could not "
+                                          "go on")
+  assert not (busy / "config.json").exists()
