@@ -141,21 +141,37 @@ ADDED_KEYS = {
     "data.pretrain_pairs": "",
     "data.pretrain_split": "",
     "strategy_hparams.mmal.distances_on": "normalized",
-    # Cold start: when Stage 1 saves its state, which changes no result.
-    "stage1.checkpoint_every_epochs": 5,
 }
+
+
+# Keys that say how a run is carried out, not what it computes: a run
+# resumes with other values of them (more frequent checkpoints on a
+# preemptible machine, a longer wait for answers) and gives the same picks,
+# metrics and parameters, so they are left out of the comparison with a
+# workdir's config.json.
+RESUMABLE_KEYS = ("train.checkpoint_every", "train.log_every",
+                  "stage1.checkpoint_every_epochs", "oracle.timeout_s")
 
 
 def comparable_configs(saved: dict, current: dict) -> tuple[dict, dict]:
   """Two config.json trees reduced to what decides a run, to compare a
   workdir's recorded config with the one given now.
 
-  `saved` gains the `ADDED_KEYS` it lacks where `current` has them, and both
-  lose the `strategy_hparams` of strategies `current` does not run (they
-  change nothing; a strategy list that differs still shows as a
-  difference). Pure; copies the trees. Cost: O(size of the trees).
+  `saved` gains the `ADDED_KEYS` it lacks where `current` has them, both
+  lose the `RESUMABLE_KEYS` and the `strategy_hparams` of strategies
+  `current` does not run (they change nothing; a strategy list that
+  differs still shows as a difference). Pure; copies the trees. Cost:
+  O(size of the trees).
   """
   saved, current = copy.deepcopy(saved), copy.deepcopy(current)
+  for tree in (saved, current):
+    for dotted in RESUMABLE_KEYS:
+      *parents, key = dotted.split(".")
+      node = tree
+      for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+      if isinstance(node, dict):
+        node.pop(key, None)
   for dotted, value in ADDED_KEYS.items():
     *parents, key = dotted.split(".")
     s, c = saved, current

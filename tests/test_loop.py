@@ -172,7 +172,10 @@ def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
     loop.run_experiment(config, preempted)
   monkeypatch.setattr(run_state.RunCheckpoints, "save", real_save)
   assert len(_rows(preempted)) == 2  # Rounds 0 and 1 finished.
-  loop.run_experiment(config, preempted)
+  # Resumed with other checkpoint and logging cadences (config_lib.
+  # RESUMABLE_KEYS; before, refused as a different config): the same run.
+  loop.run_experiment(tiny_config(strategies=("mmal",), num_rounds=2, **{
+      "train.checkpoint_every": 3, "train.log_every": 2}), preempted)
 
   want, got = _rows(reference), _rows(preempted)
   assert len(got) == len(want) == 3
@@ -268,6 +271,10 @@ def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(experiment_lib.ConfigMismatchError,
                      match="differs in: budget"):
     experiment_lib.check_workdir(other, str(tmp_path / "same"))
+  # How a run is carried out (config_lib.RESUMABLE_KEYS) may change.
+  experiment_lib.check_workdir(tiny_config(**{
+      "oracle.timeout_s": 60.0, "train.checkpoint_every": 7,
+      "train.log_every": 1}), str(tmp_path / "same"), write=False)
   # A config.json from before config_lib.ADDED_KEYS existed resumes as if
   # it held their old-behaviour values; hparams of strategies that do not
   # run are not compared.
