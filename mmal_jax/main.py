@@ -31,6 +31,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mmal_jax import cli
 from mmal_jax import compile_cache
 from mmal_jax import config_lib
 from mmal_jax import interrupt
@@ -40,7 +41,7 @@ from mmal_jax import logfile
 # file) prints 4 lines about oneDNN on stderr; it only decodes and resizes.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-EXIT_USAGE = 2
+EXIT_USAGE = cli.EXIT_USAGE
 EXIT_AWAITING_ANNOTATIONS = 3
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,8 +69,7 @@ class _QuietCheckpointing(std_logging.Filter):
 
 def _fail(message: str) -> NoReturn:
   """Exits with status 2 and one readable line instead of a traceback."""
-  print(f"mmal_jax.main: error: {' '.join(message.split())}", file=sys.stderr)
-  sys.exit(EXIT_USAGE)
+  cli.fail("mmal_jax.main", message)
 
 
 def _first_line(error: BaseException) -> str:

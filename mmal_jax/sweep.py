@@ -25,10 +25,9 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from mmal_jax import cli
 from mmal_jax import fs
 from mmal_jax import report
-
-EXIT_USAGE = 2
 
 
 class SweepError(ValueError):
@@ -206,9 +205,10 @@ def write(paths: Sequence[str], out: str, metric: str | None = None) -> str:
     raise SweepError(f"{missing[0]}/metrics.jsonl has no {metric!r} values; "
                      f"pass --metric with one of "
                      f"{report.metric_names(workdirs[0].rows)}.")
-  problem = fs.check_writable_dir(out)
+  problem = cli.output_folder_problem(out)
   if problem:
-    raise SweepError(f"--out: {problem}.")
+    raise SweepError(f"--out: {problem}; give a folder this process can "
+                     f"write.")
   text = markdown(workdirs, metric)
   fig = figure(workdirs, metric)
   buffer = io.BytesIO()
@@ -219,14 +219,14 @@ def write(paths: Sequence[str], out: str, metric: str | None = None) -> str:
   return text
 
 
-def cli(workdirs: Sequence[str], out: str, metric: str = "") -> int:
-  """`write` for the command line: 0, or EXIT_USAGE with one line on
+def command(workdirs: Sequence[str], out: str, metric: str = "") -> int:
+  """`write` for the command line: 0, or `cli.EXIT_USAGE` with one line on
   stderr naming the problem (before anything is written)."""
   try:
     write(workdirs, out, metric or None)
   except SweepError as e:
     print(f"mmal_jax.report: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
+    return cli.EXIT_USAGE
   print(f"Wrote {os.path.join(out, 'sweep.md')} and "
         f"{os.path.join(out, 'sweep.png')}")
   return 0

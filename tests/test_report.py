@@ -280,13 +280,13 @@ def test_sweep_bad_workdir_is_one_line_and_exit_2(tmp_path, capsys):
   paths, _ = _sweep_workdirs(tmp_path)
   out = tmp_path / "out"
   missing = str(tmp_path / "nowhere")
-  assert sweep.cli([*paths, missing], str(out)) == 2
+  assert sweep.command([*paths, missing], str(out)) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and missing in err[0] and "config.json" in err[0]
   assert not out.exists()
-  assert sweep.cli(paths, str(out), "not/a_metric") == 2
+  assert sweep.command(paths, str(out), "not/a_metric") == 2
   assert "not/a_metric" in capsys.readouterr().err
-  assert sweep.cli(paths, str(out)) == 0
+  assert sweep.command(paths, str(out)) == 0
 
 
 def test_modality_bars_are_the_mean_queries_per_round():

@@ -21,6 +21,8 @@ from typing import NoReturn
 from absl import app
 from absl import flags
 
+from mmal_jax import cli
+
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The waiting run's workdir.",
@@ -34,10 +36,11 @@ _TOP_K = flags.DEFINE_integer(
     "config.oracle.top_k); at most config.oracle.num_ranked.")
 
 
+_PROG = "mmal_jax.annotate"
+
+
 def _fail(message: str) -> NoReturn:
-  print(f"mmal_jax.annotate: error: {' '.join(message.split())}",
-        file=sys.stderr)
-  sys.exit(2)
+  cli.fail(_PROG, message)
 
 
 def _is_loopback(host: str) -> bool:
@@ -93,4 +96,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser(_PROG))

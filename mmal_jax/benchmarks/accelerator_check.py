@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from mmal_jax import cli
 from mmal_jax import fs
 from mmal_jax import sharding
 from mmal_jax.acquisition import kernels
@@ -188,11 +189,22 @@ def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
                  repeats: int, pallas: bool = False) -> dict:
   """Part 4: kernel rates and greedy picks against jnp.dot and a read pass;
   with `pallas`, the kernels' Pallas forms too (`impl="pallas"`; one that
-  fails to compile is reported with its error, not timed)."""
+  fails to compile is reported with its error, not timed). Each half's
+  arrays are freed before the next is made."""
+  rates = matmul_rates(n, dim, dot_n, dtype, mesh, repeats, pallas)
+  return {**rates, "greedy": greedy_rates(greedy_n, dim, dtype, mesh,
+                                          repeats)}
+
+
+def matmul_rates(n: int, dim: int, dot_n: int, dtype, mesh, repeats: int,
+                 pallas: bool) -> dict:
+  """Top-2 margins and min-distance at Q = N = `n` (TFLOP/s, and as a
+  fraction of `jnp.dot` on `dot_n`^2 x `dim` within each repeat), and a
+  read-only pass over the keys (GB/s), interleaved. Memory: two pools of
+  n x dim."""
   keys = random_pool(n, dim, dtype, mesh, 0)
-  query_pool = random_pool(n, dim, jnp.float32, mesh, 1)
-  queries = kernels.gather_rows(query_pool, np.arange(n))
-  del query_pool
+  queries = kernels.gather_rows(random_pool(n, dim, jnp.float32, mesh, 1),
+                                np.arange(n))
   valid = layout_lib.shard_mask(np.ones(n, np.bool_), keys.layout)
   a = jnp.ones((dot_n, dim), dtype)
   contenders = {
@@ -228,8 +240,16 @@ def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
   pool_bytes = keys.rows.size * keys.rows.dtype.itemsize
   read_gb_s = timing.stats(
       [pool_bytes / t / 1e9 for t in times["read_pass"]])
-  del keys, queries, valid, a
+  return {"n": n, "dim": dim, "dtype": jnp.dtype(dtype).name, "dot_n": dot_n,
+          "tflops": tflops, "rate_vs_dot": vs_dot, "read_gb_s": read_gb_s,
+          "pallas_errors": pallas_errors}
 
+
+def greedy_rates(greedy_n: int, dim: int, dtype, mesh, repeats: int) -> dict:
+  """Greedy k-center at N = `greedy_n`: seconds per pick with one pass per
+  pick and with the default picks per pass (each from the difference of
+  two pick counts, so the setup cancels), against a read-only pass over the
+  pool (the floor), within each repeat. Memory: one pool of n x dim."""
   _progress(f"greedy k-center: N = {greedy_n:,}, D = {dim}")
   pool = random_pool(greedy_n, dim, dtype, mesh, 2)
   eligible = layout_lib.shard_mask(np.ones(greedy_n, np.bool_), pool.layout)
@@ -253,19 +273,14 @@ def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
          for a, b in zip(times["one_few"], times["one_many"])]
   default = [(b - a) / (batch_many - batch_few)
              for a, b in zip(times["default_few"], times["default_many"])]
-  stats = timing.stats
-  ratios = timing.ratios
   return {
-      "n": n, "dim": dim, "dtype": jnp.dtype(dtype).name, "dot_n": dot_n,
+      "n": greedy_n, "picks_per_pass": per_pass,
       "block": kernels.pool_block(layout_lib.DEFAULT_BLOCK, pool),
-      "tflops": tflops, "rate_vs_dot": vs_dot, "read_gb_s": read_gb_s,
-      "pallas_errors": pallas_errors,
-      "greedy": {
-          "n": greedy_n, "picks_per_pass": per_pass,
-          "one_pass_per_pick_s": stats(one), "default_per_pick_s":
-          stats(default), "read_floor_s": stats(times["read_pass"]),
-          "one_pass_vs_floor": ratios(one, times["read_pass"]),
-          "default_vs_floor": ratios(default, times["read_pass"])}}
+      "one_pass_per_pick_s": timing.stats(one),
+      "default_per_pick_s": timing.stats(default),
+      "read_floor_s": timing.stats(times["read_pass"]),
+      "one_pass_vs_floor": timing.ratios(one, times["read_pass"]),
+      "default_vs_floor": timing.ratios(default, times["read_pass"])}
 
 
 def round_matmul_flops(n: int, dim: int) -> float:
@@ -303,24 +318,26 @@ def mmal_round(embeddings, annotated, dtype):
 
 def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
                dot_tflops: float | None) -> dict:
-  """Part 5: seconds per `mmal` round with the cache rebuilt."""
-  out = {}
-  for n in sizes:
-    _progress(f"mmal round with cache rebuild: N = {n:,} per modality")
-    embeddings, annotated = round_inputs(
-        n, dim, dtype, mesh, max(1, round(ANNOTATED_FRACTION * n)))
-    seconds = timing.interleaved(
-        {"round": lambda: mmal_round(embeddings, annotated, dtype)},
-        repeats)["round"]
-    flops = round_matmul_flops(n, dim)
-    matmul_s = flops / (dot_tflops * 1e12) if dot_tflops else None
-    out[str(n)] = {
-        "seconds": timing.stats(seconds),
-        "matmul_flops": flops, "matmul_s_at_dot_rate": matmul_s,
-        "vs_matmul": (timing.stats(
-            [s / matmul_s for s in seconds]) if matmul_s else None)}
-    del embeddings
-  return out
+  """Part 5: seconds per `mmal` round with the cache rebuilt, per size (one
+  size's pools are freed before the next is made)."""
+  return {str(n): _round_seconds(n, dim, dtype, mesh, repeats, dot_tflops)
+          for n in sizes}
+
+
+def _round_seconds(n: int, dim: int, dtype, mesh, repeats: int,
+                   dot_tflops: float | None) -> dict:
+  _progress(f"mmal round with cache rebuild: N = {n:,} per modality")
+  embeddings, annotated = round_inputs(
+      n, dim, dtype, mesh, max(1, round(ANNOTATED_FRACTION * n)))
+  seconds = timing.interleaved(
+      {"round": lambda: mmal_round(embeddings, annotated, dtype)},
+      repeats)["round"]
+  flops = round_matmul_flops(n, dim)
+  matmul_s = flops / (dot_tflops * 1e12) if dot_tflops else None
+  return {"seconds": timing.stats(seconds),
+          "matmul_flops": flops, "matmul_s_at_dot_rate": matmul_s,
+          "vs_matmul": (timing.stats(
+              [s / matmul_s for s in seconds]) if matmul_s else None)}
 
 
 def memory_probe(n: int, dim: int, dtype) -> dict:
@@ -497,7 +514,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out",
+  parser.add_argument("--out", type=cli.output_folder,
                       help="folder of accelerator_check.json (local or gs://)")
   parser.add_argument("--quick", action="store_true",
                       help="toy sizes: checks that everything runs")
@@ -530,10 +547,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.out is None and args.memory_probe is None:
     parser.error("--out is required")
-  if args.out is not None:
-    problem = fs.check_reachable(args.out) or fs.check_writable_dir(args.out)
-    if problem:
-      parser.error(f"--out: {problem}; give a folder this process can write")
   if args.memory_sizes and len(args.memory_sizes) < 2:
     parser.error("--memory_sizes needs at least two sizes (a line through "
                  "their peaks)")

@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmal_jax import cli
 from mmal_jax import fs
 from mmal_jax import sharding
 from mmal_jax.acquisition import badge as badge_lib
@@ -68,6 +69,7 @@ from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
 from mmal_jax.benchmarks import timing
 
+_PROG = "mmal_jax.benchmarks.acquisition"
 _QUICK = flags.DEFINE_bool("quick", False, "Small sizes, for a fast check.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved repeats (>= 5).")
@@ -578,12 +580,13 @@ def main(argv):
                                   _DIM.value)))
     return
   if not _OUT.value:
-    raise app.UsageError("--out is required.")
+    cli.fail(_PROG, "--out is required (a folder for results.json).")
   if _REPEATS.value < 5:
-    raise app.UsageError("--repeats must be >= 5.")
+    cli.fail(_PROG, "--repeats must be >= 5.")
   unknown = set(_PARTS.value) - set(PARTS)
   if unknown:
-    raise app.UsageError(f"Unknown --parts {sorted(unknown)}; know {PARTS}.")
+    cli.fail(_PROG, f"unknown --parts {sorted(unknown)}; know {PARTS}.")
+  cli.check_output_folder(_PROG, "--out", _OUT.value)
   fs.makedirs(_OUT.value)
   mode = QUICK if _QUICK.value else FULL
   ints = lambda values: [int(v) for v in values]  # noqa: E731
@@ -648,4 +651,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser(_PROG))

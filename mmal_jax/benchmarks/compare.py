@@ -36,9 +36,11 @@ import time
 from absl import app
 from absl import flags
 
+from mmal_jax import cli
 from mmal_jax import fs
 from mmal_jax.benchmarks.peaks import device_peak  # noqa: F401  (public here too)
 
+_PROG = "mmal_jax.benchmarks.compare"
 _OUT = flags.DEFINE_string("out", None, "Folder of compare.jsonl (local or "
                            "gs://).", required=True)
 _QUICK = flags.DEFINE_bool("quick", False, "Toy sizes: checks that it runs.")
@@ -401,13 +403,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(_PROG, f"unexpected arguments {argv[1:]}; pass only flags.")
+  cli.check_output_folder(_PROG, "--out", _OUT.value)
   path = os.path.join(_OUT.value, ROWS_FILE)
   if _PLOT.value:
     paths = [p for p in [path] if fs.exists(p)] + _ROWS.value
     rows = read_rows(paths)
     if not rows:
-      raise app.UsageError(f"No rows to plot in {path} or --rows.")
+      cli.fail(_PROG, f"no rows to plot in {path} or --rows; run compare "
+               f"there first or pass --rows=A.jsonl,...")
     plot(rows, os.path.join(_OUT.value, "compare.png"))
     print(f"Plotted {len(rows)} rows of {len(paths)} file(s) into "
           f"{_OUT.value}/compare.png")
@@ -417,13 +421,11 @@ def main(argv):
                shlex.split(_ACQUISITION_FLAGS.value),
                shlex.split(_TRAIN_STEP_FLAGS.value))
   except FlagsNotAccepted as e:  # Before any benchmark has run.
-    print(f"compare: {e}. Fix --acquisition_flags / --train_step_flags.",
-          file=sys.stderr)
-    sys.exit(2)
+    cli.fail(_PROG, f"{e}. Fix --acquisition_flags / --train_step_flags.")
   print(table(rows))
   append_rows(path, rows)
   print(f"\nAppended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser(_PROG))

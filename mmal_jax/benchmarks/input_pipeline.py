@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from mmal_jax import cli
 from mmal_jax import fs
 from mmal_jax.data import pipeline
 from mmal_jax.data import preprocess
@@ -251,7 +252,8 @@ def main(argv=None):
                       help="gs:// buffer: runs / per-image reads images/s")
   parser.add_argument("--quick", action="store_true",
                       help="16 small images, 5 repeats")
-  parser.add_argument("--out", default="")
+  parser.add_argument("--out", default=None, type=cli.output_folder,
+                      help="folder for input_pipeline.json (local or gs://)")
   args = parser.parse_args(argv)
   if args.quick:
     args.num, args.min_side, args.max_side = 16, 64, 96

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmal_jax import cli
 from mmal_jax import compile_cache
 from mmal_jax import flops
 from mmal_jax import fs
@@ -290,7 +291,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="per-device peak for the fraction (default: table)")
-  parser.add_argument("--out", default=None, help="directory for JSON output")
+  parser.add_argument("--out", default=None, type=cli.output_folder,
+                      help="directory for JSON output (local or gs://)")
   args = parser.parse_args()
 
   result = run(args)

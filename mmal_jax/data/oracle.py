@@ -190,8 +190,8 @@ class FileOracle:
     (the run's record of its acquisition; any order). AnswerFileError names
     the first line that differs. Cost: O(queries)."""
     path = self.queries_path(round_index)
-    fix = (f"it is the run's own output and a round's queries cannot change: "
-           f"delete it and rerun to have it written again.")
+    fix = ("it is the run's own output and a round's queries cannot change: "
+           "delete it and rerun to have it written again.")
     asked, seen = set(queries), {}
     for lineno, ref in written:
       if ref not in asked:

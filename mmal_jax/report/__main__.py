@@ -16,7 +16,10 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from mmal_jax import cli
 from mmal_jax import sweep
+
+_PROG = "mmal_jax.report"
 
 flags.DEFINE_list("workdirs", None, "Workdirs to compare (local or gs://).",
                   required=True)
@@ -29,12 +32,10 @@ flags.DEFINE_string("metric", "", "Metric to compare; default: the "
 def main(argv: Sequence[str]) -> None:
   """`python -m mmal_jax.report --workdirs A,B --out DIR`: the sweep report."""
   if len(argv) > 1:
-    print(f"mmal_jax.report: error: unexpected arguments {argv[1:]}.",
-          file=sys.stderr)
-    sys.exit(sweep.EXIT_USAGE)
+    cli.fail(_PROG, f"unexpected arguments {argv[1:]}; pass only flags.")
   f = flags.FLAGS
-  sys.exit(sweep.cli(f.workdirs or [], f.out, f.metric))
+  sys.exit(sweep.command(f.workdirs or [], f.out, f.metric))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser(_PROG))
