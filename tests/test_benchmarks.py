@@ -158,6 +158,18 @@ def test_accelerator_check_quick(gcs_bucket, capsys):
       "accelerator_check/greedy_one_pass_per_pick",
       "accelerator_check/greedy_default_per_pick",
       "accelerator_check/mmal_round_rebuild", "train_step"}
+  # Profiles (--profile yes, the default) of every timed contender, on gs://.
+  for name in ("top2_margin", "min_distance_pallas", "jnp.dot",
+               "greedy_one_many", "greedy_default_many", "mmal_round_1500",
+               "train_step"):
+    trace = fs.read_bytes(f"{out}/profiles/{name}.trace.json.gz")
+    assert trace[:2] == b"\x1f\x8b", name  # gzip
+  for summary in (results["kernels"]["profiles"]["top2_margin"],
+                  results["kernels"]["greedy"]["profiles"]["greedy_one_many"],
+                  results["round"]["1500"]["profiles"]["mmal_round_1500"],
+                  results["train"]["profile"]):
+    assert summary["lanes"][0]["busy_ms"] > 0 and summary["lanes"][0]["ops"]
+  assert "  profile top2_margin: /host:CPU " in printed
   verdicts = [t["verdict"] for t in results["targets"]]
   assert not results["kernels"]["pallas_errors"]
   assert len(verdicts) == 10 and set(verdicts) <= {"PASS", "MISS", "SKIP"}

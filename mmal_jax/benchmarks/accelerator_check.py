@@ -37,6 +37,12 @@ starts, which would leave a child the rest):
    modalities of N in `--round_sizes` each, 1% annotated, budget 256,
    coreset 1024; against its matrix products' time at the `jnp.dot` rate.
 
+With `--profile yes` (the default) every timed contender of parts 3-5 is
+also traced for 3 calls (`benchmarks.profile`, jax.profiler) into
+DIR/profiles/NAME.trace.json.gz (open at ui.perfetto.dev), and one line
+per contender gives its busiest lane's busy share of the wall time and top
+ops: the evidence of what limits a MISS (also in the JSON, "profiles").
+
 Pools are generated on the devices in the kernels' layout (no host copy),
 in bfloat16 on accelerators and float32 on CPU (`--dtype`). Timed
 comparisons interleave their contenders, repeat `--repeats` (>= 5) times and
@@ -67,10 +73,12 @@ from mmal_jax.acquisition import kernels
 from mmal_jax.acquisition import layout as layout_lib
 from mmal_jax.acquisition import strategies
 from mmal_jax.benchmarks import compare
+from mmal_jax.benchmarks import profile as profile_lib
 from mmal_jax.benchmarks import timing
 
 PARTS = ("tests", "memory", "train", "kernels", "round")
 RESULTS_FILE = "accelerator_check.json"
+PROFILES_DIR = "profiles"
 # The kernel tests that compare picks and distances with the references.
 DEVICE_TESTS = ("matches_numpy or exact or ties or products or same_picks "
                 "or mmal_matches or uncertainty or through_pallas")
@@ -185,19 +193,38 @@ def run_tests(expression: str) -> dict:
           "seconds": time.perf_counter() - start}
 
 
+def profile_contenders(contenders: dict, profile_dir: str | None) -> dict:
+  """With `profile_dir`, a `benchmarks.profile` trace of 3 calls of each
+  contender (compiled already), written to PROFILE_DIR/NAME.trace.json.gz
+  (Perfetto), and its summary, printed as one line each: name -> summary.
+  Without: {}."""
+  if profile_dir is None:
+    return {}
+  out = {}
+  for name, fn in contenders.items():
+    trace, seconds = profile_lib.capture(fn)
+    fs.write_bytes(os.path.join(profile_dir, f"{name}.trace.json.gz"), trace)
+    out[name] = profile_lib.summarize(trace, seconds)
+    print(f"  profile {profile_lib.describe(name, out[name])}", flush=True)
+  return out
+
+
 def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
-                 repeats: int, pallas: bool = False) -> dict:
+                 repeats: int, pallas: bool = False,
+                 profile_dir: str | None = None) -> dict:
   """Part 4: kernel rates and greedy picks against jnp.dot and a read pass;
   with `pallas`, the kernels' Pallas forms too (`impl="pallas"`; one that
-  fails to compile is reported with its error, not timed). Each half's
-  arrays are freed before the next is made."""
-  rates = matmul_rates(n, dim, dot_n, dtype, mesh, repeats, pallas)
+  fails to compile is reported with its error, not timed); with
+  `profile_dir`, a profile of every contender (`profile_contenders`). Each
+  half's arrays are freed before the next is made."""
+  rates = matmul_rates(n, dim, dot_n, dtype, mesh, repeats, pallas,
+                       profile_dir)
   return {**rates, "greedy": greedy_rates(greedy_n, dim, dtype, mesh,
-                                          repeats)}
+                                          repeats, profile_dir)}
 
 
 def matmul_rates(n: int, dim: int, dot_n: int, dtype, mesh, repeats: int,
-                 pallas: bool) -> dict:
+                 pallas: bool, profile_dir: str | None = None) -> dict:
   """Top-2 margins and min-distance at Q = N = `n` (TFLOP/s, and as a
   fraction of `jnp.dot` on `dot_n`^2 x `dim` within each repeat), and a
   read-only pass over the keys (GB/s), interleaved. Memory: two pools of
@@ -228,9 +255,9 @@ def matmul_rates(n: int, dim: int, dot_n: int, dtype, mesh, repeats: int,
   flops["jnp.dot"] = 2. * dot_n * dot_n * dim
   _progress(f"kernels: Q = N = {n:,}, D = {dim}, {jnp.dtype(dtype).name}, "
             f"jnp.dot {dot_n}^2 x {dim}")
-  times = timing.interleaved({
-      **contenders, "jnp.dot": lambda: _dot(a, a),
-      "read_pass": lambda: _read_pass(keys.rows)}, repeats)
+  contenders.update({"jnp.dot": lambda: _dot(a, a),
+                     "read_pass": lambda: _read_pass(keys.rows)})
+  times = timing.interleaved(contenders, repeats)
   tflops = {name: timing.stats(
       [flops[name] / t / 1e12 for t in times[name]]) for name in flops}
   vs_dot = {name: timing.ratios(
@@ -242,10 +269,12 @@ def matmul_rates(n: int, dim: int, dot_n: int, dtype, mesh, repeats: int,
       [pool_bytes / t / 1e9 for t in times["read_pass"]])
   return {"n": n, "dim": dim, "dtype": jnp.dtype(dtype).name, "dot_n": dot_n,
           "tflops": tflops, "rate_vs_dot": vs_dot, "read_gb_s": read_gb_s,
-          "pallas_errors": pallas_errors}
+          "pallas_errors": pallas_errors,
+          "profiles": profile_contenders(contenders, profile_dir)}
 
 
-def greedy_rates(greedy_n: int, dim: int, dtype, mesh, repeats: int) -> dict:
+def greedy_rates(greedy_n: int, dim: int, dtype, mesh, repeats: int,
+                 profile_dir: str | None = None) -> dict:
   """Greedy k-center at N = `greedy_n`: seconds per pick with one pass per
   pick and with the default picks per pass (each from the difference of
   two pick counts, so the setup cancels), against a read-only pass over the
@@ -264,11 +293,12 @@ def greedy_rates(greedy_n: int, dim: int, dtype, mesh, repeats: int) -> dict:
     return lambda: kernels.kcenter_greedy_sharded(
         pool, k, eligible=eligible, init_dist=init, picks_per_pass=p)
 
-  times = timing.interleaved({
+  contenders = {
       "one_few": picks(few, 1), "one_many": picks(many, 1),
       "default_few": picks(batch_few, per_pass),
       "default_many": picks(batch_many, per_pass),
-      "read_pass": lambda: _read_pass(pool.rows)}, repeats)
+      "read_pass": lambda: _read_pass(pool.rows)}
+  times = timing.interleaved(contenders, repeats)
   one = [(b - a) / (many - few)
          for a, b in zip(times["one_few"], times["one_many"])]
   default = [(b - a) / (batch_many - batch_few)
@@ -280,7 +310,10 @@ def greedy_rates(greedy_n: int, dim: int, dtype, mesh, repeats: int) -> dict:
       "default_per_pick_s": timing.stats(default),
       "read_floor_s": timing.stats(times["read_pass"]),
       "one_pass_vs_floor": timing.ratios(one, times["read_pass"]),
-      "default_vs_floor": timing.ratios(default, times["read_pass"])}
+      "default_vs_floor": timing.ratios(default, times["read_pass"]),
+      "profiles": profile_contenders({
+          f"greedy_{name}": contenders[name] for name in (
+              "one_many", "default_many", "read_pass")}, profile_dir)}
 
 
 def round_matmul_flops(n: int, dim: int) -> float:
@@ -317,27 +350,31 @@ def mmal_round(embeddings, annotated, dtype):
 
 
 def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
-               dot_tflops: float | None) -> dict:
+               dot_tflops: float | None, profile_dir: str | None = None
+               ) -> dict:
   """Part 5: seconds per `mmal` round with the cache rebuilt, per size (one
-  size's pools are freed before the next is made)."""
-  return {str(n): _round_seconds(n, dim, dtype, mesh, repeats, dot_tflops)
+  size's pools are freed before the next is made); with `profile_dir`, a
+  profile of the round at each size (`profile_contenders`)."""
+  return {str(n): _round_seconds(n, dim, dtype, mesh, repeats, dot_tflops,
+                                 profile_dir)
           for n in sizes}
 
 
 def _round_seconds(n: int, dim: int, dtype, mesh, repeats: int,
-                   dot_tflops: float | None) -> dict:
+                   dot_tflops: float | None, profile_dir: str | None) -> dict:
   _progress(f"mmal round with cache rebuild: N = {n:,} per modality")
   embeddings, annotated = round_inputs(
       n, dim, dtype, mesh, max(1, round(ANNOTATED_FRACTION * n)))
-  seconds = timing.interleaved(
-      {"round": lambda: mmal_round(embeddings, annotated, dtype)},
-      repeats)["round"]
+  contenders = {"round": lambda: mmal_round(embeddings, annotated, dtype)}
+  seconds = timing.interleaved(contenders, repeats)["round"]
   flops = round_matmul_flops(n, dim)
   matmul_s = flops / (dot_tflops * 1e12) if dot_tflops else None
   return {"seconds": timing.stats(seconds),
           "matmul_flops": flops, "matmul_s_at_dot_rate": matmul_s,
           "vs_matmul": (timing.stats(
-              [s / matmul_s for s in seconds]) if matmul_s else None)}
+              [s / matmul_s for s in seconds]) if matmul_s else None),
+          "profiles": profile_contenders(
+              {f"mmal_round_{n}": contenders["round"]}, profile_dir)}
 
 
 def memory_probe(n: int, dim: int, dtype) -> dict:
@@ -443,12 +480,13 @@ def round_memory(sizes, dim: int, dtype: str | None) -> dict:
   return out
 
 
-def train_step(flags: list[str]) -> dict:
+def train_step(flags: list[str], profile_dir: str | None = None) -> dict:
   """Part 3: `benchmarks.train_step` on `flags` in a fresh process (its
   output streamed as it comes), so its time to the first step counts from
-  a process start."""
+  a process start; with `profile_dir`, its profile of 3 steps there."""
+  profile = [f"--profile_dir={profile_dir}"] if profile_dir else []
   with tempfile.TemporaryDirectory() as tmp:
-    compare.run_python("-m", compare.TRAIN_STEP, *flags,
+    compare.run_python("-m", compare.TRAIN_STEP, *flags, *profile,
                        "--memory_variants=", f"--out={tmp}", stream=True)
     return json.loads(fs.read_text(os.path.join(tmp, "train_step.json")))
 
@@ -529,6 +567,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--pallas", default=None, choices=["yes", "no"],
                       help="also time the Pallas kernels (default: yes on "
                       "accelerators; CPU runs them interpreted)")
+  parser.add_argument("--profile", default="yes", choices=["yes", "no"],
+                      help="trace each timed contender (jax.profiler) into "
+                      "DIR/profiles/NAME.trace.json.gz and print its "
+                      "busiest lane and top ops: what limits a MISS")
   parser.add_argument("--tests_k", default=DEVICE_TESTS,
                       help="pytest -k expression of the device tests")
   for name in ("kernel_n", "dim", "dot_n", "greedy_n"):
@@ -568,6 +610,8 @@ def main(argv=None):
     return
   parts = args.parts.split(",")
   fs.makedirs(args.out)
+  profile_dir = (os.path.join(args.out, PROFILES_DIR)
+                 if args.profile == "yes" else None)
   # The parts run in subprocesses come first, before this process starts
   # its accelerator client: JAX's GPU client takes 75% of the device's
   # memory as it starts, which would leave a child the rest.
@@ -614,7 +658,7 @@ def main(argv=None):
     flags = shlex.split((args.train_flags or mode["train_flags"]).format(
         batch=batch)) + [f"--dtype={dtype}"]
     _progress(f"train step: {' '.join(flags)}")
-    step = train_step(flags)
+    step = train_step(flags, profile_dir)
     results["train"] = step
     mfu = step.get("mfu", step.get("peak_fraction"))
     _target(results, f"train step fraction of peak >= {TARGET_MFU}", mfu,
@@ -631,7 +675,7 @@ def main(argv=None):
     rates = kernel_rates(args.kernel_n or mode["kernel_n"], dim,
                          args.dot_n or mode["dot_n"],
                          args.greedy_n or mode["greedy_n"], dtype, mesh,
-                         args.repeats, pallas)
+                         args.repeats, pallas, profile_dir)
     results["kernels"] = rates
     dot_tflops = rates["tflops"]["jnp.dot"]["median"]
     fmt = timing.fmt
@@ -659,7 +703,8 @@ def main(argv=None):
     _write(args.out, results)
   if "round" in parts:
     sizes = args.round_sizes or mode["round_sizes"]
-    rounds = round_cost(sizes, dim, dtype, mesh, args.repeats, dot_tflops)
+    rounds = round_cost(sizes, dim, dtype, mesh, args.repeats, dot_tflops,
+                        profile_dir)
     results["round"] = rounds
     for n, r in rounds.items():
       print(f"  N = {int(n):,}: "

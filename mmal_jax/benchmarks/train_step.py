@@ -48,6 +48,7 @@ from mmal_jax import optim
 from mmal_jax import sharding
 from mmal_jax import train_step
 from mmal_jax.benchmarks import peaks
+from mmal_jax.benchmarks import profile as profile_lib
 from mmal_jax.models import presets
 from mmal_jax.models import two_towers
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -177,6 +178,20 @@ def run(args: argparse.Namespace) -> dict:
     times.append(seconds)
     _progress(f"step {i + 1}/{args.steps}: {1e3 * seconds:.1f} ms")
   step_s = float(np.median(times))
+  profile = None
+  if args.profile_dir:
+    carried = [state]
+
+    def one_step():
+      carried[0], step_metrics = compiled(carried[0], batch)
+      return step_metrics
+
+    trace, seconds = profile_lib.capture(one_step)
+    state = carried[0]  # The step donates its input state.
+    fs.write_bytes(os.path.join(args.profile_dir, "train_step.trace.json.gz"),
+                   trace)
+    profile = profile_lib.summarize(trace, seconds)
+    _progress(f"profile {profile_lib.describe('train step', profile)}")
 
   counted = flops.train_step_flops(
       config.model.to_dict(), "siglip", args.batch, (args.res, args.res, 3),
@@ -211,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
       "xla_gflop_per_step_per_device": xla_flops / 1e9,
       "xla_tflops_per_device": xla_tflops,
       "loss": float(metrics["loss"]),
+      "profile": profile,
   }
 
 
@@ -291,6 +307,10 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="per-device peak for the fraction (default: table)")
+  parser.add_argument("--profile_dir", default=None, type=cli.output_folder,
+                      help="trace 3 steps (jax.profiler) into "
+                      "DIR/train_step.trace.json.gz and print the busiest "
+                      "lane's top ops (local or gs://)")
   parser.add_argument("--out", default=None, type=cli.output_folder,
                       help="directory for JSON output (local or gs://)")
   args = parser.parse_args()
