@@ -196,13 +196,19 @@ def run_tests(expression: str) -> dict:
 def profile_contenders(contenders: dict, profile_dir: str | None) -> dict:
   """With `profile_dir`, a `benchmarks.profile` trace of 3 calls of each
   contender (compiled already), written to PROFILE_DIR/NAME.trace.json.gz
-  (Perfetto), and its summary, printed as one line each: name -> summary.
-  Without: {}."""
+  (Perfetto), and its summary, printed as one line each: name -> summary
+  (or {"error": ...}: a profiler that cannot trace here, e.g. without
+  CUPTI, is reported, and the check goes on). Without: {}."""
   if profile_dir is None:
     return {}
   out = {}
   for name, fn in contenders.items():
-    trace, seconds = profile_lib.capture(fn)
+    try:
+      trace, seconds = profile_lib.capture(fn)
+    except Exception as e:  # pylint: disable=broad-except
+      out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      _progress(f"profile {name} failed: {out[name]['error']}")
+      continue
     fs.write_bytes(os.path.join(profile_dir, f"{name}.trace.json.gz"), trace)
     out[name] = profile_lib.summarize(trace, seconds)
     print(f"  profile {profile_lib.describe(name, out[name])}", flush=True)
