@@ -5,9 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ONE_PASS = pytest.mark.skipif(
+    jax.device_count() > 1, reason="1-device pass only: the command line's "
+    "checks come before any device work (CI time)")
 
 
 def _run_main(workdir, *overrides):
@@ -18,6 +22,7 @@ def _run_main(workdir, *overrides):
   return result.returncode, result.stderr
 
 
+@_ONE_PASS
 @pytest.mark.parametrize("overrides, expected", [
     (["--config.budgt=3"], ["unknown config key", "budgt", "budget"]),
     (["--config.train.nope=1"], ["unknown config key", "nope"]),
@@ -37,6 +42,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, overrides, expected):
     assert text in last
 
 
+@_ONE_PASS
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
   workdir = tmp_path / "w"
   workdir.mkdir()
