@@ -153,6 +153,15 @@ RESUMABLE_KEYS = ("train.checkpoint_every", "train.log_every",
                   "stage1.checkpoint_every_epochs", "oracle.timeout_s")
 
 
+def _holder(tree: dict, dotted: str) -> tuple[dict | None, str]:
+  """(the dict of `tree` that holds dotted key `dotted`'s last part, or None
+  where a parent is missing or not a dict; that last part)."""
+  *parents, key = dotted.split(".")
+  for part in parents:
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return (tree if isinstance(tree, dict) else None), key
+
+
 def comparable_configs(saved: dict, current: dict) -> tuple[dict, dict]:
   """Two config.json trees reduced to what decides a run, to compare a
   workdir's recorded config with the one given now.
@@ -166,22 +175,13 @@ def comparable_configs(saved: dict, current: dict) -> tuple[dict, dict]:
   saved, current = copy.deepcopy(saved), copy.deepcopy(current)
   for tree in (saved, current):
     for dotted in RESUMABLE_KEYS:
-      *parents, key = dotted.split(".")
-      node = tree
-      for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-      if isinstance(node, dict):
+      node, key = _holder(tree, dotted)
+      if node is not None:
         node.pop(key, None)
   for dotted, value in ADDED_KEYS.items():
-    *parents, key = dotted.split(".")
-    s, c = saved, current
-    for part in parents:
-      s, c = s.get(part), c.get(part)
-      if not isinstance(s, dict) or not isinstance(c, dict):
-        break
-    else:
-      if key in c and key not in s:
-        s[key] = value
+    (s, key), (c, _) = _holder(saved, dotted), _holder(current, dotted)
+    if s is not None and c is not None and key in c and key not in s:
+      s[key] = value
   running = set(current.get("strategies") or ())
   for tree in (saved, current):
     hparams = tree.get("strategy_hparams")

@@ -73,3 +73,15 @@ def test_capture_of_a_compiled_product():
   lane = summary["lanes"][0]
   assert 0 < lane["busy_ms"] <= summary["wall_ms"]
   assert sum(op["count"] for op in lane["ops"]) >= 2
+
+
+def test_a_profiler_that_cannot_trace_is_reported_not_fatal(monkeypatch,
+                                                            tmp_path, capsys):
+  def no_cupti(fn, calls=3):
+    raise RuntimeError("CUPTI could not be loaded")
+
+  monkeypatch.setattr(profile, "capture", no_cupti)
+  out = profile.record({"k": lambda: 1}, str(tmp_path))
+  assert out == {"k": {"error": "RuntimeError: CUPTI could not be loaded"}}
+  assert "profile k failed: RuntimeError" in capsys.readouterr().out
+  assert profile.record({"k": lambda: 1}, None) == {}

@@ -193,35 +193,13 @@ def run_tests(expression: str) -> dict:
           "seconds": time.perf_counter() - start}
 
 
-def profile_contenders(contenders: dict, profile_dir: str | None) -> dict:
-  """With `profile_dir`, a `benchmarks.profile` trace of 3 calls of each
-  contender (compiled already), written to PROFILE_DIR/NAME.trace.json.gz
-  (Perfetto), and its summary, printed as one line each: name -> summary
-  (or {"error": ...}: a profiler that cannot trace here, e.g. without
-  CUPTI, is reported, and the check goes on). Without: {}."""
-  if profile_dir is None:
-    return {}
-  out = {}
-  for name, fn in contenders.items():
-    try:
-      trace, seconds = profile_lib.capture(fn)
-    except Exception as e:  # pylint: disable=broad-except
-      out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-      _progress(f"profile {name} failed: {out[name]['error']}")
-      continue
-    fs.write_bytes(os.path.join(profile_dir, f"{name}.trace.json.gz"), trace)
-    out[name] = profile_lib.summarize(trace, seconds)
-    print(f"  profile {profile_lib.describe(name, out[name])}", flush=True)
-  return out
-
-
 def kernel_rates(n: int, dim: int, dot_n: int, greedy_n: int, dtype, mesh,
                  repeats: int, pallas: bool = False,
                  profile_dir: str | None = None) -> dict:
   """Part 4: kernel rates and greedy picks against jnp.dot and a read pass;
   with `pallas`, the kernels' Pallas forms too (`impl="pallas"`; one that
   fails to compile is reported with its error, not timed); with
-  `profile_dir`, a profile of every contender (`profile_contenders`). Each
+  `profile_dir`, a profile of every contender (`profile.record`). Each
   half's arrays are freed before the next is made."""
   rates = matmul_rates(n, dim, dot_n, dtype, mesh, repeats, pallas,
                        profile_dir)
@@ -276,7 +254,7 @@ def matmul_rates(n: int, dim: int, dot_n: int, dtype, mesh, repeats: int,
   return {"n": n, "dim": dim, "dtype": jnp.dtype(dtype).name, "dot_n": dot_n,
           "tflops": tflops, "rate_vs_dot": vs_dot, "read_gb_s": read_gb_s,
           "pallas_errors": pallas_errors,
-          "profiles": profile_contenders(contenders, profile_dir)}
+          "profiles": profile_lib.record(contenders, profile_dir)}
 
 
 def greedy_rates(greedy_n: int, dim: int, dtype, mesh, repeats: int,
@@ -317,7 +295,7 @@ def greedy_rates(greedy_n: int, dim: int, dtype, mesh, repeats: int,
       "read_floor_s": timing.stats(times["read_pass"]),
       "one_pass_vs_floor": timing.ratios(one, times["read_pass"]),
       "default_vs_floor": timing.ratios(default, times["read_pass"]),
-      "profiles": profile_contenders({
+      "profiles": profile_lib.record({
           f"greedy_{name}": contenders[name] for name in (
               "one_many", "default_many", "read_pass")}, profile_dir)}
 
@@ -360,7 +338,7 @@ def round_cost(sizes, dim: int, dtype, mesh, repeats: int,
                ) -> dict:
   """Part 5: seconds per `mmal` round with the cache rebuilt, per size (one
   size's pools are freed before the next is made); with `profile_dir`, a
-  profile of the round at each size (`profile_contenders`)."""
+  profile of the round at each size (`profile.record`)."""
   return {str(n): _round_seconds(n, dim, dtype, mesh, repeats, dot_tflops,
                                  profile_dir)
           for n in sizes}
@@ -379,7 +357,7 @@ def _round_seconds(n: int, dim: int, dtype, mesh, repeats: int,
           "matmul_flops": flops, "matmul_s_at_dot_rate": matmul_s,
           "vs_matmul": (timing.stats(
               [s / matmul_s for s in seconds]) if matmul_s else None),
-          "profiles": profile_contenders(
+          "profiles": profile_lib.record(
               {f"mmal_round_{n}": contenders["round"]}, profile_dir)}
 
 

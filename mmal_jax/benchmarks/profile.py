@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import jax
 
+from mmal_jax import fs
+
 # The thread that runs Python: its events are the caller's, not the work.
 _CALLER_THREADS = ("python",)
 
@@ -139,6 +141,29 @@ def summarize(trace: bytes, wall_s: float, top_lanes: int = 3,
                 for name, (us, count) in by_time]})
   lanes.sort(key=lambda lane: -lane["busy_ms"])
   return {"wall_ms": wall_s * 1e3, "lanes": lanes[:top_lanes]}
+
+
+def record(contenders: dict[str, Callable[[], Any]],
+           profile_dir: str | None) -> dict:
+  """With `profile_dir` (local or gs://), a `capture` of each contender
+  (compiled already), written to PROFILE_DIR/NAME.trace.json.gz, and its
+  `summarize`, printed as one `describe` line each: name -> summary, or
+  {"error": ...} where the profiler cannot trace here (no CUPTI, say: said,
+  and the benchmark goes on). Without: {}."""
+  if profile_dir is None:
+    return {}
+  out = {}
+  for name, fn in contenders.items():
+    try:
+      trace, seconds = capture(fn)
+    except Exception as e:  # pylint: disable=broad-except
+      out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      print(f"  profile {name} failed: {out[name]['error']}", flush=True)
+      continue
+    fs.write_bytes(os.path.join(profile_dir, f"{name}.trace.json.gz"), trace)
+    out[name] = summarize(trace, seconds)
+    print(f"  profile {describe(name, out[name])}", flush=True)
+  return out
 
 
 def describe(name: str, summary: dict) -> str:

@@ -186,17 +186,8 @@ def run(args: argparse.Namespace) -> dict:
       carried[0], step_metrics = compiled(carried[0], batch)
       return step_metrics
 
-    try:
-      trace, seconds = profile_lib.capture(one_step)
-    except Exception as e:  # pylint: disable=broad-except
-      # A profiler that cannot trace here (no CUPTI, say): said, not fatal.
-      profile = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-      _progress(f"profile failed: {profile['error']}")
-    else:
-      fs.write_bytes(os.path.join(args.profile_dir,
-                                  "train_step.trace.json.gz"), trace)
-      profile = profile_lib.summarize(trace, seconds)
-      _progress(f"profile {profile_lib.describe('train step', profile)}")
+    profile = profile_lib.record({"train_step": one_step},
+                                 args.profile_dir)["train_step"]
     state = carried[0]  # The step donates its input state.
 
   counted = flops.train_step_flops(
