@@ -303,6 +303,7 @@ def _run(create, workdir: str) -> str:
 
   def on_round():
     faults.point("round_end")
+    workdir_lock.ensure_held()
     eta()
 
   if not pending:

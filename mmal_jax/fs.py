@@ -210,6 +210,19 @@ def create_new(path: PathLike, data: bytes) -> bool:
       os.remove(tmp)
 
 
+def _read_versioned(path: PathLike) -> tuple[bytes, str | None]:
+  """(bytes of `path`, its GCS generation; None off gs://), one request.
+
+  FileNotFoundError if there is nothing. gcsfs pins the generation it read,
+  so the two belong together.
+  """
+  if not _is_gcs(path):
+    return read_small(path), None
+  fsys, key = _fsspec(path)
+  with fsys.open(key, "rb", cache_type="none") as f:
+    return f.read(), f.details.get("generation")
+
+
 def remove_if_unchanged(path: PathLike, data: bytes) -> bool:
   """Deletes `path` only if it still holds exactly `data`; True if it did.
 
@@ -220,14 +233,13 @@ def remove_if_unchanged(path: PathLike, data: bytes) -> bool:
   object stores: read, compare, delete (not atomic). Cost: one small read.
   """
   if _is_gcs(path):
-    fsys, key = _fsspec(path)
-    try:  # gcsfs pins the generation it read.
-      with fsys.open(key, "rb", cache_type="none") as f:
-        held, generation = f.read(), f.details.get("generation")
+    try:
+      held, generation = _read_versioned(path)
     except FileNotFoundError:
       return False
     if held != data:
       return False
+    fsys, key = _fsspec(path)
     bucket, name, _ = fsys.split_path(key)
     try:
       fsys.call("DELETE", "b/{}/o/{}", bucket, name,
@@ -259,6 +271,62 @@ def remove_if_unchanged(path: PathLike, data: bytes) -> bool:
     pass
   os.remove(aside)
   return False
+
+
+def refresh_if_unchanged(path: PathLike, data: bytes,
+                         fresh: bytes) -> bytes | None:
+  """A lock's heartbeat: marks `path` as written now if it still holds
+  exactly `data`; returns the bytes it holds afterwards, None if it no
+  longer held `data` (another process replaced or removed it).
+
+  Never writes over another process' file, even when the request is
+  delayed for minutes between the compare and the write (a hung network
+  file system, a frozen process):
+    * locally the bytes stay `data` and the file's modification time is set
+      to now (`modified_time`); a late touch of a file that replaced ours
+      changes no bytes;
+    * on gs:// `fresh` is uploaded with `ifGenerationMatch` set to the
+      generation read with `data` (compare-and-swap; GCS answers 412 if the
+      object was replaced meanwhile).
+  Other object stores: read, compare, write `fresh` (not atomic).
+  Cost: one small read and one small write or metadata update.
+  """
+  try:
+    held, generation = _read_versioned(path)
+  except FileNotFoundError:
+    return None
+  if held != data:
+    return None
+  if not is_remote(path):
+    try:
+      os.utime(path)
+    except FileNotFoundError:  # Removed since the read.
+      return None
+    return data
+  if not _is_gcs(path):
+    write_bytes(path, fresh)
+    return fresh
+  fsys, key = _fsspec(path)
+  bucket, name, _ = fsys.split_path(key)
+  try:
+    fsys.call("POST", fsys._location + "/upload/storage/v1/b/{}/o",  # pylint: disable=protected-access
+              bucket, uploadType="media", name=name,
+              ifGenerationMatch=generation, data=fresh,
+              headers={"Content-Type": "application/octet-stream"})
+  except (FileNotFoundError, FileExistsError):  # 404 / 412: it changed.
+    return None
+  finally:
+    fsys.invalidate_cache(key)
+  return fresh
+
+
+def modified_time(path: PathLike) -> float | None:
+  """When the local file `path` was last modified (seconds since the epoch,
+  the file system's clock); None on object stores, whose files carry their
+  own time (see `refresh_if_unchanged`). FileNotFoundError if absent."""
+  if is_remote(path):
+    return None
+  return os.stat(os.fspath(path)).st_mtime
 
 
 def no_space_left(error: BaseException) -> str | None:

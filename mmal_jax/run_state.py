@@ -33,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mmal_jax import fs
+from mmal_jax import workdir_lock
 
 STRIDE = 10 ** 7
 ACQUIRED = 0
@@ -84,8 +85,10 @@ class RunCheckpoints:
     """Saves `meta` (JSON) and `params` or `train` at meta's point.
 
     Asynchronous unless `wait`; every process of a multi-host job calls it.
+    Raises `workdir_lock.WorkdirLost` first if this job lost its workdir.
     Cost: one write of the arrays (in the background) and of the JSON.
     """
+    workdir_lock.ensure_held()
     step = step_number(meta["round"], meta["phase"], meta.get("train_step", 0))
     items = {"meta": ocp.args.JsonSave({"version": _VERSION, **meta})}
     if params is not None:

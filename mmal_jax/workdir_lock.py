@@ -11,8 +11,11 @@ The lock is a small JSON file (host, pid, start time, heartbeat time, a
 random token, the command) created with an atomic test-and-create
 (`fs.create_new`: `O_EXCL` locally, an upload with `ifGenerationMatch=0` on
 gs://), so it works on local disks, shared file systems and object stores.
-A background thread rewrites its heartbeat every `HEARTBEAT_S` seconds. A
-lock is stale, and is broken with a warning by the next process, when
+A background thread beats every `HEARTBEAT_S` seconds
+(`fs.refresh_if_unchanged`: locally it sets the file's modification time,
+on gs:// it rewrites the heartbeat time in the JSON with a compare-and-swap)
+and never writes over a lock another process has taken meanwhile. A lock is
+stale, and is broken with a warning by the next process, when
 
   * its heartbeat is older than `STALE_AFTER_S` seconds (its holder was
     SIGKILLed, its host died or lost the network), or
@@ -21,10 +24,18 @@ lock is stale, and is broken with a warning by the next process, when
 
 Breaking is a compare-and-delete (`fs.remove_if_unchanged`) followed by the
 same atomic create, so of several processes breaking one stale lock at once
-exactly one gets it. The lock is released (deleted) when the run ends,
-normally or by an error or signal, and at interpreter exit. In a multi-host
-job only process 0 takes it; the others trust it. Within one process
-`take` is re-entrant (the same workdir's lock is returned again).
+exactly one gets it.
+
+A holder whose lock was broken (it was frozen for minutes, or cut off from
+the file system, and another process took the workdir over) must not write
+again: `ensure_held()`, which the run calls before every checkpoint and
+after every round, raises `WorkdirLost` on every process of the job once
+the lock file is no longer this process'.
+
+The lock is released (deleted) when the run ends, normally or by an error
+or signal, and at interpreter exit. In a multi-host job only process 0
+takes it; the others trust it. Within one process `take` is re-entrant (the
+same workdir's lock is returned again).
 """
 from __future__ import annotations
 
@@ -41,6 +52,7 @@ import uuid
 from absl import logging
 
 from mmal_jax import fs
+from mmal_jax import sharding
 
 HEARTBEAT_S = 30.0
 # Ten missed heartbeats: a live holder never looks stale, even with a few
@@ -58,6 +70,10 @@ class WorkdirBusy(RuntimeError):
   """Another live process holds the workdir's lock."""
 
 
+class WorkdirLost(WorkdirBusy):
+  """This process held the workdir's lock, and another process took it."""
+
+
 def _iso(seconds: float) -> str:
   return datetime.datetime.fromtimestamp(
       seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -73,13 +89,21 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def stale_reason(holder: dict, now: float, stale_after_s: float
-                 ) -> str | None:
-  """Why the lock `holder` (its parsed JSON) is stale, or None if it is live.
+def last_heartbeat(holder: dict, modified: float | None) -> float:
+  """When the lock `holder` (its parsed JSON) last beat: its heartbeat field
+  or the file's modification time `modified` (None on object stores),
+  whichever is later (seconds since the epoch)."""
+  return max(float(holder.get("heartbeat", 0)), modified or 0.0)
+
+
+def stale_reason(holder: dict, now: float, stale_after_s: float,
+                 modified: float | None = None) -> str | None:
+  """Why the lock `holder` (its parsed JSON; `modified`: see
+  `last_heartbeat`) is stale, or None if it is live.
 
   Cost: one `kill(pid, 0)` when the holder ran on this host.
   """
-  age = now - float(holder.get("heartbeat", 0))
+  age = now - last_heartbeat(holder, modified)
   if age > stale_after_s:
     return (f"its heartbeat is {age:.0f}s old (limit {stale_after_s:.0f}s)")
   pid = holder.get("pid")
@@ -100,13 +124,13 @@ class WorkdirLock:
                    "started": now, "started_utc": _iso(now),
                    "heartbeat": now, "token": uuid.uuid4().hex,
                    "command": " ".join(sys.argv)}
-    self.data = self._encode()
+    self.data = _encode(self.holder)
     self._heartbeat_s = heartbeat_s
     self._stop = threading.Event()
     self._thread = None
-
-  def _encode(self) -> bytes:
-    return (json.dumps(self.holder, indent=1) + "\n").encode()
+    # A beat and `lost_reason` do not interleave: on gs:// a beat changes the
+    # file and `data` together.
+    self._mutex = threading.Lock()
 
   def _start_heartbeat(self) -> None:
     self._thread = threading.Thread(target=self._beat, daemon=True,
@@ -114,21 +138,54 @@ class WorkdirLock:
     self._thread.start()
 
   def _beat(self) -> None:
-    """Rewrites the heartbeat until released; stops if the lock was lost."""
+    """Beats until released; stops once the lock was lost."""
     while not self._stop.wait(self._heartbeat_s):
       try:
-        if fs.read_small(self.path) != self.data:
+        if not self.beat():
           logging.error("The lock %s is no longer this process' (broken as "
-                        "stale by another?): two processes may now share "
-                        "the workdir.", self.path)
+                        "stale by another process); this run stops at its "
+                        "next checkpoint or round.", self.path)
           return
-        self.holder["heartbeat"] = time.time()
-        data = self._encode()
-        fs.write_bytes(self.path, data)
-        self.data = data
       except Exception as e:  # pylint: disable=broad-except
         # A full disk, a network blip: try again at the next beat.
         logging.warning("Cannot refresh the lock %s: %s", self.path, e)
+
+  def beat(self) -> bool:
+    """One heartbeat (`fs.refresh_if_unchanged`); False if the lock is no
+    longer this process'. Cost: one small read and one small write."""
+    with self._mutex:
+      holder = dict(self.holder, heartbeat=time.time())
+      held = fs.refresh_if_unchanged(self.path, self.data, _encode(holder))
+      if held is None:
+        return False
+      if held != self.data:
+        self.holder, self.data = holder, held
+      return True
+
+  def lost_reason(self) -> str | None:
+    """None while WORKDIR/lock is this process' (or cannot be read now: the
+    heartbeat tells later); else one line saying who holds it now. Cost: one
+    small read."""
+    with self._mutex:
+      try:
+        held = fs.read_small(self.path)
+      except FileNotFoundError:
+        held = None
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Cannot read the lock %s: %s", self.path, e)
+        return None
+      if held == self.data:
+        return None
+    holder = _parse(held) if held is not None else None
+    now_held = ("nobody holds it now" if holder is None else
+                f"process {holder.get('pid')} on {holder.get('host')} "
+                f"holds it since {holder.get('started_utc')}")
+    return (f"{self.workdir}: this process lost the workdir's lock "
+            f"{self.path} ({now_held}; it was broken as stale while this "
+            f"process was frozen or cut off from the file system). Stopping "
+            f"before writing anything more, so that two processes do not "
+            f"share the workdir: let the other run go on, or stop it and "
+            f"rerun this command to resume.")
 
   def release(self) -> None:
     """Stops the heartbeat and deletes the lock if it is still ours."""
@@ -146,6 +203,10 @@ class WorkdirLock:
 
 
 _HELD: dict[str, WorkdirLock] = {}
+
+
+def _encode(holder: dict) -> bytes:
+  return (json.dumps(holder, indent=1) + "\n").encode()
 
 
 def _parse(data: bytes) -> dict | None:
@@ -186,15 +247,20 @@ def take(workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
       except FileNotFoundError:
         continue
       holder = _parse(held)
+    try:
+      modified = fs.modified_time(lock.path)
+    except FileNotFoundError:
+      continue
     if holder is None:
       reason = "it is not a lock file this program wrote"
     else:
-      reason = stale_reason(holder, time.time(), stale_after_s)
+      reason = stale_reason(holder, time.time(), stale_after_s, modified)
     if reason is None:
+      beat_s = time.time() - last_heartbeat(holder, modified)
       raise WorkdirBusy(
           f"{workdir} is in use by process {holder.get('pid')} on "
           f"{holder.get('host')} (started {holder.get('started_utc')}, "
-          f"heartbeat {time.time() - float(holder['heartbeat']):.0f}s ago; "
+          f"heartbeat {beat_s:.0f}s ago; "
           f"lock {lock.path}). Wait for that run to end (or stop it), or "
           f"pass another --workdir. A lock whose process is gone is broken "
           f"automatically ({stale_after_s:.0f}s after its last heartbeat, "
@@ -204,6 +270,23 @@ def take(workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
     fs.remove_if_unchanged(lock.path, held)
   raise WorkdirBusy(f"{workdir}: other processes keep taking its lock "
                     f"{lock.path}; run one process per workdir.")
+
+
+def ensure_held() -> None:
+  """Raises WorkdirLost, on every process of the job, if this process lost
+  a workdir lock it took (`WorkdirLock.lost_reason`).
+
+  Called at points every process reaches together (before a checkpoint,
+  after a round): only process 0 holds the lock, and stopping it alone
+  would leave the others waiting at their next collective. Cost: one small
+  read per held lock, one all-gather of a byte per process.
+  """
+  reasons = [r for r in (lock.lost_reason() for lock in list(_HELD.values()))
+             if r is not None]
+  if sharding.any_process(bool(reasons)):
+    raise WorkdirLost(reasons[0] if reasons else (
+        "process 0 of this job lost the workdir's lock (its error line says "
+        "why): this process stops with it."))
 
 
 def release(workdir: str) -> None:

@@ -11,9 +11,9 @@ downloads carry the object's `x-goog-generation` header, as GCS' do.
 Without it tensorstore reads generation 0 and rejects its own next
 conditional write ("Malformed StorageGeneration"), which OCDBT (orbax's
 array store) makes for every array after the first of a checkpoint. And
-uploads with `ifGenerationMatch=0` (create only if absent) and deletes with
-`ifGenerationMatch=G` answer 412 Precondition Failed when the object exists
-/ has another generation, as GCS' do (the workdir lock relies on them).
+uploads and deletes with `ifGenerationMatch=G` answer 412 Precondition
+Failed when the object has another generation (G = 0: when it exists), as
+GCS' do (the workdir lock relies on them).
 """
 from __future__ import annotations
 
@@ -111,23 +111,26 @@ def _serve(argv: list[str]) -> None:
   class PreconditionFailed(Exception):
     pass
 
-  def create_file_if_absent(self, bucket_name, file_name, *args, **kwargs):
-    if getattr(uploading, "if_absent", False):
+  def create_file_if_matching(self, bucket_name, file_name, *args, **kwargs):
+    match = getattr(uploading, "match", None)
+    if match is not None:
       try:
-        self.get_file_obj(bucket_name, file_name)
-        raise PreconditionFailed(file_name)
+        generation = str(self.get_file_obj(bucket_name, file_name)
+                         ["generation"])
       except NotFound:
-        pass
+        generation = "0"
+      if generation != match:
+        raise PreconditionFailed(file_name)
     return create_file(self, bucket_name, file_name, *args, **kwargs)
 
   def insert_with_precondition(request, response, storage, *args, **kwargs):
-    uploading.if_absent = request.query.get("ifGenerationMatch") == ["0"]
+    uploading.match = (request.query.get("ifGenerationMatch") or [None])[0]
     try:
       return insert(request, response, storage, *args, **kwargs)
     except PreconditionFailed:
       response.status = HTTPStatus.PRECONDITION_FAILED
     finally:
-      uploading.if_absent = False
+      uploading.match = None
 
   def delete_with_precondition(request, response, storage, *args, **kwargs):
     match = request.query.get("ifGenerationMatch")
@@ -147,7 +150,7 @@ def _serve(argv: list[str]) -> None:
   objects.download = download_with_generation
   objects.insert = insert_with_precondition
   objects.delete = delete_with_precondition
-  storage_lib.Storage.create_file = create_file_if_absent
+  storage_lib.Storage.create_file = create_file_if_matching
   from gcp_storage_emulator import __main__ as cli  # pylint: disable=g-import-not-at-top
   cli.main(argv)
 

@@ -12,10 +12,13 @@ from tensorboard.backend.event_processing import event_file_loader
 
 from mmal_jax import config_lib
 from mmal_jax import experiment as experiment_lib
+from mmal_jax import faults
+from mmal_jax import fs
 from mmal_jax import loop
 from mmal_jax import report
 from mmal_jax import run_state
 from mmal_jax import strict_json
+from mmal_jax import workdir_lock
 from mmal_jax.data import AnnotationState
 from mmal_jax.data import AwaitingAnnotations
 
@@ -185,6 +188,34 @@ def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
     assert {k: v for k, v in a.items() if k not in drop} == {
         k: v for k, v in b.items() if k not in drop}
   assert _state(reference, "mmal").log == _state(preempted, "mmal").log
+
+
+def test_run_that_lost_its_lock_stops_before_writing(tmp_path, monkeypatch):
+  """Another process broke this run's lock (this one was frozen for
+  minutes) and took the workdir: this run stops at its next checkpoint,
+  with one line, and leaves the new holder's lock alone."""
+  workdir = str(tmp_path / "w")
+  lock_path = os.path.join(workdir, "lock")
+  theirs = b'{"host": "elsewhere", "pid": 1, "heartbeat": 0.0}'
+  passed_after = []  # The fault points passed after the takeover.
+  point = faults.point
+
+  def taken_over_at_first_checkpoint(name):
+    point(name)
+    if passed_after:
+      passed_after.append(name)
+    elif name == "checkpoint_saved":
+      assert fs.remove_if_unchanged(lock_path, fs.read_bytes(lock_path))
+      assert fs.create_new(lock_path, theirs)
+      passed_after.append("taken over")
+
+  monkeypatch.setattr(faults, "point", taken_over_at_first_checkpoint)
+  with pytest.raises(workdir_lock.WorkdirLost) as error:
+    loop.run_experiment(tiny_config(strategies=("random",)), workdir)
+  assert "\n" not in str(error.value)
+  assert passed_after[0] == "taken over"
+  assert "checkpoint_saved" not in passed_after
+  assert fs.read_bytes(lock_path) == theirs
 
 
 def test_stream_run_queries_only_its_buffers(tmp_path):

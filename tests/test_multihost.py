@@ -176,16 +176,18 @@ def test_pool_run_killed_on_both_processes_resumes_as_one(single,
   assert (out / "pool" / "results.md").exists()
 
 
-def test_busy_workdir_stops_every_process(tmp_path):
+def test_busy_or_lost_workdir_stops_every_process(tmp_path):
   """Process 0 alone takes the workdir's lock; when it is refused, the
   other process stops too (one ConfigError line each, exit status 2 from
   the CLI). Before, it waited for process 0 at the config.json barrier
   until the collective timed out (30 s with gloo here), then stopped with a
-  JaxRuntimeError traceback."""
+  JaxRuntimeError traceback. Likewise when process 0 loses the lock
+  mid-run (another process broke it as stale): every process stops with
+  WorkdirLost before the next checkpoint."""
   busy = tmp_path / "busy"
   lock = workdir_lock.take(str(busy))  # A live holder: this process.
   try:
-    _job(2, tmp_path, ["busy"], timeout_s=150)
+    _job(2, tmp_path, ["busy", "lost"], timeout_s=200)
   finally:
     lock.release()
   stopped = [json.loads((tmp_path / f"busy_{i}.json").read_text())
@@ -196,3 +198,11 @@ def test_busy_workdir_stops_every_process(tmp_path):
   assert stopped[1]["message"].startswith("process 0 of this job could not "
                                           "go on")
   assert not (busy / "config.json").exists()
+  lost = [json.loads((tmp_path / f"lost_{i}.json").read_text())
+          for i in range(2)]
+  assert [s["type"] for s in lost] == ["WorkdirLost"] * 2, lost
+  assert "this process lost the workdir's lock" in lost[0]["message"]
+  assert lost[1]["message"].startswith("process 0 of this job lost")
+  # The new holder's lock (multihost_worker.LOST_HOLDER) is left alone.
+  assert json.loads((tmp_path / "lost" / "lock").read_text())["host"] == (
+      "elsewhere")

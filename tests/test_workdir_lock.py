@@ -81,8 +81,10 @@ def test_stale_lock_is_broken_with_a_warning(workdir, stale, caplog):
   if stale == "dead_pid":  # SIGKILLed on this host: broken at once.
     _write_holder(workdir, pid=_dead_pid())
   elif stale == "old_heartbeat":  # Another host, silent for too long.
-    _write_holder(workdir, host="elsewhere",
-                  heartbeat=time.time() - workdir_lock.STALE_AFTER_S - 1)
+    then = time.time() - workdir_lock.STALE_AFTER_S - 1
+    _write_holder(workdir, host="elsewhere", heartbeat=then)
+    if not fs.is_remote(workdir):  # Locally the file's time is the beat.
+      os.utime(os.path.join(workdir, "lock"), (then, then))
   else:
     fs.write_bytes(os.path.join(workdir, "lock"), b"\x00garbage")
   lock = workdir_lock.take(workdir)
@@ -96,14 +98,54 @@ def test_stale_lock_is_broken_with_a_warning(workdir, stale, caplog):
   assert not fs.exists(lock.path)
 
 
-def test_heartbeat_is_refreshed(tmp_path):
-  lock = workdir_lock.take(str(tmp_path), heartbeat_s=0.05)
+def _last_heartbeat(path) -> float:
+  return workdir_lock.last_heartbeat(json.loads(fs.read_bytes(path)),
+                                     fs.modified_time(path))
+
+
+def test_heartbeat_is_refreshed(workdir):
+  lock = workdir_lock.take(workdir, heartbeat_s=0.05)
   try:
-    first = json.loads(fs.read_bytes(lock.path))["heartbeat"]
+    first = _last_heartbeat(lock.path)
     deadline = time.monotonic() + 10
-    while json.loads(fs.read_bytes(lock.path))["heartbeat"] == first:
+    while _last_heartbeat(lock.path) == first:
       assert time.monotonic() < deadline, "no heartbeat"
       time.sleep(0.02)
+    assert lock.lost_reason() is None
+    workdir_lock.ensure_held()
   finally:
     lock.release()
-  assert not os.path.exists(lock.path)
+  assert not fs.exists(lock.path)
+
+
+def test_heartbeat_never_writes_over_a_lock_taken_over(workdir, monkeypatch):
+  """The holder froze (or its file system hung) between reading its lock
+  and refreshing it, and another process broke the lock as stale and took
+  it meanwhile: the late refresh must leave the new holder's lock as it is,
+  and the old holder must see that it lost the workdir."""
+  lock = workdir_lock.take(workdir, heartbeat_s=3600)
+  theirs = json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": 0.0,
+                       "started_utc": "now", "token": "theirs"}).encode()
+  read = fs._read_versioned  # pylint: disable=protected-access
+
+  def read_then_taken_over(path):
+    held = read(path)
+    monkeypatch.setattr(fs, "_read_versioned", read)
+    assert fs.remove_if_unchanged(path, lock.data)
+    assert fs.create_new(path, theirs)
+    return held
+
+  monkeypatch.setattr(fs, "_read_versioned", read_then_taken_over)
+  try:
+    lock.beat()  # Locally it touches their file: no byte changes.
+    assert fs.read_bytes(lock.path) == theirs
+    assert not lock.beat()
+    assert fs.read_bytes(lock.path) == theirs
+    reason = lock.lost_reason()
+    assert "lost the workdir's lock" in reason and "\n" not in reason
+    assert "process 1 on elsewhere holds it" in reason
+    with pytest.raises(workdir_lock.WorkdirLost, match="lost the workdir"):
+      workdir_lock.ensure_held()
+  finally:
+    lock.release()
+  assert fs.read_bytes(lock.path) == theirs  # Release leaves theirs alone.
