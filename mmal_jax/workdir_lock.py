@@ -133,11 +133,12 @@ class WorkdirLock:
     self._mutex = threading.Lock()
 
   def _start_heartbeat(self) -> None:
-    self._thread = threading.Thread(target=self._beat, daemon=True,
+    self._thread = threading.Thread(target=self._beat_until_released,
+                                    daemon=True,
                                     name=f"lock heartbeat {self.path}")
     self._thread.start()
 
-  def _beat(self) -> None:
+  def _beat_until_released(self) -> None:
     """Beats until released; stops once the lock was lost."""
     while not self._stop.wait(self._heartbeat_s):
       try:

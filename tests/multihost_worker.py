@@ -13,9 +13,9 @@ OUT_DIR/<regime>/final_params.npz (the run's last checkpointed parameters,
 gathered); "busy": runs the stream experiment in OUT_DIR/busy, whose lock
 the test holds, and every process writes OUT_DIR/busy_<PROCESS_ID>.json
 (the exception it stopped with); "lost": runs it in OUT_DIR/lost, whose
-lock process 0 hands to another holder (LOST_HOLDER) at its first
-checkpoint, and writes OUT_DIR/lost_<PROCESS_ID>.json so. KILL_AT (an MMAL_KILL_AT value) applies to
-the last step only.
+lock process 0 hands to another holder (`test_loop.LOST_HOLDER`) at its
+first checkpoint, and writes OUT_DIR/lost_<PROCESS_ID>.json so. KILL_AT
+(an MMAL_KILL_AT value) applies to the last step only.
 Run as a script only: it sets XLA_FLAGS for its device count.
 """
 import json
@@ -34,8 +34,6 @@ import conftest  # noqa: E402,F401  (the tests' shared compilation cache)
 import numpy as np  # noqa: E402
 
 STRATEGY = "mmal"
-# What the "lost" step writes over process 0's lock: another process' lock.
-LOST_HOLDER = b'{"host": "elsewhere", "pid": 1, "heartbeat": 0.0}'
 
 
 def experiment_config(regime: str):
@@ -70,22 +68,6 @@ def final_params(config, workdir: str) -> dict[str, np.ndarray]:
           jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def _lose_lock_at_first_checkpoint(workdir: str) -> None:
-  """Makes WORKDIR/lock LOST_HOLDER's once the first checkpoint is saved,
-  as a process that broke it as stale would."""
-  from mmal_jax import faults  # pylint: disable=g-import-not-at-top
-  from mmal_jax import fs  # pylint: disable=g-import-not-at-top
-  point = faults.point
-
-  def point_then_lose(name):
-    point(name)
-    path = os.path.join(workdir, "lock")
-    if name == "checkpoint_saved" and fs.read_bytes(path) != LOST_HOLDER:
-      fs.write_bytes(path, LOST_HOLDER)
-
-  faults.point = point_then_lose
-
-
 def main(process_id: int, num_processes: int, port: str, out_dir: str,
          steps: list[str], kill_at: str | None):
   if num_processes > 1:
@@ -114,7 +96,9 @@ def main(process_id: int, num_processes: int, port: str, out_dir: str,
     if step in ("busy", "lost"):
       workdir = os.path.join(out_dir, step)
       if step == "lost" and process_id == 0:
-        _lose_lock_at_first_checkpoint(workdir)
+        import test_loop  # pylint: disable=g-import-not-at-top
+        from mmal_jax import faults  # pylint: disable=g-import-not-at-top
+        faults.point = test_loop.point_that_loses_the_lock(workdir, [])
       try:
         loop.run_experiment(experiment_config("stream"), workdir)
         stopped = None

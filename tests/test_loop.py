@@ -190,15 +190,17 @@ def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
   assert _state(reference, "mmal").log == _state(preempted, "mmal").log
 
 
-def test_run_that_lost_its_lock_stops_before_writing(tmp_path, monkeypatch):
-  """Another process broke this run's lock (this one was frozen for
-  minutes) and took the workdir: this run stops at its next checkpoint,
-  with one line, and leaves the new holder's lock alone."""
-  workdir = str(tmp_path / "w")
-  lock_path = os.path.join(workdir, "lock")
-  theirs = b'{"host": "elsewhere", "pid": 1, "heartbeat": 0.0}'
-  passed_after = []  # The fault points passed after the takeover.
+# Another process' lock: what `point_that_loses_the_lock` hands the lock to.
+LOST_HOLDER = b'{"host": "elsewhere", "pid": 1, "heartbeat": 0.0}'
+
+
+def point_that_loses_the_lock(workdir: str, passed_after: list):
+  """A `faults.point` that, at the first saved checkpoint, hands
+  WORKDIR/lock to LOST_HOLDER as a process that broke it as stale would
+  (compare-and-delete, then create); it appends "taken over" and then every
+  point passed after to `passed_after`."""
   point = faults.point
+  lock_path = os.path.join(workdir, "lock")
 
   def taken_over_at_first_checkpoint(name):
     point(name)
@@ -206,16 +208,26 @@ def test_run_that_lost_its_lock_stops_before_writing(tmp_path, monkeypatch):
       passed_after.append(name)
     elif name == "checkpoint_saved":
       assert fs.remove_if_unchanged(lock_path, fs.read_bytes(lock_path))
-      assert fs.create_new(lock_path, theirs)
+      assert fs.create_new(lock_path, LOST_HOLDER)
       passed_after.append("taken over")
 
-  monkeypatch.setattr(faults, "point", taken_over_at_first_checkpoint)
+  return taken_over_at_first_checkpoint
+
+
+def test_run_that_lost_its_lock_stops_before_writing(tmp_path, monkeypatch):
+  """Another process broke this run's lock (this one was frozen for
+  minutes) and took the workdir: this run stops at its next checkpoint,
+  with one line, and leaves the new holder's lock alone."""
+  workdir = str(tmp_path / "w")
+  passed_after = []  # The fault points passed after the takeover.
+  monkeypatch.setattr(faults, "point",
+                      point_that_loses_the_lock(workdir, passed_after))
   with pytest.raises(workdir_lock.WorkdirLost) as error:
     loop.run_experiment(tiny_config(strategies=("random",)), workdir)
   assert "\n" not in str(error.value)
   assert passed_after[0] == "taken over"
   assert "checkpoint_saved" not in passed_after
-  assert fs.read_bytes(lock_path) == theirs
+  assert fs.read_bytes(os.path.join(workdir, "lock")) == LOST_HOLDER
 
 
 def test_stream_run_queries_only_its_buffers(tmp_path):
